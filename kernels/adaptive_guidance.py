@@ -1,0 +1,160 @@
+"""Adaptive Guidance (Castillo et al., "Adaptive Guidance: Training-free Acceleration of Conditional
+Diffusion Models", arXiv 2312.12487, AAAI 2025).
+
+Rule: gamma_t = cos(pred_cond, pred_uncond). While gamma_t < threshold, CFG runs as usual; once a
+sample's gamma reaches the threshold it "latches" and the rest of its trajectory uses the conditional
+prediction alone, so the unconditional pass can be skipped.
+
+Pure torch, no host imports. Predictions are denoised (x0) tensors, as every diffusion host that
+uses k-diffusion conventions hands them over; the `eps` space is `x - D`, which is sigma*eps for eps
+models and sigma*v for flow models (sigma cancels in the cosine).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+SPACES = ("x0", "eps")
+DECISIONS = ("per_sample", "batch")
+CROSSING_RULES = ("cond", "cfg")
+
+
+@dataclass(frozen=True)
+class AdaptiveGuidanceParams:
+    """Single source of defaults for the AG kernel and both AG nodes."""
+
+    threshold: float = 0.995
+    """gamma-bar: latch once cos(cond, uncond) >= this. Paper (eps space): 0.991-0.996."""
+    space: str = "x0"
+    """`x0`: cosine of the denoised predictions (calibrates smoothly); `eps`: of x - D (the paper's)."""
+    start_percent: float = 0.0
+    """No latch before this fraction of the schedule; 1.0 never latches (plain CFG)."""
+    decision: str = "per_sample"
+    """`per_sample`: each image latches on its own cosine; `batch`: one cosine over the whole batch."""
+    crossing_step: str = "cond"
+    """On the step where gamma crosses: `cond` (paper: use the cond prediction already) or `cfg`
+    (the existing ComfyUI port: still apply CFG, skip from the next step)."""
+
+    def validate(self) -> list[str]:
+        """Problems with these values, one message each (empty when valid)."""
+        problems = []
+        if not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.start_percent <= 1.0:
+            problems.append(f"start_percent must be in [0, 1], got {self.start_percent}")
+        if self.space not in SPACES:
+            problems.append(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.decision not in DECISIONS:
+            problems.append(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        if self.crossing_step not in CROSSING_RULES:
+            problems.append(f"crossing_step must be one of {CROSSING_RULES}, got {self.crossing_step!r}")
+        return problems
+
+    def replace(self, **changes) -> "AdaptiveGuidanceParams":
+        return dataclasses.replace(self, **changes)
+
+
+def in_space(x: torch.Tensor, denoised: torch.Tensor, space: str) -> torch.Tensor:
+    """The prediction in which the cosine is measured, in fp32."""
+    if space == "x0":
+        return denoised.float()
+    if space == "eps":
+        return x.float() - denoised.float()
+    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+
+
+def per_sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity of each sample's flattened tensors, shape (B,), fp32."""
+    a = a.float().flatten(1)
+    b = b.float().flatten(1)
+    dot = (a * b).sum(dim=1)
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    return dot / norms.clamp_min(eps)
+
+
+def batch_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """One cosine over the whole flattened batch, broadcast to shape (B,)."""
+    gamma = per_sample_cosine(a.reshape(1, -1), b.reshape(1, -1), eps)
+    return gamma.expand(a.shape[0])
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance in the host's convention: uncond + (cond - uncond) * scale."""
+    return uncond + (cond - uncond) * scale
+
+
+@dataclass
+class EvaluationRecord:
+    step: int
+    sigma: float
+    gamma: list[float] | None
+    """Per-sample cosine, or None when the uncond pass was skipped."""
+    uncond_computed: bool
+    batch: int
+
+
+@dataclass
+class AdaptiveGuidanceTracker:
+    """Per-run latch state. One instance per sampling run; never shared between runs."""
+
+    params: AdaptiveGuidanceParams
+    latched: torch.Tensor | None = None
+    records: list[EvaluationRecord] = field(default_factory=list)
+    latch_step: dict[int, int] = field(default_factory=dict)
+
+    def all_latched(self, batch: int) -> bool:
+        return self.latched is not None and self.latched.shape[0] == batch and bool(self.latched.all())
+
+    def skip(self, step: int, sigma: float, batch: int) -> None:
+        """Record an evaluation whose uncond pass was not computed."""
+        self.records.append(EvaluationRecord(step, sigma, None, False, batch))
+
+    def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, sigma: float,
+                latch_allowed: bool) -> torch.Tensor:
+        """Measure gamma for one evaluation where both passes ran, update the latch, and return the
+        uncond prediction to hand on: the real one, or the cond one for latched samples, so that any
+        CFG formula downstream reduces to the cond prediction for them. Inputs are not modified."""
+        batch = cond.shape[0]
+        if self.latched is None or self.latched.shape[0] != batch:
+            self.latched = torch.zeros(batch, dtype=torch.bool, device=cond.device)
+        a = in_space(x, cond, self.params.space)
+        b = in_space(x, uncond, self.params.space)
+        gamma = per_sample_cosine(a, b) if self.params.decision == "per_sample" else batch_cosine(a, b)
+        self.records.append(EvaluationRecord(step, sigma, gamma.tolist(), True, batch))
+
+        previously = self.latched
+        crossed = (gamma >= self.params.threshold) if latch_allowed else torch.zeros_like(previously)
+        self.latched = previously | crossed
+        for i in torch.nonzero(self.latched & ~previously).flatten().tolist():
+            self.latch_step[i] = step
+
+        use_cond = previously | (crossed if self.params.crossing_step == "cond" else torch.zeros_like(crossed))
+        if not bool(use_cond.any()):
+            return uncond
+        mask = use_cond.view(-1, *([1] * (cond.dim() - 1)))
+        return torch.where(mask, cond, uncond)
+
+    def model_passes(self) -> tuple[int, int]:
+        """(passes run, passes plain CFG would have run), counted per sample."""
+        run = sum(r.batch * (2 if r.uncond_computed else 1) for r in self.records)
+        full = sum(r.batch * 2 for r in self.records)
+        return run, full
+
+    def gamma_by_step(self) -> dict[int, list[float]]:
+        """The first measured gamma per step (multistage samplers evaluate a step more than once)."""
+        out: dict[int, list[float]] = {}
+        for r in self.records:
+            if r.gamma is not None and r.step not in out:
+                out[r.step] = r.gamma
+        return out
+
+    def summary(self) -> str:
+        run, full = self.model_passes()
+        saved = 0.0 if full == 0 else 100.0 * (full - run) / full
+        gammas = " ".join(f"{s}:{min(g):.4f}" for s, g in sorted(self.gamma_by_step().items()))
+        latch = ", ".join(f"sample {i} at step {s}" for i, s in sorted(self.latch_step.items())) or "never"
+        return (f"space={self.params.space} threshold={self.params.threshold} decision={self.params.decision}; "
+                f"min gamma per step: {gammas or '-'}; latched: {latch}; "
+                f"model passes {run} of {full} ({saved:.1f}% saved)")

@@ -1,0 +1,14 @@
+"""V3 node adapters of the pack (one module per technique) and the extension that lists them."""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import adaptive_guidance
+
+
+class TFGExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*adaptive_guidance.NODES]

@@ -1,0 +1,224 @@
+"""The one adapter layer between the pack's kernels and ComfyUI: model-family detection, schedule
+lookups, batch splitting, per-run state, single-slot chaining and the pack's error/warning style.
+
+Everything that touches ComfyUI internals lives here so a host change is mended in one place.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.supported_models as supported_models
+
+PACK_NAME = "TFG"
+logger = logging.getLogger("tfg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model families
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelFamily:
+    key: str
+    """One of: sd1, sd2, sdxl, sd3, flux, unsupported."""
+    name: str
+    """Human name, e.g. "SDXL", or the host's config class name when unsupported."""
+    config_name: str
+
+    @property
+    def supported(self) -> bool:
+        return self.key != "unsupported"
+
+    @property
+    def is_unet(self) -> bool:
+        return self.key in ("sd1", "sd2", "sdxl")
+
+    @property
+    def is_flow(self) -> bool:
+        return self.key in ("sd3", "flux")
+
+
+# Order matters: subclasses before their bases.
+_FAMILY_TABLE = (
+    (supported_models.SD15, "sd1", "SD1.x"),
+    (supported_models.SD20, "sd2", "SD2.x"),
+    (supported_models.SDXLRefiner, "sdxl", "SDXL"),
+    (supported_models.SDXL, "sdxl", "SDXL"),
+    (supported_models.SD3, "sd3", "SD3"),
+    (supported_models.Flux, "flux", "Flux"),
+)
+
+SUPPORTED_FAMILY_NAMES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux")
+
+
+def detect_family(model) -> ModelFamily:
+    """Family of a ModelPatcher (or BaseModel); anything unknown is reported by its config name."""
+    base = getattr(model, "model", model)
+    config = getattr(base, "model_config", None)
+    config_name = type(config).__name__ if config is not None else type(base).__name__
+    for cls, key, name in _FAMILY_TABLE:
+        if config is not None and isinstance(config, cls):
+            return ModelFamily(key, name, config_name)
+    return ModelFamily("unsupported", config_name, config_name)
+
+
+def node_error(node: str, family: ModelFamily | None, problem: str, fix: str) -> ValueError:
+    """The pack's loud error: names the node, the detected model family and the fix."""
+    fam = f" [model family: {family.name}]" if family is not None else ""
+    return ValueError(f"{PACK_NAME} {node}{fam}: {problem} Fix: {fix}")
+
+
+def require_family(node: str, model, allowed: tuple[str, ...]) -> ModelFamily:
+    """Raise unless the model's family key is in `allowed`."""
+    family = detect_family(model)
+    if family.key not in allowed:
+        names = ", ".join(n for _, k, n in _FAMILY_TABLE if k in allowed)
+        raise node_error(node, family, f"this model family is not supported (supported: {names}).",
+                         "use a model of a supported family, or remove this node.")
+    return family
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log a loud warning once per process for each key."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    logger.warning("%s", message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------
+def step_index(sigma: torch.Tensor | float, sample_sigmas: torch.Tensor | None) -> int:
+    """Index of the schedule entry nearest to sigma (-1 when the schedule is unknown).
+
+    Multistage samplers evaluate at intermediate sigmas; they map to the nearest step. Under
+    KSamplerAdvanced/SplitSigmas the index is relative to the slice that sampler was given."""
+    if sample_sigmas is None or len(sample_sigmas) == 0:
+        return -1
+    s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return int((sample_sigmas.float().cpu() - s).abs().argmin())
+
+
+def sample_sigmas_of(model_options: dict) -> torch.Tensor | None:
+    return model_options.get("transformer_options", {}).get("sample_sigmas")
+
+
+def percent_to_sigma(model, percent: float) -> float:
+    """Sigma at a fraction of the schedule for this model (0 -> max noise, 1 -> 0)."""
+    return float(model.get_model_object("model_sampling").percent_to_sigma(percent))
+
+
+def sigma_to_percent(model, sigma: float, tolerance: float = 1e-4) -> float:
+    """Inverse of percent_to_sigma by bisection (percent_to_sigma is monotone decreasing)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if percent_to_sigma(model, mid) > sigma:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tolerance:
+            break
+    return (lo + hi) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches inside the network
+# ----------------------------------------------------------------------------------------------
+def split_by_cond_or_uncond(tensor: torch.Tensor, cond_or_uncond: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """Split a batched network tensor into its chunks, tagged 0 (cond) or 1 (uncond), in batch order.
+
+    ComfyUI batches passes as equal chunks in `transformer_options["cond_or_uncond"]` order."""
+    n = len(cond_or_uncond)
+    if n == 0 or tensor.shape[0] % n != 0:
+        raise ValueError(f"batch of {tensor.shape[0]} does not split into {n} chunks")
+    return list(zip(cond_or_uncond, tensor.chunk(n, dim=0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run state
+# ----------------------------------------------------------------------------------------------
+STATE_NAMESPACE = "tfg_run_state"
+
+
+def new_patch_key(technique: str) -> str:
+    """A unique key for one node execution's hooks (so two stacked patches never share state)."""
+    return f"tfg.{technique}.{uuid.uuid4().hex[:12]}"
+
+
+def install_run_state(model, key: str, make_state: Callable[[Any], Any],
+                      finish: Callable[[Any, Any], None] | None = None) -> None:
+    """Give every sampling run of `model` (a ModelPatcher clone) a fresh state object.
+
+    An OUTER_SAMPLE wrapper creates `make_state(guider)` in the run's own copy of model_options and
+    calls `finish(state, guider)` when the run ends (also on error or interrupt). Hooks read it with
+    `run_state(model_options, key)`. Queued or nested runs each get their own object."""
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        store = guider.model_options.setdefault("transformer_options", {}).setdefault(STATE_NAMESPACE, {})
+        state = make_state(guider)
+        previous = store.get(key)
+        store[key] = state
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if previous is None:
+                store.pop(key, None)
+            else:
+                store[key] = previous
+            if finish is not None:
+                finish(state, guider)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, outer_sample)
+
+
+def run_state(model_options: dict, key: str):
+    """The state installed by install_run_state for the current run, or None outside a run."""
+    return model_options.get("transformer_options", {}).get(STATE_NAMESPACE, {}).get(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chainable hooks
+# ----------------------------------------------------------------------------------------------
+def add_calc_cond_batch_wrapper(model, key: str, wrapper: Callable) -> None:
+    """Chainable hook around every calc_cond_batch: wrapper(executor, model, conds, x, timestep, model_options).
+
+    Preferred over the single `sampler_calc_cond_batch_function` slot: wrappers compose, and they
+    also see guiders that call calc_cond_batch directly."""
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, wrapper)
+
+
+def take_single_slot(model, slot: str, make_function: Callable[[Callable | None], Callable]) -> None:
+    """Take a single-slot model_options hook (e.g. sampler_calc_cond_batch_function), chaining to its
+    previous occupant: `make_function(previous)` builds the new function, which must call `previous`
+    (when not None) where it would otherwise do the default work."""
+    previous = model.model_options.get(slot)
+    model.model_options[slot] = make_function(previous)
+
+
+def default_calc_cond_batch(previous: Callable | None) -> Callable:
+    """The function a chained sampler_calc_cond_batch_function should delegate to."""
+    if previous is not None:
+        return previous
+    return lambda args: comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                                        args["model_options"])
+
+
+def guider_uses_uncond(guider) -> bool:
+    """False when ComfyUI will skip the uncond pass (cfg == 1 with the cfg1 optimisation on)."""
+    import math
+    cfg = getattr(guider, "cfg", None)
+    if cfg is None:
+        return True
+    return not (math.isclose(float(cfg), 1.0) and not guider.model_options.get("disable_cfg1_optimization", False))

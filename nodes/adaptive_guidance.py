@@ -1,0 +1,208 @@
+"""Adaptive Guidance nodes: a MODEL patch (plain KSampler and any guider) and a GUIDER
+(SamplerCustomAdvanced). Both install the same per-run mechanism on a model clone."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+import comfy.samplers
+
+from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
+                                         AdaptiveGuidanceTracker)
+from . import adapters
+
+DEFAULTS = AdaptiveGuidanceParams()
+CATEGORY = "TFG/guidance"
+PATCH_NODE = "Adaptive Guidance"
+GUIDER_NODE = "Adaptive Guider"
+
+_DESCRIPTION = (
+    "Adaptive Guidance (Castillo et al., arXiv 2312.12487, AAAI 2025): runs classifier-free guidance until the "
+    "conditional and unconditional predictions agree (cosine >= threshold), then drops the unconditional pass for "
+    "the rest of the run. Works on SD1.x, SD2.x, SDXL, SD3 and Flux (and any model) sampled with real CFG "
+    "(cfg > 1); with cfg = 1 there is no unconditional pass to skip and the node raises an error. "
+    "Cost: no extra model passes; saves up to one pass per step once latched (the paper reports ~25% of "
+    "evaluations). Logs the cosine per step and the passes saved after every run, for calibration."
+)
+
+
+def _param_inputs() -> list:
+    return [
+        io.Float.Input("threshold", default=DEFAULTS.threshold, min=0.0, max=1.0, step=0.0001,
+                       tooltip="gamma-bar: stop guiding a sample once cos(cond, uncond) reaches this. Neutral: 1.0 "
+                               "(latches only on identical predictions). Paper range, eps space: 0.991-0.996; "
+                               "x0 space needs 0.98-0.999 (see README)."),
+        io.Combo.Input("space", options=list(SPACES), default=DEFAULTS.space,
+                       tooltip="Where the cosine is measured. x0: the denoised predictions (rises smoothly, "
+                               "what ComfyUI users calibrate against; default). eps: x - D, the paper's noise "
+                               "space; at high noise it is ~1 and can latch at the first step."),
+        io.Float.Input("start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
+                       tooltip="No latch before this fraction of the schedule. Neutral: 1.0 (never latches: "
+                               "identical to plain CFG). The paper has no guard (0.0); 0.2-0.4 protects "
+                               "composition with eps space."),
+        io.Combo.Input("decision", options=list(DECISIONS), default=DEFAULTS.decision,
+                       tooltip="per_sample: each image latches on its own cosine; the uncond pass stops once "
+                               "all have latched. batch: one cosine over the whole batch decides for all "
+                               "(the existing ComfyUI port's rule)."),
+        io.Combo.Input("crossing_step", options=list(CROSSING_RULES), default=DEFAULTS.crossing_step,
+                       tooltip="On the step where the cosine crosses the threshold: cond = use the conditional "
+                               "prediction already (the paper's rule); cfg = still apply CFG there and skip "
+                               "from the next step (the existing ComfyUI port's rule)."),
+    ]
+
+
+def _validate(threshold, space, start_percent, decision, crossing_step) -> bool | str:
+    values = dict(threshold=threshold, space=space, start_percent=start_percent, decision=decision,
+                  crossing_step=crossing_step)
+    known = {k: v for k, v in values.items() if v is not None}  # linked inputs are not known yet
+    try:
+        problems = DEFAULTS.replace(**known).validate()
+    except TypeError as e:
+        return str(e)
+    return True if not problems else "; ".join(problems)
+
+
+class _RunState:
+    def __init__(self, tracker: AdaptiveGuidanceTracker, sigma_start: float, family: adapters.ModelFamily):
+        self.tracker = tracker
+        self.sigma_start = sigma_start
+        self.family = family
+
+
+def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: str = PATCH_NODE):
+    """Clone `model` and install Adaptive Guidance on the clone. Returns (clone, key)."""
+    problems = params.validate()
+    if problems:
+        raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
+    m = model.clone()
+    key = adapters.new_patch_key("adaptive_guidance")
+    family = adapters.detect_family(m)
+
+    def make_state(guider) -> _RunState:
+        if not adapters.guider_uses_uncond(guider):
+            raise adapters.node_error(
+                node_name, family,
+                "cfg is 1, so ComfyUI computes no unconditional pass and there is nothing to skip "
+                "(Flux-dev and other guidance-distilled models are normally run this way).",
+                "set cfg above 1 on the sampler/guider to use real CFG, or remove the Adaptive Guidance node.")
+        sigma_start = adapters.percent_to_sigma(guider.model_patcher, params.start_percent)
+        return _RunState(AdaptiveGuidanceTracker(params), sigma_start, family)
+
+    def finish(state: _RunState, guider) -> None:
+        tracker = state.tracker
+        if not tracker.records:
+            adapters.warn_once(
+                f"{key}.nopair",
+                f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: the run had no cond/uncond pair "
+                f"to compare ({type(guider).__name__} does not use plain CFG), so Adaptive Guidance did nothing.")
+            return
+        if params.space == "eps" and 0 in tracker.latch_step.values() and params.start_percent == 0.0:
+            adapters.warn_once(
+                f"{key}.eps0",
+                f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: latched at the first step in eps "
+                "space, so the run had almost no guidance. Use space=x0, or raise start_percent/threshold.")
+        report = tracker.summary()
+        setattr(guider, "tfg_adaptive_guidance_report", report)
+        adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, node_name, family.name, report)
+
+    def calc_cond_batch(executor, base_model, conds, x, timestep, model_options):
+        state = adapters.run_state(model_options, key)
+        if state is None or len(conds) != 2 or conds[0] is None or conds[1] is None:
+            return executor(base_model, conds, x, timestep, model_options)
+        tracker = state.tracker
+        sigma = float(timestep.flatten()[0])
+        step = adapters.step_index(timestep, adapters.sample_sigmas_of(model_options))
+        batch = x.shape[0]
+        if tracker.all_latched(batch):
+            cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
+            tracker.skip(step, sigma, batch)
+            # hand the cond prediction on as the uncond one: every CFG formula (and CFG++) reduces to cond
+            return [cond_only[0], cond_only[0]]
+        out = executor(base_model, conds, x, timestep, model_options)
+        uncond = tracker.observe(x, out[0], out[1], step, sigma, latch_allowed=sigma <= state.sigma_start)
+        return [out[0], uncond]
+
+    adapters.install_run_state(m, key, make_state, finish)
+    adapters.add_calc_cond_batch_wrapper(m, key, calc_cond_batch)
+    return m, key
+
+
+class AdaptiveGuidance(io.ComfyNode):
+    """MODEL patch: works with the plain KSampler and with any guider that runs standard CFG."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_AdaptiveGuidance",
+            display_name="Adaptive Guidance (TFG)",
+            category=CATEGORY,
+            description=_DESCRIPTION + " Use this patch with KSampler; use Adaptive Guider (TFG) with "
+                                       "SamplerCustomAdvanced.",
+            inputs=[io.Model.Input("model", tooltip="The model to patch (sampled with cfg > 1).")] + _param_inputs(),
+            outputs=[io.Model.Output(tooltip="The model with Adaptive Guidance installed.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, threshold, space, start_percent, decision, crossing_step) -> bool | str:
+        return _validate(threshold, space, start_percent, decision, crossing_step)
+
+    @classmethod
+    def execute(cls, model, threshold, space, start_percent, decision, crossing_step) -> io.NodeOutput:
+        params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
+                                        decision=decision, crossing_step=crossing_step)
+        patched, _ = apply_adaptive_guidance(model, params, PATCH_NODE)
+        return io.NodeOutput(patched)
+
+
+class AdaptiveGuider(comfy.samplers.CFGGuider):
+    """CFGGuider on a model that carries the Adaptive Guidance patch; the report of the last run is
+    kept in `tfg_adaptive_guidance_report`."""
+
+    tfg_adaptive_guidance_report: str | None = None
+
+
+class AdaptiveGuiderNode(io.ComfyNode):
+    """GUIDER for SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_AdaptiveGuider",
+            display_name="Adaptive Guider (TFG)",
+            category=CATEGORY,
+            description=_DESCRIPTION + " A GUIDER for SamplerCustomAdvanced; use Adaptive Guidance (TFG) with "
+                                       "KSampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample."),
+                io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."),
+                io.Conditioning.Input("negative", tooltip="Negative (unconditional) prompt; AG keeps it until "
+                                                          "the latch."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG scale until the latch. Must not be 1 (no uncond pass to skip). "
+                                       "Paper: 7.5."),
+            ] + _param_inputs(),
+            outputs=[io.Guider.Output(tooltip="A CFG guider that skips the uncond pass once latched.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg, threshold, space, start_percent, decision, crossing_step) -> bool | str:
+        if cfg is not None:
+            if not 0.0 <= cfg <= 100.0:
+                return f"cfg must be in [0, 100], got {cfg}"
+            if abs(cfg - 1.0) < 1e-9:
+                return ("cfg = 1 computes no unconditional pass, so Adaptive Guidance has nothing to skip; "
+                        "set cfg above 1 or use BasicGuider")
+        return _validate(threshold, space, start_percent, decision, crossing_step)
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, threshold, space, start_percent, decision,
+                crossing_step) -> io.NodeOutput:
+        params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
+                                        decision=decision, crossing_step=crossing_step)
+        patched, _ = apply_adaptive_guidance(model, params, GUIDER_NODE)
+        guider = AdaptiveGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+NODES = [AdaptiveGuidance, AdaptiveGuiderNode]

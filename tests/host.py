@@ -1,0 +1,69 @@
+"""Locating the ComfyUI host and loading the pack under test.
+
+The host is found through COMFYUI_PATH, else the pack's grandparent (ComfyUI/custom_nodes/<pack>),
+else ~/comfy/ComfyUI. Pure-kernel tests need none of it."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_MODULE = "tfg_pack_under_test"
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _looks_like_comfyui(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy" / "samplers.py").is_file()
+
+
+def find_comfyui() -> Path | None:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    candidates.append(PACK_ROOT.parent.parent)
+    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    for c in candidates:
+        if _looks_like_comfyui(c):
+            return c.resolve()
+    return None
+
+
+def load_pack():
+    """Import the pack as a package (it uses relative imports), without needing ComfyUI."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(PACK_MODULE, PACK_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def pack_module(name: str):
+    """e.g. pack_module("kernels.adaptive_guidance")."""
+    load_pack()
+    return importlib.import_module(f"{PACK_MODULE}.{name}")
+
+
+_host_ready: Path | None = None
+
+
+def setup_inprocess_comfyui(root: Path) -> Path:
+    """Make ComfyUI importable in this process, on the CPU, like `main.py --cpu` would."""
+    global _host_ready
+    if _host_ready is not None:
+        return _host_ready
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options  # noqa: F401  (args parsing stays off: pytest owns sys.argv)
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  must precede "import nodes" (see research notes)
+    import comfy.model_management  # noqa: F401
+    import nodes  # noqa: F401  ComfyUI's own top-level module
+    _host_ready = root
+    return root
