@@ -1,0 +1,353 @@
+"""Adaptive Guidance nodes, in-process on the real ComfyUI with tiny random-weight models of each family.
+
+Behaviour only: model-call counts, identity at neutral settings, equality with ComfyUI's own paths."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+import host
+
+FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def ag(comfy_root):
+    return host.pack_module("nodes.adaptive_guidance")
+
+
+@pytest.fixture(scope="module")
+def adapters(comfy_root):
+    return host.pack_module("nodes.adapters")
+
+
+class Setup:
+    def __init__(self, family, model, positive, negative, latent_channels):
+        self.family, self.model, self.positive, self.negative = family, model, positive, negative
+        self.latent_channels = latent_channels
+
+    def latent(self, batch=1, size=8):
+        return torch.zeros(batch, self.latent_channels, size, size)
+
+
+_setups: dict[str, Setup] = {}
+
+
+def get_setup(family: str, tmp_path_factory) -> Setup:
+    if family in _setups:
+        return _setups[family]
+    import tiny_models
+    import comfy.sd
+    import nodes
+    if family == "sd15":
+        path = tiny_models.write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
+        model, clip, _vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    elif family == "sdxl":
+        model, clip, _vae = tiny_models.build_tiny_sdxl()
+    elif family == "flux":
+        model, clip, _vae = tiny_models.build_tiny_flux()
+    elif family == "sd3":
+        path = tiny_models.write_tiny_sd3_file(tmp_path_factory.mktemp("sd3") / "tiny_sd3.safetensors")
+        model, clip, _vae = tiny_models.load_tiny_sd3(path)
+    else:
+        raise ValueError(family)
+    with torch.inference_mode():
+        positive = nodes.CLIPTextEncode().encode(clip, "a red fox in the snow")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    channels = model.get_model_object("latent_format").latent_channels
+    _setups[family] = Setup(family, model, positive, negative, channels)
+    return _setups[family]
+
+
+@pytest.fixture(params=FAMILIES)
+def setup(request, comfy_root, tmp_path_factory) -> Setup:
+    return get_setup(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def sd15(comfy_root, tmp_path_factory) -> Setup:
+    return get_setup("sd15", tmp_path_factory)
+
+
+def with_counter(model):
+    """Clone that counts network rows per pass kind: {"cond": n, "uncond": n, "calls": n}."""
+    import comfy.patcher_extension
+    counts = {"cond": 0, "uncond": 0, "calls": 0}
+
+    def apply_model(executor, x, t, *args, **kwargs):
+        transformer_options = kwargs.get("transformer_options", args[3] if len(args) > 3 else {})
+        kinds = transformer_options.get("cond_or_uncond", [0])
+        per_chunk = x.shape[0] // len(kinds)
+        for k in kinds:
+            counts["uncond" if k == 1 else "cond"] += per_chunk
+        counts["calls"] += 1
+        return executor(x, t, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.counter", apply_model)
+    return m, counts
+
+
+def ksample(s: Setup, model, cfg=5.0, seed=7, batch=1, sampler="euler", scheduler="normal", steps=STEPS):
+    import nodes
+    with torch.inference_mode():
+        out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, s.positive, s.negative,
+                                    {"samples": s.latent(batch)}, denoise=1.0)[0]["samples"]
+    return out.clone()
+
+
+def advanced_sample(s: Setup, guider, seed=7, steps=STEPS, sampler="euler"):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as ncs
+    sigmas = comfy.samplers.calculate_sigmas(s.model.get_model_object("model_sampling"), "normal", steps)
+    noise = ncs.Noise_RandomNoise(seed)
+    with torch.inference_mode():
+        out = ncs.SamplerCustomAdvanced().sample(noise, guider, comfy.samplers.sampler_object(sampler), sigmas,
+                                                 {"samples": s.latent()})[0]["samples"]
+    return out.clone()
+
+
+def patch(ag, model, **overrides):
+    values = dict(threshold=0.995, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
+    values.update(overrides)
+    return ag.AdaptiveGuidance.execute(model=model, **values).args[0]
+
+
+# ------------------------------------------------------------------------------------------------
+def test_family_detection(setup, adapters):
+    expected = {"sd15": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}[setup.family]
+    assert adapters.detect_family(setup.model).key == expected
+
+
+def test_unsupported_family_is_reported_by_name(comfy_root, adapters):
+    import types
+    import comfy.supported_models
+    config = object.__new__(comfy.supported_models.WAN21_T2V)
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+    family = adapters.detect_family(fake)
+    assert not family.supported and family.name == "WAN21_T2V"
+    with pytest.raises(ValueError, match=r"TFG Some Node \[model family: WAN21_T2V\].*not supported.*Fix:"):
+        adapters.require_family("Some Node", fake, ("sd1", "sdxl"))
+
+
+def test_neutral_is_bit_identical_to_cfg_on_ksampler(setup, ag):
+    baseline = ksample(setup, setup.model)
+    neutral = ksample(setup, patch(ag, setup.model, start_percent=1.0, threshold=0.0))
+    assert torch.equal(baseline, neutral)
+
+
+def test_neutral_guider_is_bit_identical_to_cfg_guider(setup, ag):
+    import comfy.samplers
+    plain = comfy.samplers.CFGGuider(setup.model)
+    plain.set_conds(setup.positive, setup.negative)
+    plain.set_cfg(5.0)
+    guider = ag.AdaptiveGuiderNode.execute(model=setup.model, positive=setup.positive, negative=setup.negative,
+                                           cfg=5.0, threshold=0.0, space="x0", start_percent=1.0,
+                                           decision="per_sample", crossing_step="cond").args[0]
+    assert torch.equal(advanced_sample(setup, plain), advanced_sample(setup, guider))
+
+
+def test_latched_run_skips_uncond_passes(setup, ag):
+    counted, counts = with_counter(patch(ag, setup.model, threshold=0.0))
+    out = ksample(setup, counted, batch=2)
+    assert torch.isfinite(out).all()
+    # latched on the first evaluation: uncond ran once, never again
+    assert counts == {"cond": 2 * STEPS, "uncond": 2, "calls": STEPS}
+    base_counted, base_counts = with_counter(setup.model)
+    ksample(setup, base_counted, batch=2)
+    assert base_counts["uncond"] == 2 * STEPS
+
+
+def test_paper_rule_from_step_zero_equals_pure_conditional_sampling(setup, ag):
+    """Latched at step 0 with the paper's crossing rule, every step uses the cond prediction: the same
+    trajectory as cfg = 1 (up to batching numerics of the first step)."""
+    latched = ksample(setup, patch(ag, setup.model, threshold=0.0, crossing_step="cond"))
+    cond_only = ksample(setup, setup.model, cfg=1.0)
+    torch.testing.assert_close(latched, cond_only, atol=1e-4, rtol=1e-4)
+    port_rule = ksample(setup, patch(ag, setup.model, threshold=0.0, crossing_step="cfg"))
+    assert not torch.allclose(port_rule, cond_only, atol=1e-4)
+
+
+def test_guider_skips_on_custom_advanced(setup, ag):
+    guider = ag.AdaptiveGuiderNode.execute(model=with_counter(setup.model)[0], positive=setup.positive,
+                                           negative=setup.negative, cfg=5.0, threshold=0.0, space="x0",
+                                           start_percent=0.0, decision="batch", crossing_step="cfg").args[0]
+    # the counter sits under the patch; read the guider's report instead
+    out = advanced_sample(setup, guider)
+    assert torch.isfinite(out).all()
+    assert f"model passes {STEPS + 1} of {2 * STEPS}" in guider.tfg_adaptive_guidance_report
+
+
+def test_start_percent_gates_the_latch(sd15, ag, adapters):
+    import comfy.samplers
+    steps = 8
+    counted, counts = with_counter(patch(ag, sd15.model, threshold=0.0, start_percent=0.5))
+    ksample(sd15, counted, steps=steps)
+    sigma_start = adapters.percent_to_sigma(sd15.model, 0.5)
+    sigmas = comfy.samplers.calculate_sigmas(sd15.model.get_model_object("model_sampling"), "normal", steps)[:-1]
+    first_allowed = int((sigmas <= sigma_start).nonzero()[0])
+    assert counts["uncond"] == first_allowed + 1
+    assert counts["cond"] == steps
+
+
+def test_cfg_one_raises_naming_node_family_and_fix(setup, ag):
+    with pytest.raises(ValueError) as err:
+        ksample(setup, patch(ag, setup.model), cfg=1.0)
+    message = str(err.value)
+    name = {"sd15": "SD1.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[setup.family]
+    assert "Adaptive Guidance" in message and f"[model family: {name}]" in message and "Fix:" in message
+
+
+def test_post_cfg_functions_see_the_cond_prediction_as_uncond_when_skipped(sd15, ag):
+    seen = []
+
+    def post_cfg(args):
+        seen.append((args["cond_denoised"].clone(), args["uncond_denoised"].clone()))
+        return args["denoised"]
+
+    m = sd15.model.clone()
+    m.set_model_sampler_post_cfg_function(post_cfg)
+    ksample(sd15, patch(ag, m, threshold=0.0, crossing_step="cfg"))
+    assert len(seen) == STEPS
+    assert not torch.equal(seen[0][0], seen[0][1])  # CFG on the crossing step
+    for cond, uncond in seen[1:]:
+        assert torch.equal(cond, uncond) and uncond.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sampler", ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+def test_cfg_pp_samplers_still_skip(sd15, ag, sampler):
+    counted, counts = with_counter(patch(ag, sd15.model, threshold=0.0))
+    out = ksample(sd15, counted, sampler=sampler)
+    assert torch.isfinite(out).all()
+    assert counts["uncond"] == 1 and counts["cond"] == STEPS
+
+
+def test_state_resets_between_runs_and_runs_do_not_leak(sd15, ag):
+    patched = patch(ag, sd15.model, threshold=0.9)
+    first = ksample(sd15, patched, seed=1)
+    other = ksample(sd15, patched, seed=2)
+    again = ksample(sd15, patched, seed=1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_concurrent_runs_do_not_share_state(sd15, ag):
+    latching = patch(ag, sd15.model, threshold=0.0)
+    neutral = patch(ag, sd15.model, start_percent=1.0)
+    expected = {("latching", s): ksample(sd15, latching, seed=s) for s in (1, 2)}
+    expected.update({("neutral", s): ksample(sd15, neutral, seed=s) for s in (1, 2)})
+    results, errors = {}, []
+
+    def run(kind, model, seed):
+        try:
+            results[(kind, seed)] = ksample(sd15, model, seed=seed)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k, m, s))
+               for s in (1, 2) for k, m in (("latching", latching), ("neutral", neutral))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, v in expected.items():
+        torch.testing.assert_close(results[k], v, atol=1e-5, rtol=1e-5)
+
+
+def test_report_is_logged_per_run(sd15, ag, caplog):
+    with caplog.at_level(logging.INFO, logger="tfg"):
+        ksample(sd15, patch(ag, sd15.model, threshold=0.0))
+    lines = [r.getMessage() for r in caplog.records if "Adaptive Guidance" in r.getMessage()]
+    assert len(lines) == 1
+    assert "[SD1.x]" in lines[0] and "min gamma per step: 0:" in lines[0]
+    assert f"model passes {STEPS + 1} of {2 * STEPS}" in lines[0]
+
+
+def test_eps_space_first_step_latch_warns(sd15, ag, caplog):
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        ksample(sd15, patch(ag, sd15.model, threshold=0.0, space="eps"))
+    assert any("eps space" in r.getMessage() for r in caplog.records)
+
+
+def test_stacked_patches_compose(sd15, ag):
+    twice = patch(ag, patch(ag, sd15.model, threshold=0.0), threshold=0.0)
+    counted, counts = with_counter(twice)
+    assert torch.isfinite(ksample(sd15, counted)).all()
+    assert counts["uncond"] == 1
+
+
+def test_input_model_is_not_mutated(sd15, ag):
+    before = dict(sd15.model.model_options.get("transformer_options", {}).get("wrappers", {}))
+    patch(ag, sd15.model)
+    after = dict(sd15.model.model_options.get("transformer_options", {}).get("wrappers", {}))
+    assert before == after and not sd15.model.wrappers.get("calc_cond_batch")
+
+
+# ------------------------------------------------------------------------------------------------
+def test_validate_inputs(ag):
+    ok = dict(threshold=0.99, space="x0", start_percent=0.2, decision="per_sample", crossing_step="cond")
+    assert ag.AdaptiveGuidance.validate_inputs(**ok) is True
+    assert "threshold" in ag.AdaptiveGuidance.validate_inputs(**{**ok, "threshold": 1.5})
+    assert "start_percent" in ag.AdaptiveGuidance.validate_inputs(**{**ok, "start_percent": -0.1})
+    assert "space" in ag.AdaptiveGuidance.validate_inputs(**{**ok, "space": "v"})
+    assert ag.AdaptiveGuidance.validate_inputs(**{**ok, "threshold": None}) is True  # linked: checked later
+    assert "cfg = 1" in ag.AdaptiveGuiderNode.validate_inputs(cfg=1.0, **ok)
+    assert ag.AdaptiveGuiderNode.validate_inputs(cfg=7.5, **ok) is True
+
+
+def test_schema_defaults_come_from_the_params_object(ag):
+    kernel = host.pack_module("kernels.adaptive_guidance")
+    defaults = kernel.AdaptiveGuidanceParams()
+    for node in (ag.AdaptiveGuidance, ag.AdaptiveGuiderNode):
+        schema = node.GET_SCHEMA()
+        assert schema.node_id.startswith("TFG_") and "arXiv 2312.12487" in schema.description
+        by_id = {i.id: i for i in schema.inputs}
+        for name in ("threshold", "space", "start_percent", "decision", "crossing_step"):
+            assert by_id[name].default == getattr(defaults, name)
+        assert all(i.tooltip for i in schema.inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_adapter_step_index_and_percent(sd15, adapters):
+    import comfy.samplers
+    ms = sd15.model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 10)
+    assert adapters.step_index(sigmas[3], sigmas) == 3
+    assert adapters.step_index(torch.tensor([float(sigmas[5]) * 1.001]), sigmas) == 5
+    assert adapters.step_index(1.0, None) == -1
+    s = adapters.percent_to_sigma(sd15.model, 0.3)
+    assert abs(adapters.sigma_to_percent(sd15.model, s) - 0.3) < 1e-3
+    assert adapters.percent_to_sigma(sd15.model, 1.0) == 0.0
+
+
+def test_adapter_split_by_cond_or_uncond(adapters):
+    t = torch.arange(6).view(6, 1)
+    parts = adapters.split_by_cond_or_uncond(t, [1, 0])
+    assert [k for k, _ in parts] == [1, 0]
+    assert parts[0][1].flatten().tolist() == [0, 1, 2] and parts[1][1].flatten().tolist() == [3, 4, 5]
+    with pytest.raises(ValueError):
+        adapters.split_by_cond_or_uncond(torch.zeros(5, 1), [1, 0])
+
+
+def test_adapter_single_slot_chains_to_previous(sd15, adapters):
+    calls = []
+    m = sd15.model.clone()
+    m.set_model_sampler_calc_cond_batch_function(lambda args: calls.append("first") or
+                                                 adapters.default_calc_cond_batch(None)(args))
+
+    def make(previous):
+        def fn(args):
+            calls.append("second")
+            return adapters.default_calc_cond_batch(previous)(args)
+        return fn
+
+    adapters.take_single_slot(m, "sampler_calc_cond_batch_function", make)
+    out = ksample(sd15, m)
+    assert torch.isfinite(out).all()
+    assert calls[:2] == ["second", "first"] and len(calls) == 2 * STEPS
+    torch.testing.assert_close(out, ksample(sd15, sd15.model))
