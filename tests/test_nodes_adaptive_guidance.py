@@ -63,6 +63,12 @@ def get_setup(family: str, tmp_path_factory) -> Setup:
     return _setups[family]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    yield
+    _setups.clear()
+
+
 @pytest.fixture(params=FAMILIES)
 def setup(request, comfy_root, tmp_path_factory) -> Setup:
     return get_setup(request.param, tmp_path_factory)
