@@ -1,0 +1,372 @@
+"""A real ComfyUI server in a subprocess, for headless acceptance tests.
+
+`ComfyServer` starts `main.py --cpu` on a free loopback port with its own base directory, in which
+the pack (repo root, as custom_nodes/tfg_guidance), the test-only pack (tests/testing_pack, as
+custom_nodes/tfg_testing_pack) and the tiny SD1.5 checkpoint (models/checkpoints/tiny_sd15.safetensors)
+are linked. Test modules use the session fixture: `from headless_server import comfy_server`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+
+logger = logging.getLogger(__name__)
+
+TESTS_DIR = Path(__file__).resolve().parent
+PACK_ROOT = TESTS_DIR.parent
+WORKFLOWS_API_DIR = PACK_ROOT / "workflows" / "api"
+PACK_DIR_NAME = "tfg_guidance"
+TESTING_PACK_DIR_NAME = "tfg_testing_pack"
+TINY_SD15_NAME = "tiny_sd15.safetensors"
+READY_NODE = "TFG_AdaptiveGuidance"
+HOST = "127.0.0.1"
+
+TINY_LOADERS = {"sdxl": "TFGTest_TinySDXLLoader", "flux": "TFGTest_TinyFluxLoader", "sd3": "TFGTest_TinySD3Loader"}
+# loader class -> {its output index: output index of a TFGTest_Tiny*Loader (MODEL 0, CLIP 1, VAE 2)}
+_LOADER_OUTPUTS = {
+    "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
+    "UNETLoader": {0: 0},
+    "CLIPLoader": {0: 1},
+    "DualCLIPLoader": {0: 1},
+    "TripleCLIPLoader": {0: 1},
+    "VAELoader": {0: 2},
+}
+_LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def ensure_tiny_files(comfy_path: Path) -> Path:
+    """The cached tiny SD1.5 checkpoint (and the tiny SD3 file the testing pack loads), built in this
+    process through ComfyUI's classes if they are not cached yet."""
+    import tiny_models
+    sd15 = tiny_models.CACHE_DIR / f"tiny_sd15_{tiny_models.CACHE_VERSION}.safetensors"
+    sd3 = tiny_models.CACHE_DIR / f"tiny_sd3_{tiny_models.CACHE_VERSION}.safetensors"
+    if not (sd15.is_file() and sd3.is_file()):
+        import host
+        host.setup_inprocess_comfyui(Path(comfy_path))
+        sd15 = tiny_models.tiny_sd15_checkpoint()
+        tiny_models.tiny_sd3_file()
+    return sd15
+
+
+class ComfyServer:
+    """`with ComfyServer(comfy_path) as server: server.run_prompt(prompt)`."""
+
+    def __init__(self, comfy_path, startup_timeout: float = 90.0, extra_args=(), sd15_checkpoint=None):
+        self.comfy_path = Path(comfy_path)
+        self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
+        self.sd15_checkpoint = Path(sd15_checkpoint) if sd15_checkpoint else None
+        self.base = None
+        self.port = None
+        self.url = None
+        self.proc = None
+        self._log_path = None
+        self._log_file = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _prepare_base(self) -> Path:
+        base = Path(tempfile.mkdtemp(prefix="tfg_comfy_"))
+        (base / "custom_nodes").mkdir()
+        os.symlink(PACK_ROOT, base / "custom_nodes" / PACK_DIR_NAME, target_is_directory=True)
+        os.symlink(TESTS_DIR / "testing_pack", base / "custom_nodes" / TESTING_PACK_DIR_NAME,
+                   target_is_directory=True)
+        ckpts = base / "models" / "checkpoints"
+        ckpts.mkdir(parents=True)
+        if self.sd15_checkpoint is not None:
+            os.symlink(self.sd15_checkpoint, ckpts / TINY_SD15_NAME)
+        for d in ("input", "output", "temp", "user"):
+            (base / d).mkdir()
+        return base
+
+    def start(self, attempts: int = 3) -> None:
+        self.base = self._prepare_base()
+        self._log_path = self.base / "server.log"
+        deadline = time.monotonic() + self.startup_timeout
+        last_error = ""
+        for _ in range(attempts):
+            self.port = _free_port()
+            self.url = f"http://{HOST}:{self.port}"
+            self._spawn()
+            ok, last_error = self._wait_ready(deadline)
+            if ok:
+                logger.info("ComfyUI test server ready at %s (base %s)", self.url, self.base)
+                return
+            self._terminate()
+            if "address already in use" not in self.log_text().lower() or time.monotonic() > deadline:
+                break
+        log = self.log_text()
+        self.stop()
+        raise RuntimeError(f"ComfyUI server did not become ready: {last_error}\n--- server log (tail) ---\n"
+                           f"{log[-6000:]}")
+
+    def _spawn(self) -> None:
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(self.base),
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
+        env = dict(os.environ)
+        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)
+        self._log_file = open(self._log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_ready(self, deadline: float) -> tuple[bool, str]:
+        import requests
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False, f"server process exited with code {self.proc.returncode}"
+            try:
+                r = requests.get(f"{self.url}/object_info/{READY_NODE}", timeout=2)
+                if r.status_code == 200 and READY_NODE in r.json():
+                    return True, ""
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.25)
+        return False, f"timed out after {self.startup_timeout:.0f} s waiting for /object_info/{READY_NODE}"
+
+    def _terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def stop(self) -> None:
+        self._terminate()
+        self.proc = None
+        if self.base is not None and os.environ.get("TFG_KEEP_SERVER_BASE") != "1":
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.base = None
+
+    def log_text(self) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(encoding="utf-8", errors="replace")
+
+    # -- HTTP API -------------------------------------------------------------------------------
+    def get(self, route: str, **params):
+        import requests
+        r = requests.get(f"{self.url}{route}", params=params or None, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def post_prompt(self, prompt: dict, client_id: str | None = None) -> tuple[int, dict]:
+        import requests
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        r = requests.post(f"{self.url}/prompt", json=body, timeout=30)
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"raw": r.text}
+        return r.status_code, data
+
+    def free(self, unload_models: bool = True, free_memory: bool = True, settle: float = 0.5) -> None:
+        """POST /free: unload models and (free_memory) reset the executor's output cache. The worker
+        applies it between prompts, so this waits `settle` seconds before returning (check with
+        `executed_nodes` that a later prompt really ran from scratch)."""
+        import requests
+        r = requests.post(f"{self.url}/free", json={"unload_models": unload_models, "free_memory": free_memory},
+                          timeout=30)
+        r.raise_for_status()
+        time.sleep(settle)
+
+    def run_prompts(self, prompts: list[dict], timeout: float = 180.0, check: bool = True) -> list[dict]:
+        """Queue all prompts at once, wait until every one has finished, return their /history entries
+        (in order). Each entry gets "ws_messages": the websocket events [(type, data)] of its prompt."""
+        import websocket
+        client_id = uuid.uuid4().hex
+        ws = websocket.create_connection(f"ws://{HOST}:{self.port}/ws?clientId={client_id}", timeout=10)
+        try:
+            ids = []
+            for p in prompts:
+                status, data = self.post_prompt(p, client_id)
+                if status != 200 or "prompt_id" not in data:
+                    raise RuntimeError(f"POST /prompt failed ({status}): {json.dumps(data)[:4000]}")
+                ids.append(data["prompt_id"])
+            messages = {pid: [] for pid in ids}
+            pending = set(ids)
+            deadline = time.monotonic() + timeout
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(pending)} prompt(s) not finished after {timeout:.0f} s\n"
+                                       f"--- server log (tail) ---\n{self.log_text()[-4000:]}")
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"server died\n{self.log_text()[-4000:]}")
+                ws.settimeout(min(left, 5.0))
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if not isinstance(raw, str):
+                    continue                       # binary preview frames
+                msg = json.loads(raw)
+                data = msg.get("data") or {}
+                pid = data.get("prompt_id")
+                if pid in messages:
+                    messages[pid].append((msg.get("type"), data))
+                    if msg.get("type") == "executing" and data.get("node") is None:
+                        pending.discard(pid)
+        finally:
+            ws.close()
+        entries = []
+        for pid in ids:
+            entry = self.history(pid)
+            entry["prompt_id"] = pid
+            entry["ws_messages"] = messages[pid]
+            if check and entry.get("status", {}).get("status_str") != "success":
+                raise RuntimeError(f"prompt {pid} failed: {json.dumps(entry.get('status'))[:4000]}")
+            entries.append(entry)
+        return entries
+
+    def run_prompt(self, prompt: dict, timeout: float = 180.0, check: bool = True) -> dict:
+        """Post one prompt, wait on the websocket until it has finished, return its /history entry."""
+        return self.run_prompts([prompt], timeout=timeout, check=check)[0]
+
+    def history(self, prompt_id: str, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.get(f"/history/{prompt_id}")
+            if prompt_id in h:
+                return h[prompt_id]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no /history entry for {prompt_id}")
+            time.sleep(0.1)
+
+    def images_by_node(self, entry: dict) -> dict:
+        """{output node id: [HxWxC uint8 arrays]} for every image in a /history entry."""
+        import numpy as np
+        import requests
+        from PIL import Image
+        out = {}
+        for node_id in sorted(entry.get("outputs", {}), key=_node_sort_key):
+            for img in entry["outputs"][node_id].get("images", []):
+                r = requests.get(f"{self.url}/view", params={"filename": img["filename"],
+                                                             "subfolder": img.get("subfolder", ""),
+                                                             "type": img.get("type", "output")}, timeout=30)
+                r.raise_for_status()
+                with Image.open(BytesIO(r.content)) as im:
+                    out.setdefault(node_id, []).append(np.array(im))
+        return out
+
+    def image_arrays(self, entry: dict) -> list:
+        """All output images of a /history entry as numpy arrays, ordered by output node id."""
+        return [a for arrays in self.images_by_node(entry).values() for a in arrays]
+
+
+def _node_sort_key(node_id: str):
+    return (0, int(node_id), "") if str(node_id).isdigit() else (1, 0, str(node_id))
+
+
+def executed_nodes(entry: dict) -> set[str]:
+    """Node ids that actually ran (not served from the cache) in a run_prompt(s) entry."""
+    cached = set()
+    for kind, data in entry.get("ws_messages", []):
+        if kind == "execution_cached":
+            cached.update(str(n) for n in data.get("nodes", []))
+    return set(entry.get("prompt", [None, None, {}])[2].keys()) - cached
+
+
+# ----------------------------------------------------------------------------------------------
+# Workflows
+# ----------------------------------------------------------------------------------------------
+
+def workflow_family(path) -> str:
+    """"sd15", "sdxl", "sd3" or "flux" from a file name such as ag_ab_sdxl.json."""
+    family = Path(path).stem.rsplit("_", 1)[-1].lower()
+    if family not in ("sd15", "sdxl", "sd3", "flux"):
+        raise ValueError(f"{Path(path).name}: cannot tell the model family (expected *_sd15/_sdxl/_sd3/_flux.json)")
+    return family
+
+
+def swap_loaders(prompt: dict, family: str) -> dict:
+    """Replace the model loaders of an API-format prompt by the tiny ones of `family` (in place)."""
+    if family == "sd15":
+        for node in prompt.values():
+            if node.get("class_type") == "CheckpointLoaderSimple":
+                node["inputs"]["ckpt_name"] = TINY_SD15_NAME
+            elif node.get("class_type") in _LOADER_OUTPUTS:
+                raise ValueError(f"no tiny SD1.5 stand-in for {node['class_type']}")
+        return prompt
+    tiny = TINY_LOADERS[family]
+    remap = {}                                   # node id -> {old output index: new}
+    for node_id, node in prompt.items():
+        if node.get("class_type") in _LOADER_OUTPUTS:
+            remap[node_id] = _LOADER_OUTPUTS[node["class_type"]]
+            node["class_type"] = tiny
+            name = node["inputs"].get("ckpt_name") or node["inputs"].get("unet_name") or ""
+            node["inputs"] = {"ckpt_name": str(name)}
+    for node in prompt.values():
+        for key, value in node.get("inputs", {}).items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in remap:
+                node["inputs"][key] = [value[0], remap[str(value[0])][value[1]]]
+    return prompt
+
+
+def load_api_workflow(path, family_swaps: bool = True, size: int | None = 64, steps: int | None = None) -> dict:
+    """An API-format workflow from workflows/api/, made runnable on the tiny CPU models: loaders
+    swapped by the family in the file name, empty latents shrunk to `size`, and (optionally) every
+    `steps` input set to `steps`."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = WORKFLOWS_API_DIR / path
+    prompt = json.loads(path.read_text(encoding="utf-8"))
+    if family_swaps:
+        swap_loaders(prompt, workflow_family(path))
+    for node in prompt.values():
+        inputs = node.get("inputs", {})
+        if size is not None and node.get("class_type") in _LATENT_NODES:
+            inputs["width"] = size
+            inputs["height"] = size
+        if steps is not None and isinstance(inputs.get("steps"), int):
+            inputs["steps"] = steps
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixture
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_host_path):
+    """One real ComfyUI server for the test session (skips like `comfy_host_path` when no host)."""
+    ckpt = ensure_tiny_files(comfy_host_path)
+    with ComfyServer(comfy_host_path, sd15_checkpoint=ckpt) as server:
+        yield server

@@ -1,0 +1,193 @@
+"""Headless acceptance tests: a real ComfyUI server (subprocess, CPU, loopback) with the pack installed,
+driven over HTTP + websocket with API-format prompts on the tiny random-weight models."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from headless_server import (PACK_DIR_NAME, TESTING_PACK_DIR_NAME, TINY_LOADERS, TINY_SD15_NAME,
+                             WORKFLOWS_API_DIR, comfy_server, executed_nodes, load_api_workflow)  # noqa: F401
+
+STEPS = 6
+SIZE = 64
+API_WORKFLOWS = sorted(WORKFLOWS_API_DIR.glob("*.json"))
+MAX_IMPORT_SECONDS = 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# API-format graph builders
+# ----------------------------------------------------------------------------------------------
+
+def _ag_inputs(model_link, threshold=0.995, space="x0", start_percent=0.0, decision="per_sample",
+               crossing_step="cond"):
+    return {"model": model_link, "threshold": threshold, "space": space, "start_percent": start_percent,
+            "decision": decision, "crossing_step": crossing_step}
+
+
+def _base_graph(family: str) -> dict:
+    """Loader (1), positive (2), negative (3), empty latent (4)."""
+    if family == "sd15":
+        loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SD15_NAME}}
+        latent = {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    else:
+        loader = {"class_type": TINY_LOADERS[family], "inputs": {}}
+        latent = {"class_type": "EmptySD3LatentImage" if family in ("sd3", "flux") else "EmptyLatentImage",
+                  "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    return {
+        "1": loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in fresh snow", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, lowres", "clip": ["1", 1]}},
+        "4": latent,
+    }
+
+
+def _add_ksampler_branch(g: dict, tag: str, seed: int, ag: dict | None, cfg: float = 6.0) -> str:
+    """KSampler on the plain model (ag None) or on a TFG_AdaptiveGuidance patch; returns the save node id."""
+    model = ["1", 0]
+    if ag is not None:
+        g[f"{tag}ag"] = {"class_type": "TFG_AdaptiveGuidance", "inputs": _ag_inputs(model, **ag)}
+        model = [f"{tag}ag", 0]
+    g[f"{tag}ks"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": STEPS, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    g[f"{tag}dec"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}ks", 0], "vae": ["1", 2]}}
+    g[f"{tag}save"] = {"class_type": "SaveImage", "inputs": {"images": [f"{tag}dec", 0],
+                                                             "filename_prefix": f"tfgtest/{tag}"}}
+    return f"{tag}save"
+
+
+def _add_guider_branch(g: dict, tag: str, ag: dict | None, cfg: float = 6.0) -> str:
+    """SamplerCustomAdvanced with core CFGGuider (ag None) or TFG_AdaptiveGuider; shared noise/sampler/sigmas."""
+    g.setdefault("noise", {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}})
+    g.setdefault("sampler", {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}})
+    g.setdefault("sigmas", {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple",
+                                                                      "steps": STEPS, "denoise": 1.0}})
+    conds = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": cfg}
+    if ag is None:
+        g[f"{tag}guider"] = {"class_type": "CFGGuider", "inputs": conds}
+    else:
+        inputs = _ag_inputs(["1", 0], **ag)
+        inputs.update(conds)
+        g[f"{tag}guider"] = {"class_type": "TFG_AdaptiveGuider", "inputs": inputs}
+    g[f"{tag}sca"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["noise", 0], "guider": [f"{tag}guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+        "latent_image": ["4", 0]}}
+    g[f"{tag}dec"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}sca", 0], "vae": ["1", 2]}}
+    g[f"{tag}save"] = {"class_type": "SaveImage", "inputs": {"images": [f"{tag}dec", 0],
+                                                             "filename_prefix": f"tfgtest/{tag}"}}
+    return f"{tag}save"
+
+
+def _single_image(server, entry, node_id) -> np.ndarray:
+    images = server.images_by_node(entry)
+    assert node_id in images and len(images[node_id]) == 1, images.keys()
+    return images[node_id][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+def test_pack_imported_cleanly_and_fast(comfy_server):
+    log = comfy_server.log_text()
+    ours = [line for line in log.splitlines() if PACK_DIR_NAME in line or TESTING_PACK_DIR_NAME in line]
+    failures = [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not failures, "\n".join(failures)
+
+    times = {}
+    for line in log.splitlines():
+        m = re.match(r"^\s*([0-9.]+) seconds(?: \(IMPORT FAILED\))?: (.+)$", line)
+        if m:
+            times[m.group(2).strip().rstrip("/").rsplit("/", 1)[-1]] = float(m.group(1))
+    assert PACK_DIR_NAME in times, f"no import-time line for the pack in the log:\n{log[-3000:]}"
+    assert times[PACK_DIR_NAME] <= MAX_IMPORT_SECONDS, times
+
+    for node in ("TFG_AdaptiveGuidance", "TFG_AdaptiveGuider", *TINY_LOADERS.values()):
+        assert node in comfy_server.get(f"/object_info/{node}"), node
+
+
+def test_api_workflows_exist():
+    assert API_WORKFLOWS, f"no API-format workflows in {WORKFLOWS_API_DIR}"
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=[p.name for p in API_WORKFLOWS])
+def test_api_workflow_runs(comfy_server, path):
+    prompt = load_api_workflow(path, size=SIZE, steps=4)
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success"
+    images = comfy_server.image_arrays(entry)
+    assert images, f"{path.name} saved no image"
+    for image in images:
+        assert image.shape[:2] == (SIZE, SIZE) and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 1.5}, {"start_percent": -0.2}], ids=["threshold", "start_percent"])
+def test_invalid_ag_inputs_rejected_then_server_still_works(comfy_server, bad):
+    g = _base_graph("sd15")
+    save = _add_ksampler_branch(g, "x", seed=1, ag=dict(bad))
+    status, data = comfy_server.post_prompt(g)
+    assert status == 400, data
+    assert "xag" in data.get("node_errors", {}), data
+    assert set(data["node_errors"]) == {"xag"}, data["node_errors"]
+    assert data["node_errors"]["xag"]["class_type"] == "TFG_AdaptiveGuidance"
+    text = repr(data["node_errors"]["xag"]["errors"])
+    assert next(iter(bad)) in text, text
+
+    g = _base_graph("sd15")
+    save = _add_ksampler_branch(g, "x", seed=1, ag={"threshold": 0.995})
+    entry = comfy_server.run_prompt(g)
+    assert _single_image(comfy_server, entry, save).shape == (SIZE, SIZE, 3)
+
+
+def test_queued_prompts_match_solo_runs(comfy_server):
+    prompts, saves = [], []
+    for i in range(10):
+        g = _base_graph("sd15")
+        ag = {"threshold": 0.995, "space": "x0"} if i % 2 == 0 else None
+        saves.append(_add_ksampler_branch(g, "q", seed=1000 + i, ag=ag))
+        prompts.append(g)
+
+    log_before = len(comfy_server.log_text())
+    queued = comfy_server.run_prompts(prompts)
+    reports = [line for line in comfy_server.log_text()[log_before:].splitlines()
+               if "Adaptive Guidance" in line and "latched: sample 0 at step" in line]
+    assert len(reports) == 5, "the AG prompts did not all latch:\n" + "\n".join(reports)
+    queued_images = [_single_image(comfy_server, e, s) for e, s in zip(queued, saves)]
+    assert len({img.tobytes() for img in queued_images}) == 10, "distinct seeds gave identical images"
+
+    for i, (prompt, save) in enumerate(zip(prompts, saves)):
+        for attempt in range(3):
+            comfy_server.free(settle=0.3 + attempt)       # empty the output cache: a true solo run
+            entry = comfy_server.run_prompt(prompt)
+            if {"1", "qks"} <= executed_nodes(entry):
+                break
+        else:
+            pytest.fail(f"prompt {i}: the solo run was served from the cache: {executed_nodes(entry)}")
+        solo = _single_image(comfy_server, entry, save)
+        assert np.array_equal(solo, queued_images[i]), f"prompt {i} ({'AG' if i % 2 == 0 else 'CFG'}) differs"
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_unlatched_ag_is_bit_identical_through_ksampler(comfy_server, family):
+    g = _base_graph(family)
+    plain = _add_ksampler_branch(g, "a", seed=5, ag=None)
+    never = _add_ksampler_branch(g, "b", seed=5, ag={"threshold": 0.5, "start_percent": 1.0})
+    latch = _add_ksampler_branch(g, "c", seed=5, ag={"threshold": 0.5, "start_percent": 0.0})
+    entry = comfy_server.run_prompt(g)
+    a, b, c = (_single_image(comfy_server, entry, n) for n in (plain, never, latch))
+    assert np.array_equal(a, b), "AG with start_percent 1.0 changed the KSampler image"
+    assert not np.array_equal(a, c), "a latching AG left the image unchanged: the comparison is not sensitive"
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_unlatched_ag_guider_is_bit_identical_to_cfg_guider(comfy_server, family):
+    g = _base_graph(family)
+    plain = _add_guider_branch(g, "a", ag=None)
+    never = _add_guider_branch(g, "b", ag={"threshold": 0.5, "start_percent": 1.0})
+    latch = _add_guider_branch(g, "c", ag={"threshold": 0.5, "start_percent": 0.0})
+    entry = comfy_server.run_prompt(g)
+    a, b, c = (_single_image(comfy_server, entry, n) for n in (plain, never, latch))
+    assert np.array_equal(a, b), "TFG_AdaptiveGuider with start_percent 1.0 differs from CFGGuider"
+    assert not np.array_equal(a, c), "a latching AG guider left the image unchanged: the comparison is not sensitive"

@@ -1,0 +1,75 @@
+"""Test-only ComfyUI node pack: loaders for the tiny random-weight SDXL, Flux and SD3 models.
+
+It lives under tests/ so it never reaches a user's install; the headless test server symlinks it
+into its own custom_nodes folder. Each loader returns (MODEL, CLIP, VAE) like CheckpointLoaderSimple
+and takes an optional, unused `ckpt_name`, so a workflow's CheckpointLoaderSimple can be swapped for
+it without touching the rest of the graph. Models are built once per server process."""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from pathlib import Path
+
+_TESTS_DIR = Path(__file__).resolve().parent.parent      # resolve(): the pack is loaded through a symlink
+if str(_TESTS_DIR) not in sys.path:
+    sys.path.append(str(_TESTS_DIR))
+
+import tiny_models  # noqa: E402  (tests/tiny_models.py)
+
+logger = logging.getLogger(__name__)
+
+_cache: dict[str, tuple] = {}
+_lock = threading.Lock()
+
+
+def _models(family: str) -> tuple:
+    with _lock:
+        if family not in _cache:
+            _cache[family] = tiny_models.build(family)
+            logger.info("TFG testing pack: built tiny %s model", family)
+        return _cache[family]
+
+
+class _TinyLoader:
+    FAMILY = ""
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "TFG/testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {},
+                "optional": {"ckpt_name": ("STRING", {"default": "", "tooltip": "Ignored (keeps a swapped-in "
+                                                                             "loader's graph valid)."})}}
+
+    def load(self, ckpt_name=""):
+        return _models(self.FAMILY)
+
+
+class TinySDXLLoader(_TinyLoader):
+    FAMILY = "sdxl"
+    DESCRIPTION = "Tiny random-weight SDXL (comfy.supported_models.SDXL) with a stand-in text encoder and TAESD."
+
+
+class TinyFluxLoader(_TinyLoader):
+    FAMILY = "flux"
+    DESCRIPTION = "Tiny random-weight Flux-dev (comfy.supported_models.Flux) with a stand-in text encoder and TAESD."
+
+
+class TinySD3Loader(_TinyLoader):
+    FAMILY = "sd3"
+    DESCRIPTION = "Tiny random-weight SD3 MMDiT file with a stand-in text encoder and 16-channel TAESD."
+
+
+NODE_CLASS_MAPPINGS = {
+    "TFGTest_TinySDXLLoader": TinySDXLLoader,
+    "TFGTest_TinyFluxLoader": TinyFluxLoader,
+    "TFGTest_TinySD3Loader": TinySD3Loader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TFGTest_TinySDXLLoader": "Tiny SDXL Loader (TFG tests)",
+    "TFGTest_TinyFluxLoader": "Tiny Flux Loader (TFG tests)",
+    "TFGTest_TinySD3Loader": "Tiny SD3 Loader (TFG tests)",
+}
