@@ -134,7 +134,8 @@ class ComfyServer:
         env.pop("PYTHONPATH", None)
         self._log_file = open(self._log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
     def _wait_ready(self, deadline: float) -> tuple[bool, str]:
         import requests
@@ -286,9 +287,32 @@ class ComfyServer:
                     out.setdefault(node_id, []).append(np.array(im))
         return out
 
+    def latents_by_node(self, entry: dict) -> dict:
+        """{output node id: [latent tensors]} for every SaveLatent output of a /history entry."""
+        import requests
+        import safetensors.torch
+        out = {}
+        for node_id in sorted(entry.get("outputs", {}), key=_node_sort_key):
+            for lat in entry["outputs"][node_id].get("latents", []):
+                r = requests.get(f"{self.url}/view", params={"filename": lat["filename"],
+                                                             "subfolder": lat.get("subfolder", ""),
+                                                             "type": lat.get("type", "output")}, timeout=30)
+                r.raise_for_status()
+                out.setdefault(node_id, []).append(safetensors.torch.load(r.content)["latent_tensor"])
+        return out
+
     def image_arrays(self, entry: dict) -> list:
         """All output images of a /history entry as numpy arrays, ordered by output node id."""
         return [a for arrays in self.images_by_node(entry).values() for a in arrays]
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the test process dies, so no server outlives pytest."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _node_sort_key(node_id: str):

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from headless_server import (PACK_DIR_NAME, TESTING_PACK_DIR_NAME, TINY_LOADERS, TINY_SD15_NAME,
                              WORKFLOWS_API_DIR, comfy_server, executed_nodes, load_api_workflow)  # noqa: F401
@@ -52,6 +53,8 @@ def _add_ksampler_branch(g: dict, tag: str, seed: int, ag: dict | None, cfg: flo
     g[f"{tag}ks"] = {"class_type": "KSampler", "inputs": {
         "model": model, "seed": seed, "steps": STEPS, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
         "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}
+    g[f"{tag}lat"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{tag}ks", 0],
+                                                             "filename_prefix": f"tfgtest/{tag}"}}
     g[f"{tag}dec"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}ks", 0], "vae": ["1", 2]}}
     g[f"{tag}save"] = {"class_type": "SaveImage", "inputs": {"images": [f"{tag}dec", 0],
                                                              "filename_prefix": f"tfgtest/{tag}"}}
@@ -74,10 +77,18 @@ def _add_guider_branch(g: dict, tag: str, ag: dict | None, cfg: float = 6.0) -> 
     g[f"{tag}sca"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         "noise": ["noise", 0], "guider": [f"{tag}guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
         "latent_image": ["4", 0]}}
+    g[f"{tag}lat"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{tag}sca", 0],
+                                                             "filename_prefix": f"tfgtest/{tag}"}}
     g[f"{tag}dec"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}sca", 0], "vae": ["1", 2]}}
     g[f"{tag}save"] = {"class_type": "SaveImage", "inputs": {"images": [f"{tag}dec", 0],
                                                              "filename_prefix": f"tfgtest/{tag}"}}
     return f"{tag}save"
+
+
+def _single_latent(server, entry, node_id):
+    latents = server.latents_by_node(entry)
+    assert node_id in latents and len(latents[node_id]) == 1, latents.keys()
+    return latents[node_id][0]
 
 
 def _single_image(server, entry, node_id) -> np.ndarray:
@@ -155,6 +166,7 @@ def test_queued_prompts_match_solo_runs(comfy_server):
                if "Adaptive Guidance" in line and "latched: sample 0 at step" in line]
     assert len(reports) == 5, "the AG prompts did not all latch:\n" + "\n".join(reports)
     queued_images = [_single_image(comfy_server, e, s) for e, s in zip(queued, saves)]
+    queued_latents = [_single_latent(comfy_server, e, "qlat") for e in queued]
     assert len({img.tobytes() for img in queued_images}) == 10, "distinct seeds gave identical images"
 
     for i, (prompt, save) in enumerate(zip(prompts, saves)):
@@ -165,8 +177,9 @@ def test_queued_prompts_match_solo_runs(comfy_server):
                 break
         else:
             pytest.fail(f"prompt {i}: the solo run was served from the cache: {executed_nodes(entry)}")
-        solo = _single_image(comfy_server, entry, save)
-        assert np.array_equal(solo, queued_images[i]), f"prompt {i} ({'AG' if i % 2 == 0 else 'CFG'}) differs"
+        kind = "AG" if i % 2 == 0 else "CFG"
+        assert np.array_equal(_single_image(comfy_server, entry, save), queued_images[i]), f"prompt {i} ({kind})"
+        assert torch.equal(_single_latent(comfy_server, entry, "qlat"), queued_latents[i]), f"prompt {i} ({kind})"
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -179,6 +192,9 @@ def test_unlatched_ag_is_bit_identical_through_ksampler(comfy_server, family):
     a, b, c = (_single_image(comfy_server, entry, n) for n in (plain, never, latch))
     assert np.array_equal(a, b), "AG with start_percent 1.0 changed the KSampler image"
     assert not np.array_equal(a, c), "a latching AG left the image unchanged: the comparison is not sensitive"
+    la, lb, lc = (_single_latent(comfy_server, entry, n.replace("save", "lat")) for n in (plain, never, latch))
+    assert torch.equal(la, lb), "AG with start_percent 1.0 changed the KSampler latent"
+    assert not torch.equal(la, lc)
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
@@ -191,3 +207,6 @@ def test_unlatched_ag_guider_is_bit_identical_to_cfg_guider(comfy_server, family
     a, b, c = (_single_image(comfy_server, entry, n) for n in (plain, never, latch))
     assert np.array_equal(a, b), "TFG_AdaptiveGuider with start_percent 1.0 differs from CFGGuider"
     assert not np.array_equal(a, c), "a latching AG guider left the image unchanged: the comparison is not sensitive"
+    la, lb, lc = (_single_latent(comfy_server, entry, n.replace("save", "lat")) for n in (plain, never, latch))
+    assert torch.equal(la, lb), "TFG_AdaptiveGuider with start_percent 1.0 gives a different latent from CFGGuider"
+    assert not torch.equal(la, lc)
