@@ -67,3 +67,32 @@ def setup_inprocess_comfyui(root: Path) -> Path:
     import nodes  # noqa: F401  ComfyUI's own top-level module
     _host_ready = root
     return root
+
+
+def node_classes() -> dict:
+    """Class-type → node class for ComfyUI's core nodes, the custom-sampler nodes and this pack's nodes
+    (in-process, without ComfyUI's slow init_extra_nodes)."""
+    import asyncio
+    import nodes
+    from comfy_extras import nodes_custom_sampler
+    classes = dict(nodes.NODE_CLASS_MAPPINGS)
+    classes.update(nodes_custom_sampler.NODE_CLASS_MAPPINGS)
+    extension = asyncio.run(load_pack().comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        classes[node.GET_SCHEMA().node_id] = node
+    return classes
+
+
+def object_info(classes: dict) -> dict:
+    """What GET /object_info returns for these classes (mirrors server.py's node_info for V1 and V3)."""
+    from comfy_api.internal import _ComfyNodeInternal
+    out = {}
+    for name, cls in classes.items():
+        if isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal):
+            out[name] = cls.GET_NODE_INFO_V1()
+            continue
+        types = cls.INPUT_TYPES()
+        out[name] = {"input": types, "input_order": {k: list(v.keys()) for k, v in types.items()},
+                     "output": list(cls.RETURN_TYPES), "output_name": list(getattr(cls, "RETURN_NAMES", None)
+                                                                         or cls.RETURN_TYPES), "name": name}
+    return out
