@@ -968,10 +968,23 @@ class LocalComfyUI:
         text = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
+    def _base_directory(self) -> Path | None:
+        for i, arg in enumerate(self.extra_args):
+            if arg.startswith("--base-directory="):
+                return Path(arg.split("=", 1)[1]).expanduser()
+            if arg == "--base-directory" and i + 1 < len(self.extra_args):
+                return Path(self.extra_args[i + 1]).expanduser()
+        return None
+
     def start(self) -> str:
         if not _looks_like_comfyui(self.root):
             raise ServerConnectionError(f"{self.root} is not a ComfyUI checkout (no main.py / comfy/); "
                                         "use --comfyui PATH or --server URL")
+        base = self._base_directory()
+        if base is not None and not (base / "custom_nodes").is_dir():
+            # main.py lists <base>/custom_nodes before anything else and dies if it is missing
+            log.info("creating %s (ComfyUI needs it under --base-directory)", base / "custom_nodes")
+            (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         if self.port is None:
             self.port = _free_port()
         if self.log_path is None:
@@ -1266,13 +1279,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_cli_logging(verbose: bool, quiet: bool) -> logging.Handler:
+@contextlib.contextmanager
+def _cli_logging(verbose: bool, quiet: bool):
+    """Plain messages on stderr for the CLI; the logger's previous state is restored afterwards."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = (log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    return handler
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _execute(args: argparse.Namespace) -> int:
@@ -1338,17 +1359,15 @@ def _execute(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = _setup_cli_logging(args.verbose, args.quiet)
-    try:
-        return _execute(args)
-    except HeadlessError as e:
-        log.error("%s", e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return EXIT_INTERRUPTED
-    finally:
-        log.removeHandler(handler)
+    with _cli_logging(args.verbose, args.quiet):
+        try:
+            return _execute(args)
+        except HeadlessError as e:
+            log.error("%s", e)
+            return e.exit_code
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
