@@ -930,6 +930,16 @@ def default_comfyui_path() -> Path:
     return Path.home() / "comfy" / "ComfyUI"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except Exception:                                   # best effort
+        pass
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -998,6 +1008,8 @@ class LocalComfyUI:
         kwargs: dict[str, Any] = {}
         if os.name == "posix":
             kwargs["start_new_session"] = True          # Ctrl-C reaches us only; we stop it
+        if sys.platform.startswith("linux"):
+            kwargs["preexec_fn"] = _die_with_parent     # no orphaned server if we are killed
         try:
             self.proc = subprocess.Popen(cmd, cwd=str(self.root), stdout=self._log_file,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **kwargs)
@@ -1357,9 +1369,28 @@ def _execute(args: argparse.Namespace) -> int:
         return code
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so a self-started ComfyUI is stopped and the prompt cancelled."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _cli_logging(args.verbose, args.quiet):
+    with _cli_logging(args.verbose, args.quiet), _sigterm_as_interrupt():
         try:
             return _execute(args)
         except HeadlessError as e:
