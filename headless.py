@@ -643,8 +643,11 @@ def ui_to_api(ui_workflow: dict, object_info: dict, *, rng: random.Random | None
     * Note/MarkdownNote/Reroute/PrimitiveNode and muted (mode 2) / bypassed (mode 4) nodes
       are not emitted; links to nodes that are not emitted are dropped;
     * a node type missing from ``object_info`` raises :class:`ConversionError` when other
-      nodes take its outputs; an unconnected one is skipped with a warning (frontend-only
-      nodes of JS extensions look like that).
+      nodes take its outputs, or when no output node is left without it; otherwise it is
+      skipped with a warning (frontend-only nodes of JS extensions look like that).
+
+    Legacy group nodes ("workflow>...") are not supported (ConversionError). The input is
+    not modified.
     """
     if detect_format(ui_workflow) != "ui":
         raise ConversionError("ui_to_api expects a UI-format workflow (with \"nodes\")")
