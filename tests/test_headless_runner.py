@@ -521,6 +521,114 @@ def test_format_prompt_error():
 
 
 # ----------------------------------------------------------------------------------------------
+# Progress, completion and downloads against a fake server
+# ----------------------------------------------------------------------------------------------
+
+class FakeWS:
+    def __init__(self, messages):
+        import websocket
+        self._timeout_exc = websocket.WebSocketTimeoutException
+        self.messages = [m if isinstance(m, bytes) else json.dumps(m) for m in messages]
+        self.closed = False
+
+    def settimeout(self, t):
+        pass
+
+    def recv(self):
+        if self.messages:
+            return self.messages.pop(0)
+        raise self._timeout_exc("no message")
+
+    def close(self):
+        self.closed = True
+
+
+class FakeClient:
+    """Stands in for ComfyClient: queue_prompt, history (after `done_after` polls), view, cancel."""
+
+    def __init__(self, messages, entry, use_ws=True, done_after=0):
+        self.ws = FakeWS(messages) if use_ws else None
+        self.entry, self.done_after, self.polls = entry, done_after, 0
+        self.cancelled, self.queued = [], []
+
+    def connect_ws(self):
+        return self.ws
+
+    def queue_prompt(self, api, extra_data=None):
+        self.queued.append((api, extra_data))
+        return {"prompt_id": "pid", "number": 1, "node_errors": {}}
+
+    def history(self, prompt_id):
+        self.polls += 1
+        return self.entry if self.entry is not None and self.polls > self.done_after else None
+
+    def view(self, filename, subfolder="", ftype="output"):
+        return f"{ftype}:{subfolder}:{filename}".encode()
+
+    def cancel(self, prompt_id):
+        self.cancelled.append(prompt_id)
+
+
+def _msg(mtype, **data):
+    return {"type": mtype, "data": data}
+
+
+ENTRY = {"status": {"status_str": "success", "completed": True, "messages": []},
+         "outputs": {"9": {"images": [{"filename": "a_00001_.png", "subfolder": "sub", "type": "output"}]},
+                     "10": {"images": [{"filename": "ComfyUI_temp_x_00001_.png", "subfolder": "", "type": "temp"}],
+                            "animated": [False]},
+                     "11": {"text": ["hello"]}}}
+API = {"3": {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "KSampler"}}}
+
+
+def test_run_workflow_progress_and_downloads(tmp_path, caplog):
+    messages = [_msg("status", status={"exec_info": {"queue_remaining": 1}}),
+                _msg("execution_start", prompt_id="pid"), b"\x00\x01binary preview",
+                _msg("executing", node="3", display_node="3", prompt_id="other"),
+                _msg("executing", node="3", display_node="3", prompt_id="pid"),
+                _msg("progress", value=1, max=2, node="3", prompt_id="pid"),
+                _msg("progress", value=2, max=2, node="3", prompt_id="pid"),
+                _msg("executing", node=None, prompt_id="other"),
+                _msg("executing", node=None, prompt_id="pid")]
+    client = FakeClient(messages, ENTRY)
+    with caplog.at_level(logging.INFO, logger="comfy_headless"):
+        saved = h.run_workflow(client, API, ui_workflow={"nodes": []}, out_dir=tmp_path, timeout=10)
+    assert [p.relative_to(tmp_path).as_posix() for p in saved] == ["sub/a_00001_.png", "ComfyUI_temp_x_00001_.png"]
+    assert saved[1].read_bytes() == b"temp::ComfyUI_temp_x_00001_.png"
+    assert client.queued[0][1] == {"extra_pnginfo": {"workflow": {"nodes": []}}}
+    assert "#3 KSampler: step 2/2" in caplog.text and "hello" in caplog.text
+    assert client.ws.closed
+    again = h.run_workflow(FakeClient([_msg("executing", node=None, prompt_id="pid")], ENTRY), API, out_dir=tmp_path,
+                           timeout=10)
+    assert again[0].name == "a_00001_-1.png"                        # earlier results are not overwritten
+
+
+def test_run_workflow_polls_history_without_websocket(tmp_path):
+    client = FakeClient([], ENTRY, use_ws=False, done_after=2)
+    assert len(h.run_workflow(client, API, out_dir=tmp_path, timeout=10)) == 2
+    assert client.queued[0][1] is None                              # no extra_pnginfo for API input
+
+
+def test_run_workflow_failures():
+    err = _msg("execution_error", prompt_id="pid", node_id="3", node_type="KSampler", exception_type="ValueError",
+               exception_message="bad sigma", traceback=["Traceback...\n", "  line 1\n"])
+    with pytest.raises(h.ExecutionFailed, match="(?s)#3 KSampler.*ValueError: bad sigma.*Traceback") as e:
+        h.run_workflow(FakeClient([err], None), API, timeout=10)
+    assert e.value.exit_code == 1
+    with pytest.raises(h.ExecutionFailed, match="interrupted"):
+        h.run_workflow(FakeClient([_msg("execution_interrupted", prompt_id="pid", node_id="3")], None), API,
+                       timeout=10)
+    failed = {"status": {"status_str": "error", "completed": False,
+                         "messages": [["execution_error", err["data"]]]}, "outputs": {}}
+    with pytest.raises(h.ExecutionFailed, match="bad sigma"):
+        h.run_workflow(FakeClient([], failed, use_ws=False), API, timeout=10)
+    client = FakeClient([], None)
+    with pytest.raises(h.RunTimeout) as e:
+        h.run_workflow(client, API, timeout=0.3)
+    assert e.value.exit_code == 5 and client.cancelled == ["pid"]
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI without a server
 # ----------------------------------------------------------------------------------------------
 
