@@ -1,0 +1,45 @@
+"""Bootstrap shared by the benchmark scripts: find ComfyUI, import it in-process and load the pack's
+modules (through tests/host.py, the same loader the tests use)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+if str(PACK_ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(PACK_ROOT / "tests"))
+
+import host  # noqa: E402  (tests/host.py)
+
+logger = logging.getLogger("tfg.benchmarks")
+
+
+def setup(cpu: bool = True):
+    """Import ComfyUI in this process and return `host` (use host.pack_module("benchmarks.x") afterwards).
+    Exits with a clear message when no ComfyUI checkout is found."""
+    root = host.find_comfyui()
+    if root is None:
+        raise SystemExit("NO COMFYUI HOST FOUND: set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, "
+                         "or check ComfyUI out into ~/comfy/ComfyUI")
+    if cpu:
+        host.setup_inprocess_comfyui(root)
+    else:
+        _setup_accelerated(root)
+    return host
+
+
+def _setup_accelerated(root: Path) -> None:
+    """Like host.setup_inprocess_comfyui, but leaves ComfyUI free to use the GPU."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options  # noqa: F401
+    import utils.extra_config  # noqa: F401  must precede "import nodes"
+    import comfy.model_management  # noqa: F401
+    import nodes  # noqa: F401
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tfg.benchmarks").setLevel(logging.INFO)

@@ -1,0 +1,274 @@
+"""GPU timing of guidance on full-size SDXL and Flux architectures: `python benchmarks/gpu.py [--write]`.
+
+Builds the real SDXL UNet (2.6 B parameters) and Flux-dev transformer (11.9 B) from ComfyUI's own classes
+(`comfy.supported_models.SDXL` / `.Flux`) with random weights (no checkpoint needed: timing does not depend on
+the weights), then samples 1024x1024, batch 4 through ComfyUI's KSampler path and reports, per method, the
+model evaluations per image (counted at APPLY_MODEL), wall time (torch.cuda.synchronize around each run), the
+ratio to CFG and the peak GPU memory (torch.cuda.max_memory_allocated).
+
+With random weights the AG cosine is meaningless, so AG rows force the latch at a fixed fraction of the
+schedule (threshold 0, start_percent p): the evaluation counts are then those of a real AG run that latches
+there (the paper's gamma-bar 0.991 latches about halfway through 20 steps), and the timing includes all of AG's
+own work (cosine, bookkeeping, the cond-only passes).
+
+`--tiny` builds scaled-down configs of the same classes and runs on whatever device there is (for the CPU
+tests); its figures are not GPU figures and are never written to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _host  # noqa: E402
+
+logger = logging.getLogger("tfg.benchmarks.gpu")
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS_MD = HERE.parent / "BENCHMARKS.md"
+START, END = "<!-- results:gpu:start -->", "<!-- results:gpu:end -->"
+
+# Full-size architecture hyperparameters (what ComfyUI's model detection derives from the released checkpoints).
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+    "use_spatial_transformer": True, "use_linear_in_transformer": True, "context_dim": 2048,
+    "num_head_channels": 64, "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+FLUX_DEV = {
+    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+    "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+    "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+}
+# Scaled-down twins for --tiny (same classes, same code paths).
+SDXL_TINY = dict(SDXL_UNET, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 1],
+                 transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1, context_dim=64,
+                 num_head_channels=16)
+FLUX_TINY = dict(FLUX_DEV, hidden_size=64, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6],
+                 context_in_dim=64)
+
+FAMILIES = {
+    # family: (config class name, full config, tiny config, text tokens, pooled dim, sampler, scheduler, cfg)
+    "sdxl": ("SDXL", SDXL_UNET, SDXL_TINY, 77, 1280, "euler", "normal", 7.0),
+    "flux": ("Flux", FLUX_DEV, FLUX_TINY, 256, 768, "euler", "simple", 3.5),
+}
+EXPECTED_PARAMS = {"sdxl": 2.567e9, "flux": 11.90e9}  # published sizes, for the sanity line in the output
+
+
+def unet_config(family: str, tiny: bool = False) -> dict:
+    return dict(FAMILIES[family][2] if tiny else FAMILIES[family][1])
+
+
+def model_config(family: str, tiny: bool = False, dtype=None):
+    """The comfy.supported_models config object for `family` (its unet_extra_config applied, then ours)."""
+    import comfy.supported_models
+    cls = getattr(comfy.supported_models, FAMILIES[family][0])
+    cfg = cls(unet_config(family, tiny))
+    if family == "sdxl":
+        cfg.unet_config["num_head_channels"] = unet_config(family, tiny)["num_head_channels"]
+    if dtype is not None:
+        cfg.set_inference_dtype(dtype, None)
+    return cfg
+
+
+def build_base_model(family: str, tiny: bool, device, dtype, seed: int = 0):
+    """A BaseModel of the family with random weights (std 1/sqrt(fan_in); norms 1, biases 0) on `device`.
+    device="meta" builds the structure only (for counting parameters without memory)."""
+    import torch
+    base = model_config(family, tiny, dtype).get_model({}, device=device)
+    if str(device) != "meta":
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in base.diffusion_model.named_parameters():
+                if p.dim() >= 2:
+                    fan_in = p[0].numel()
+                    p.normal_(0.0, fan_in ** -0.5, generator=gen)
+                elif name.endswith(("scale", "norm.weight")) or ".norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+    return base
+
+
+def parameter_count(family: str, tiny: bool = False) -> int:
+    base = build_base_model(family, tiny, "meta", None)
+    return sum(p.numel() for p in base.diffusion_model.parameters())
+
+
+def conditioning(family: str, tiny: bool, seed: int, device="cpu"):
+    import torch
+    _, _, _, tokens, pooled, _, _, _ = FAMILIES[family]
+    ctx_dim = unet_config(family, tiny)["context_dim" if family == "sdxl" else "context_in_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+    if family == "flux":
+        extra["guidance"] = 3.5
+    return [[torch.randn(1, tokens, ctx_dim, generator=gen), extra]]
+
+
+def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int, device, dtype, methods):
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.utils
+    import nodes
+    h = _host.host.pack_module("benchmarks.harness")
+    P = _host.host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
+    _, _, _, _, _, sampler, scheduler, cfg = FAMILIES[family]
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+    t0 = time.perf_counter()
+    base = build_base_model(family, tiny, device, dtype)
+    params = sum(p.numel() for p in base.diffusion_model.parameters())
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+    build_s = time.perf_counter() - t0
+    positive = conditioning(family, tiny, 1)
+    negative = conditioning(family, tiny, 2)
+    channels = base.latent_format.latent_channels
+    latent = {"samples": torch.zeros(batch, channels, resolution // 8, resolution // 8)}
+    cuda = torch.device(device).type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def sample(method, n_steps):
+        counter = h.PassCounter()
+        model, _ = h.prepare(patcher, method)
+        model = h.with_counter(model, counter)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = nodes.common_ksampler(model, 7, n_steps, method.cfg, sampler, scheduler, positive, negative,
+                                        latent, denoise=1.0)[0]["samples"]
+        sync()
+        seconds = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+        if not torch.isfinite(out).all():
+            logger.warning("%s %s: non-finite output (random weights)", family, method.name)
+        return counter, seconds, peak
+
+    sample(h.Method("warm-up", cfg), 2)  # loads the model, compiles kernels, first-call allocations
+    rows = []
+    for name, spec in methods:
+        ag = None if spec is None else P(threshold=0.0, space="x0", start_percent=spec)
+        counter, seconds, peak = sample(h.Method(name, cfg, ag), steps)
+        rows.append(dict(family=family, method=name, evals=counter.rows / batch, seconds=seconds, peak=peak))
+        logger.info("%s %-40s %.1f evals/image %.2fs", family, name, counter.rows / batch, seconds)
+    ref = rows[0]["seconds"]
+    for r in rows:
+        r["ratio"] = r["seconds"] / ref
+    del patcher, base
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler)
+
+
+def negtome_available() -> bool:
+    try:
+        _host.host.pack_module("nodes.negtome")
+        return True
+    except ImportError:
+        return False
+
+
+def render(results: dict, ctx: dict) -> str:
+    out = [f"Run {ctx['date']} on {ctx['device']} (torch {ctx['torch']}, CUDA {ctx['cuda']}, ComfyUI "
+           f"{ctx['comfyui']}). Command: `{ctx['command']}`. {ctx['batch']} images of {ctx['res']}×{ctx['res']} "
+           f"per run, {ctx['steps']} steps, random weights in {ctx['dtype']}.", ""]
+    out.append("| model | method | evals/image | wall (s) | s/image | time / CFG | peak memory (GiB) |")
+    out.append("|---|---|---|---|---|---|---|")
+    for family, res in results.items():
+        for r in res["rows"]:
+            peak = "–" if r["peak"] is None else f"{r['peak']:.1f}"
+            size = f"{res['params'] / 1e9:.2f} B" if res["params"] >= 1e8 else f"{res['params'] / 1e6:.2f} M"
+            out.append(f"| {family} ({size} params, cfg {res['cfg']}, {res['sampler']}/"
+                       f"{res['scheduler']}) | {r['method']} | {r['evals']:.1f} | {r['seconds']:.2f} | "
+                       f"{r['seconds'] / ctx['batch']:.2f} | {r['ratio']:.3f} | {peak} |")
+    out.append("")
+    out.append("AG rows force the latch at the given fraction of the schedule (random weights make the cosine "
+               "meaningless): evaluation counts equal those of a real run latching there.")
+    if not ctx["negtome"]:
+        out.append("NegToMe: not in the pack yet, no row.")
+    out.append(f"Whole script: {ctx['total']:.0f} s.")
+    return "\n".join(out)
+
+
+def write_section(markdown: str, path: Path = BENCHMARKS_MD) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if START not in text or END not in text:
+        text = text.rstrip() + f"\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{markdown}\n{END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sdxl,flux")
+    parser.add_argument("--resolution", type=int, default=None, help="default 1024 (64 with --tiny)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="default 20 (3 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="scaled-down configs on any device (tests)")
+    parser.add_argument("--write", action="store_true", help="rewrite the GPU section of BENCHMARKS.md")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tiny and args.write:
+        parser.error("--tiny figures are not GPU figures; --write is refused")
+    _host.configure_logging(args.verbose)
+
+    import torch
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and not args.tiny:
+        sys.stderr.write("benchmarks/gpu.py: no CUDA device found. This script times full-size SDXL and Flux and "
+                         "needs an NVIDIA GPU (about 40 GB free). Use --tiny for a CPU check of the builders.\n")
+        return 2
+    _host.setup(cpu=not has_cuda)
+    import comfy.model_management
+    device = comfy.model_management.get_torch_device()
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    resolution = args.resolution or (64 if args.tiny else 1024)
+    steps = args.steps or (3 if args.tiny else 20)
+    half = 0.5
+    methods = [("CFG", None), (f"AG, latch at {int(half * 100)}% of the schedule", half),
+               ("AG, latch at 30% of the schedule", 0.3)]
+    t0 = time.perf_counter()
+    results = {}
+    for family in [f.strip() for f in args.models.split(",") if f.strip()]:
+        results[family] = run_family(family, args.tiny, resolution, args.batch, steps, device, dtype, methods)
+    ctx = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+               device=torch.cuda.get_device_name(device) if has_cuda else "CPU (tiny configs)",
+               torch=torch.__version__, cuda=torch.version.cuda, comfyui=_comfyui_version(), batch=args.batch,
+               res=resolution, steps=steps, dtype=str(dtype).replace("torch.", ""), negtome=negtome_available(),
+               command="python benchmarks/gpu.py" + (" --tiny" if args.tiny else "") + " " + " ".join(argv or []),
+               total=time.perf_counter() - t0)
+    markdown = render(results, ctx)
+    if not args.tiny:
+        for family, res in results.items():
+            expected = EXPECTED_PARAMS[family]
+            if abs(res["params"] - expected) / expected > 0.02:
+                logger.warning("%s: %d parameters, expected about %.3g", family, res["params"], expected)
+    sys.stdout.write(markdown + "\n")
+    if args.write:
+        write_section(markdown)
+    return 0
+
+
+def _comfyui_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Sampling harness of the CPU benchmark: runs a method through ComfyUI's own sampling paths (KSampler via
+`nodes.common_ksampler`, or SamplerCustomAdvanced with a guider), counts every network row with an APPLY_MODEL
+wrapper, records the cond/uncond cosine per step, and implements the benchmark-only "hold the last guidance
+delta" AG variant."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.utils
+import nodes
+
+from ..kernels.adaptive_guidance import AdaptiveGuidanceParams, in_space, per_sample_cosine
+from ..nodes import adapters
+from ..nodes.adaptive_guidance import apply_adaptive_guidance
+
+logger = logging.getLogger("tfg.benchmarks")
+
+COUNTER_KEY = "tfg.benchmarks.counter"
+RECORDER_KEY = "tfg.benchmarks.gamma_recorder"
+DELTA_KEY = "tfg.benchmarks.hold_delta"
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting and recording
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class PassCounter:
+    """Network rows per pass kind, counted at APPLY_MODEL (what the hardware actually computed)."""
+    cond: int = 0
+    uncond: int = 0
+    calls: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.cond + self.uncond
+
+    def wrapper(self, executor, x, t, *args, **kwargs):
+        transformer_options = kwargs.get("transformer_options", args[3] if len(args) > 3 else {})
+        kinds = transformer_options.get("cond_or_uncond", [0])
+        per_chunk = x.shape[0] // max(len(kinds), 1)
+        for k in kinds:
+            if k == 1:
+                self.uncond += per_chunk
+            else:
+                self.cond += per_chunk
+        self.calls += 1
+        return executor(x, t, *args, **kwargs)
+
+
+def with_counter(model, counter: PassCounter):
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COUNTER_KEY, counter.wrapper)
+    return m
+
+
+@dataclass
+class GammaRecorder:
+    """Per-step, per-sample cosine between the cond and uncond predictions, in both spaces (x0 and eps).
+    Install on a plain CFG model: it reads, never changes, the predictions."""
+    x0: dict[int, list[float]] = field(default_factory=dict)
+    eps: dict[int, list[float]] = field(default_factory=dict)
+    sigma: dict[int, float] = field(default_factory=dict)
+
+    def wrapper(self, executor, base_model, conds, x, timestep, model_options):
+        out = executor(base_model, conds, x, timestep, model_options)
+        if len(conds) == 2 and conds[1] is not None and out[1] is not None:
+            step = adapters.step_index(timestep, adapters.sample_sigmas_of(model_options))
+            for space, store in (("x0", self.x0), ("eps", self.eps)):
+                g = per_sample_cosine(in_space(x, out[0], space), in_space(x, out[1], space))
+                store.setdefault(step, []).extend(g.tolist())
+            self.sigma[step] = float(timestep.flatten()[0])
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The "hold the last guidance delta" variant (benchmark-only)
+# ------------------------------------------------------------------------------------------------
+class HoldDelta:
+    """Outer CALC_COND_BATCH wrapper around an AG-patched model: where AG hands on the cond prediction as
+    the uncond one (a latched sample), substitute `cond - delta`, delta being that sample's last measured
+    cond - uncond. So CFG keeps adding (cfg - 1) * delta after the latch instead of dropping guidance, at the
+    same evaluation count.
+
+    mode "x0": the delta of the denoised predictions is held as is.
+    mode "eps": the noise-space delta is held, i.e. the x0 delta is rescaled by sigma_now / sigma_measured.
+    """
+
+    def __init__(self, mode: str = "x0"):
+        if mode not in ("x0", "eps"):
+            raise ValueError(mode)
+        self.mode = mode
+        self.reset()
+
+    def reset(self):
+        self.delta: torch.Tensor | None = None
+        self.delta_sigma: torch.Tensor | None = None
+
+    def wrapper(self, executor, base_model, conds, x, timestep, model_options):
+        out = executor(base_model, conds, x, timestep, model_options)
+        if len(out) != 2 or out[0] is None or out[1] is None:
+            return out
+        cond, uncond = out
+        sigma = float(timestep.flatten()[0])
+        batch = cond.shape[0]
+        handed_on = torch.tensor([torch.equal(cond[i], uncond[i]) for i in range(batch)])
+        if self.delta is None or self.delta.shape[0] != batch:
+            self.delta = torch.zeros_like(cond)
+            self.delta_sigma = torch.full((batch,), sigma)
+        measured = ~handed_on
+        if bool(measured.any()):
+            self.delta[measured] = (cond - uncond)[measured]
+            self.delta_sigma[measured] = sigma
+        if not bool(handed_on.any()):
+            return out
+        scale = torch.ones(batch)
+        if self.mode == "eps":
+            scale = sigma / self.delta_sigma.clamp_min(1e-8)
+        est = cond - self.delta * scale.to(cond).view(-1, *([1] * (cond.dim() - 1)))
+        mask = handed_on.to(cond.device).view(-1, *([1] * (cond.dim() - 1)))
+        return [cond, torch.where(mask, est, uncond)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """One row of the table."""
+    name: str
+    cfg: float
+    ag: AdaptiveGuidanceParams | None = None
+    hold_delta: str | None = None
+    """None, "x0" or "eps" (see HoldDelta); needs `ag`."""
+    unconditional: bool = False
+    """Sample with the null class as the positive prompt (cfg 1): the model's unconditional distribution."""
+    group: str = ""
+
+
+_LATCH_RE = re.compile(r"sample (\d+) at step (-?\d+)")
+
+
+class _ReportCapture(logging.Handler):
+    """Collects the AG run reports the pack logs on logger "tfg"."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "model passes" in msg and "latched:" in msg:
+            self.reports.append(msg)
+
+
+def prepare(model, method: Method):
+    """The model clone that implements `method` (AG patch, hold-delta wrapper), plus the per-run resetter."""
+    m = model.clone()
+    holder = None
+    if method.hold_delta:
+        if method.ag is None:
+            raise ValueError(f"{method.name}: hold_delta needs AG params")
+        holder = HoldDelta(method.hold_delta)
+        # added before AG's own wrapper, so it is the outer one and sees what AG hands on
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, DELTA_KEY, holder.wrapper)
+    if method.ag is not None:
+        m, _ = apply_adaptive_guidance(m, method.ag)
+    return m, holder
+
+
+@dataclass
+class RunResult:
+    images: torch.Tensor
+    """[N, 1, 8, 8] raw model-space samples, in call order."""
+    labels: torch.Tensor
+    counter: PassCounter
+    seconds: float
+    steps: int
+    latch_steps: list[int]
+    reports: list[str]
+
+    @property
+    def evals_per_image(self) -> float:
+        return self.counter.rows / self.images.shape[0]
+
+
+def run_method(eval_model, method: Method, classes: list[int], per_class: int, batch: int, steps: int,
+               seed: int, sampler: str = "euler", scheduler: str = "normal", path: str = "ksampler",
+               recorder: GammaRecorder | None = None) -> RunResult:
+    """Sample `per_class` images of each class, `batch` images per sampling call (one class per call), with
+    seeds seed, seed+1, ... per call (identical noise for every method)."""
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    counter = PassCounter()
+    model, holder = prepare(eval_model.model, method)
+    model = with_counter(model, counter)
+    if recorder is not None:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, RECORDER_KEY,
+                                   recorder.wrapper)
+    capture = _ReportCapture()
+    tfg_logger = logging.getLogger("tfg")
+    tfg_logger.addHandler(capture)
+    previous_level = tfg_logger.level
+    if tfg_logger.getEffectiveLevel() > logging.INFO:
+        tfg_logger.setLevel(logging.INFO)
+    images, labels, latch = [], [], []
+    call = 0
+    t0 = time.perf_counter()
+    try:
+        for digit in classes:
+            done = 0
+            while done < per_class:
+                n = min(batch, per_class - done)
+                if holder is not None:
+                    holder.reset()
+                n_reports = len(capture.reports)
+                out = _sample_once(eval_model, model, None if method.unconditional else digit, n, seed + call,
+                                   steps, method.cfg, sampler, scheduler, path)
+                images.append(out)
+                labels.extend([digit] * n)
+                if method.ag is not None and len(capture.reports) > n_reports:
+                    found = dict((int(i), int(s)) for i, s in _LATCH_RE.findall(capture.reports[-1]))
+                    latch.extend(found.get(i, steps) for i in range(n))
+                done += n
+                call += 1
+    finally:
+        tfg_logger.removeHandler(capture)
+        tfg_logger.setLevel(previous_level)
+    seconds = time.perf_counter() - t0
+    return RunResult(torch.cat(images), torch.tensor(labels), counter, seconds, steps, latch, capture.reports)
+
+
+def _sample_once(eval_model, model, digit, n, seed, steps, cfg, sampler, scheduler, path) -> torch.Tensor:
+    positive = eval_model.uncond() if digit is None else eval_model.cond(digit)
+    negative = eval_model.uncond()
+    latent = eval_model.empty_latent(n)
+    with torch.inference_mode():
+        if path == "ksampler":
+            out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                        denoise=1.0)[0]["samples"]
+        elif path == "advanced":
+            from comfy_extras import nodes_custom_sampler as ncs
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(positive, negative)
+            guider.set_cfg(cfg)
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+            out = ncs.SamplerCustomAdvanced().sample(ncs.Noise_RandomNoise(seed), guider,
+                                                     comfy.samplers.sampler_object(sampler), sigmas,
+                                                     latent)[0]["samples"]
+        else:
+            raise ValueError(f"unknown sampling path {path!r}")
+    return out.clone().float()
