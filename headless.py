@@ -45,7 +45,8 @@ Exit codes:
 Library use (tests, scripts): :func:`ui_to_api`, :func:`detect_format`,
 :func:`load_workflow`, :func:`parse_set_override`, :func:`apply_overrides`,
 :func:`format_prompt_error`, :class:`ComfyClient`, :class:`LocalComfyUI`,
-:func:`run_workflow`, :func:`main`.
+:func:`run_workflow`, :func:`download_outputs`, :func:`main` (see ``__all__``). Library
+functions report through the ``comfy_headless`` logger; only the CLI writes to stdout/stderr.
 """
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ from urllib.parse import urlsplit, urlunsplit
 log = logging.getLogger("comfy_headless")
 
 __all__ = [
-    "ui_to_api", "detect_format", "load_workflow", "read_png_workflow", "parse_set_override",
-    "apply_overrides", "format_prompt_error", "ComfyClient", "LocalComfyUI", "run_workflow",
-    "default_comfyui_path", "main", "HeadlessError", "ConversionError", "OverrideError",
-    "PromptRejected", "ServerConnectionError", "ExecutionFailed", "RunTimeout",
+    "ui_to_api", "detect_format", "load_workflow", "read_png_workflow", "png_ui_workflow",
+    "process_dynamic_prompt", "parse_set_override", "apply_overrides", "format_prompt_error",
+    "ComfyClient", "LocalComfyUI", "run_workflow", "download_outputs", "default_comfyui_path",
+    "build_parser", "main", "HeadlessError", "ConversionError", "OverrideError", "PromptRejected",
+    "ServerConnectionError", "ExecutionFailed", "RunTimeout",
 ]
 
 EXIT_OK = 0
