@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import json
 import logging
+import os
 import random
 import socket
 import struct
@@ -783,10 +784,9 @@ def test_conversion_with_real_node_definitions(comfy_root):
 # Live: headless.py as a subprocess
 # ----------------------------------------------------------------------------------------------
 
-def _run_cli(*args, timeout=180):
-    proc = subprocess.run([sys.executable, str(HEADLESS), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO_ROOT))
-    return proc
+def _run_cli(*args, timeout=180, env=None):
+    return subprocess.run([sys.executable, str(HEADLESS), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO_ROOT), env=env)
 
 
 def _pngs(folder: Path) -> list[Path]:
@@ -885,7 +885,8 @@ def test_self_started_comfyui(comfy_host_path, tmp_path):
     base.mkdir()
     proc = _run_cli(wf, "--comfyui", comfy_host_path, "--cpu", f"--server-arg=--base-directory={base}",
                     "--server-arg=--database-url=sqlite:///:memory:", "--server-arg=--disable-api-nodes",
-                    "--out", tmp_path / "out", "--startup-timeout", "120", timeout=240)
+                    "--out", tmp_path / "out", "--startup-timeout", "120", timeout=240,
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # see headless_server
     assert proc.returncode == 0, proc.stderr
     (png,) = _pngs(tmp_path / "out")
     assert png.name.startswith("selfstart")
