@@ -131,6 +131,10 @@ class ComfyServer:
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
         env = dict(os.environ)
         env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        # One intra-op thread unless told otherwise: the tiny models gain little from more, and on a
+        # busy 2-core machine OpenMP's spin-waiting made 2 threads ~6x slower than 1.
+        threads = os.environ.get("TFG_SERVER_THREADS") or env.get("OMP_NUM_THREADS") or "1"
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
         env.pop("PYTHONPATH", None)
         self._log_file = open(self._log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdin=subprocess.DEVNULL,
@@ -236,6 +240,9 @@ class ComfyServer:
                     raw = ws.recv()
                 except websocket.WebSocketTimeoutException:
                     continue
+                except (websocket.WebSocketException, OSError) as e:
+                    raise RuntimeError(f"websocket failed while waiting: {e!r}\n--- server log (tail) ---\n"
+                                       f"{self.log_text()[-4000:]}") from e
                 if not isinstance(raw, str):
                     continue                       # binary preview frames
                 msg = json.loads(raw)
