@@ -50,17 +50,6 @@ def _param_inputs() -> list:
     ]
 
 
-def _validate(threshold, space, start_percent, decision, crossing_step) -> bool | str:
-    values = dict(threshold=threshold, space=space, start_percent=start_percent, decision=decision,
-                  crossing_step=crossing_step)
-    known = {k: v for k, v in values.items() if v is not None}  # linked inputs are not known yet
-    try:
-        problems = DEFAULTS.replace(**known).validate()
-    except TypeError as e:
-        return str(e)
-    return True if not problems else "; ".join(problems)
-
-
 class _RunState:
     def __init__(self, tracker: AdaptiveGuidanceTracker, sigma_start: float, family: adapters.ModelFamily):
         self.tracker = tracker
@@ -142,10 +131,6 @@ class AdaptiveGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, threshold, space, start_percent, decision, crossing_step) -> bool | str:
-        return _validate(threshold, space, start_percent, decision, crossing_step)
-
-    @classmethod
     def execute(cls, model, threshold, space, start_percent, decision, crossing_step) -> io.NodeOutput:
         params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
                                         decision=decision, crossing_step=crossing_step)
@@ -184,14 +169,17 @@ class AdaptiveGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg, threshold, space, start_percent, decision, crossing_step) -> bool | str:
-        if cfg is not None:
-            if not 0.0 <= cfg <= 100.0:
-                return f"cfg must be in [0, 100], got {cfg}"
-            if abs(cfg - 1.0) < 1e-9:
-                return ("cfg = 1 computes no unconditional pass, so Adaptive Guidance has nothing to skip; "
-                        "set cfg above 1 or use BasicGuider")
-        return _validate(threshold, space, start_percent, decision, crossing_step)
+    def validate_inputs(cls, cfg) -> bool | str:
+        # Only cfg is listed: ComfyUI then skips its own min/max check for it (done here) and keeps its
+        # per-input range/option checks for the AG parameters, which the schema expresses.
+        if cfg is None:  # linked: checked when the run starts
+            return True
+        if not 0.0 <= cfg <= 100.0:
+            return f"cfg must be in [0, 100], got {cfg}"
+        if abs(cfg - 1.0) < 1e-9:
+            return ("cfg = 1 computes no unconditional pass, so Adaptive Guidance has nothing to skip; "
+                    "set cfg above 1 or use BasicGuider")
+        return True
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, threshold, space, start_percent, decision,

@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import host  # noqa: E402
 
+# The session-wide headless server fixture (`comfy_server`): one server for every module that uses it.
+pytest_plugins = ["headless_server"]
+
 _HOST = host.find_comfyui()
 _SKIP_REASON = ("NO COMFYUI HOST FOUND (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, "
                 "or check ComfyUI out into ~/comfy/ComfyUI): node and headless tests skipped")

@@ -3,7 +3,7 @@
 `ComfyServer` starts `main.py --cpu` on a free loopback port with its own base directory, in which
 the pack (repo root, as custom_nodes/tfg_guidance), the test-only pack (tests/testing_pack, as
 custom_nodes/tfg_testing_pack) and the tiny SD1.5 checkpoint (models/checkpoints/tiny_sd15.safetensors)
-are linked. Test modules use the session fixture: `from headless_server import comfy_server`.
+are linked. tests/conftest.py registers this module as a plugin, so `comfy_server` is one server per session.
 """
 from __future__ import annotations
 

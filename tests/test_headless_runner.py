@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from headless_server import TINY_SD15_NAME, comfy_server  # noqa: F401  (session fixture)
+from headless_server import TINY_SD15_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADLESS = REPO_ROOT / "headless.py"

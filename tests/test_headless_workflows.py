@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headless_server import (PACK_DIR_NAME, TESTING_PACK_DIR_NAME, TINY_LOADERS, TINY_SD15_NAME,
-                             WORKFLOWS_API_DIR, comfy_server, executed_nodes, load_api_workflow)  # noqa: F401
+                             WORKFLOWS_API_DIR, executed_nodes, load_api_workflow)
 
 STEPS = 6
 SIZE = 64
