@@ -210,3 +210,23 @@ def test_unlatched_ag_guider_is_bit_identical_to_cfg_guider(comfy_server, family
     la, lb, lc = (_single_latent(comfy_server, entry, n.replace("save", "lat")) for n in (plain, never, latch))
     assert torch.equal(la, lb), "TFG_AdaptiveGuider with start_percent 1.0 gives a different latent from CFGGuider"
     assert not torch.equal(la, lc)
+
+
+def test_guider_with_cfg_one_is_rejected_before_the_run(comfy_server):
+    g = _base_graph("sd15")
+    _add_guider_branch(g, "x", ag={"threshold": 0.9}, cfg=1.0)
+    status, data = comfy_server.post_prompt(g)
+    assert status == 400, data
+    assert set(data["node_errors"]) == {"xguider"}, data["node_errors"]
+    assert "cfg = 1" in repr(data["node_errors"]["xguider"]["errors"])
+
+
+def test_model_patch_at_cfg_one_fails_loudly_naming_node_and_family(comfy_server):
+    g = _base_graph("flux")
+    _add_ksampler_branch(g, "x", seed=1, ag={"threshold": 0.9}, cfg=1.0)
+    entry = comfy_server.run_prompt(g, check=False)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors, entry["status"]
+    message = errors[0][1]["exception_message"]
+    assert "Adaptive Guidance" in message and "[model family: Flux]" in message and "Fix:" in message
