@@ -93,6 +93,8 @@ class EvaluationRecord:
     """Per-sample cosine, or None when the uncond pass was skipped."""
     uncond_computed: bool
     batch: int
+    estimated: bool = False
+    """The uncond was estimated (LinearAG) instead of computed."""
 
 
 @dataclass
@@ -107,9 +109,15 @@ class AdaptiveGuidanceTracker:
     def all_latched(self, batch: int) -> bool:
         return self.latched is not None and self.latched.shape[0] == batch and bool(self.latched.all())
 
-    def skip(self, step: int, sigma: float, batch: int) -> None:
-        """Record an evaluation whose uncond pass was not computed."""
-        self.records.append(EvaluationRecord(step, sigma, None, False, batch))
+    def skip(self, step: int, sigma: float, batch: int, estimated: bool = False) -> None:
+        """Record an evaluation whose uncond pass was not computed (skipped, or estimated by LinearAG)."""
+        self.records.append(EvaluationRecord(step, sigma, None, False, batch, estimated))
+
+    def hand_on(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """The uncond to hand on when the uncond pass was not run: cond for latched samples."""
+        if self.latched is None or self.latched.shape[0] != cond.shape[0] or not bool(self.latched.any()):
+            return uncond
+        return torch.where(self.latched.view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
 
     def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, sigma: float,
                 latch_allowed: bool) -> torch.Tensor:
@@ -155,6 +163,8 @@ class AdaptiveGuidanceTracker:
         saved = 0.0 if full == 0 else 100.0 * (full - run) / full
         gammas = " ".join(f"{s}:{min(g):.4f}" for s, g in sorted(self.gamma_by_step().items()))
         latch = ", ".join(f"sample {i} at step {s}" for i, s in sorted(self.latch_step.items())) or "never"
+        estimated = sorted({r.step for r in self.records if r.estimated})
+        estimated_text = f"uncond estimated at steps {estimated}; " if estimated else ""
         return (f"space={self.params.space} threshold={self.params.threshold} decision={self.params.decision}; "
-                f"min gamma per step: {gammas or '-'}; latched: {latch}; "
+                f"min gamma per step: {gammas or '-'}; latched: {latch}; {estimated_text}"
                 f"model passes {run} of {full} ({saved:.1f}% saved)")

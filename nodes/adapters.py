@@ -156,22 +156,41 @@ def new_patch_key(technique: str) -> str:
     return f"tfg.{technique}.{uuid.uuid4().hex[:12]}"
 
 
-def install_run_state(model, key: str, make_state: Callable[[Any], Any],
+@dataclass(frozen=True)
+class RunInfo:
+    """What a sampling run is: its schedule and its sampler (by name)."""
+
+    sigmas: torch.Tensor
+    sampler_name: str
+
+    @property
+    def steps(self) -> int:
+        return max(len(self.sigmas) - 1, 0)
+
+
+def sampler_name(sampler) -> str:
+    """"euler" for KSAMPLER(sample_euler); the class name for other samplers."""
+    function = getattr(sampler, "sampler_function", None)
+    name = getattr(function, "__name__", None) or type(sampler).__name__
+    return name[len("sample_"):] if name.startswith("sample_") else name
+
+
+def install_run_state(model, key: str, make_state: Callable[[Any, RunInfo], Any],
                       finish: Callable[[Any, Any], None] | None = None) -> None:
     """Give every sampling run of `model` (a ModelPatcher clone) a fresh state object.
 
-    An OUTER_SAMPLE wrapper creates `make_state(guider)` in the run's own copy of model_options and
+    An OUTER_SAMPLE wrapper creates `make_state(guider, RunInfo)` in the run's own copy of model_options and
     calls `finish(state, guider)` when the run ends (also on error or interrupt). Hooks read it with
     `run_state(model_options, key)`. Queued or nested runs each get their own object."""
 
-    def outer_sample(executor, *args, **kwargs):
+    def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
         store = guider.model_options.setdefault("transformer_options", {}).setdefault(STATE_NAMESPACE, {})
-        state = make_state(guider)
+        state = make_state(guider, RunInfo(sigmas.detach().float().cpu(), sampler_name(sampler)))
         previous = store.get(key)
         store[key] = state
         try:
-            return executor(*args, **kwargs)
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             if previous is None:
                 store.pop(key, None)

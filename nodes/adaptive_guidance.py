@@ -51,14 +51,22 @@ def _param_inputs() -> list:
 
 
 class _RunState:
-    def __init__(self, tracker: AdaptiveGuidanceTracker, sigma_start: float, family: adapters.ModelFamily):
+    def __init__(self, tracker: AdaptiveGuidanceTracker, sigma_start: float, run: adapters.RunInfo, estimator):
         self.tracker = tracker
         self.sigma_start = sigma_start
-        self.family = family
+        self.run = run
+        self.estimator = estimator
+        self.last_step = -1
 
 
-def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: str = PATCH_NODE):
-    """Clone `model` and install Adaptive Guidance on the clone. Returns (clone, key)."""
+def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: str = PATCH_NODE,
+                            make_estimator=None):
+    """Clone `model` and install the uncond-skipping mechanism on the clone. Returns (clone, key).
+
+    Plain Adaptive Guidance by default. LinearAG passes `make_estimator(guider, run, family)`, which returns a
+    per-run object with `can_estimate(step, batch)`, `wants(step, total_steps)`, `estimate(x, cond, step, sigma)`
+    and `record(x, cond, uncond, sigma, computed)`; on the steps it wants, only the cond pass runs and the
+    estimate is handed on as the uncond prediction."""
     problems = params.validate()
     if problems:
         raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
@@ -66,15 +74,16 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
     key = adapters.new_patch_key("adaptive_guidance")
     family = adapters.detect_family(m)
 
-    def make_state(guider) -> _RunState:
+    def make_state(guider, run: adapters.RunInfo) -> _RunState:
         if not adapters.guider_uses_uncond(guider):
             raise adapters.node_error(
                 node_name, family,
                 "cfg is 1, so ComfyUI computes no unconditional pass and there is nothing to skip "
                 "(Flux-dev and other guidance-distilled models are normally run this way).",
-                "set cfg above 1 on the sampler/guider to use real CFG, or remove the Adaptive Guidance node.")
+                f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
         sigma_start = adapters.percent_to_sigma(guider.model_patcher, params.start_percent)
-        return _RunState(AdaptiveGuidanceTracker(params), sigma_start, family)
+        estimator = make_estimator(guider, run, family) if make_estimator is not None else None
+        return _RunState(AdaptiveGuidanceTracker(params), sigma_start, run, estimator)
 
     def finish(state: _RunState, guider) -> None:
         tracker = state.tracker
@@ -82,7 +91,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             adapters.warn_once(
                 f"{key}.nopair",
                 f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: the run had no cond/uncond pair "
-                f"to compare ({type(guider).__name__} does not use plain CFG), so Adaptive Guidance did nothing.")
+                f"to compare ({type(guider).__name__} does not use plain CFG), so {node_name} did nothing.")
             return
         if params.space == "eps" and 0 in tracker.latch_step.values() and params.start_percent == 0.0:
             adapters.warn_once(
@@ -97,16 +106,27 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         state = adapters.run_state(model_options, key)
         if state is None or len(conds) != 2 or conds[0] is None or conds[1] is None:
             return executor(base_model, conds, x, timestep, model_options)
-        tracker = state.tracker
+        tracker, estimator = state.tracker, state.estimator
         sigma = float(timestep.flatten()[0])
         step = adapters.step_index(timestep, adapters.sample_sigmas_of(model_options))
+        first_evaluation_of_step = step != state.last_step  # multistage samplers evaluate a step repeatedly
+        state.last_step = step
         batch = x.shape[0]
         if tracker.all_latched(batch):
             cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
             tracker.skip(step, sigma, batch)
             # hand the cond prediction on as the uncond one: every CFG formula (and CFG++) reduces to cond
             return [cond_only[0], cond_only[0]]
+        if (estimator is not None and first_evaluation_of_step and estimator.wants(step, state.run.steps)
+                and estimator.can_estimate(step, batch)):
+            cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
+            uncond = estimator.estimate(x, cond, step, sigma)
+            estimator.record(x, cond, uncond, sigma, computed=False)
+            tracker.skip(step, sigma, batch, estimated=True)
+            return [cond, tracker.hand_on(cond, uncond)]
         out = executor(base_model, conds, x, timestep, model_options)
+        if estimator is not None and first_evaluation_of_step:
+            estimator.record(x, out[0], out[1], sigma, computed=True)
         uncond = tracker.observe(x, out[0], out[1], step, sigma, latch_allowed=sigma <= state.sigma_start)
         return [out[0], uncond]
 
