@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import logging
 import sys
 import time
@@ -166,9 +167,6 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
     ref = rows[0]["seconds"]
     for r in rows:
         r["ratio"] = r["seconds"] / ref
-    del patcher, base
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
     return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler)
 
 
@@ -184,7 +182,8 @@ def render(results: dict, ctx: dict) -> str:
     out = [f"Run {ctx['date']} on {ctx['device']} (torch {ctx['torch']}, CUDA {ctx['cuda']}, ComfyUI "
            f"{ctx['comfyui']}). Command: `{ctx['command']}`. {ctx['batch']} images of {ctx['res']}×{ctx['res']} "
            f"per run, {ctx['steps']} steps, random weights in {ctx['dtype']}.", ""]
-    out.append("| model | method | evals/image | wall (s) | s/image | time / CFG | peak memory (GiB) |")
+    out.append("| model | method | evals/image | wall (s) | s/image | time / CFG | peak GPU memory, incl. weights "
+               "(GiB) |")
     out.append("|---|---|---|---|---|---|---|")
     for family, res in results.items():
         for r in res["rows"]:
@@ -244,6 +243,9 @@ def main(argv=None) -> int:
     results = {}
     for family in [f.strip() for f in args.models.split(",") if f.strip()]:
         results[family] = run_family(family, args.tiny, resolution, args.batch, steps, device, dtype, methods)
+        comfy.model_management.unload_all_models()  # free this family's weights before the next one
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
     ctx = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                device=torch.cuda.get_device_name(device) if has_cuda else "CPU (tiny configs)",
                torch=torch.__version__, cuda=torch.version.cuda, comfyui=_comfyui_version(), batch=args.batch,

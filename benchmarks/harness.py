@@ -144,25 +144,32 @@ class Method:
 
 
 _LATCH_RE = re.compile(r"sample (\d+) at step (-?\d+)")
+REPORT_KEY = "tfg.benchmarks.reports"
 
 
-class _ReportCapture(logging.Handler):
-    """Collects the AG run reports the pack logs on logger "tfg"."""
+class ReportCollector:
+    """OUTER_SAMPLE wrapper installed before the AG patch (so it is the outer one): after each run it reads the
+    report AG leaves on the guider (`tfg_adaptive_guidance_report`)."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
         self.reports: list[str] = []
 
-    def emit(self, record):
-        msg = record.getMessage()
-        if "model passes" in msg and "latched:" in msg:
-            self.reports.append(msg)
+    def wrapper(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            report = getattr(guider, "tfg_adaptive_guidance_report", None)
+            if report:
+                self.reports.append(report)
 
 
-def prepare(model, method: Method):
+def prepare(model, method: Method, reports: ReportCollector | None = None):
     """The model clone that implements `method` (AG patch, hold-delta wrapper), plus the per-run resetter."""
     m = model.clone()
     holder = None
+    if reports is not None:
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, REPORT_KEY, reports.wrapper)
     if method.hold_delta:
         if method.ag is None:
             raise ValueError(f"{method.name}: hold_delta needs AG params")
@@ -197,40 +204,31 @@ def run_method(eval_model, method: Method, classes: list[int], per_class: int, b
     seeds seed, seed+1, ... per call (identical noise for every method)."""
     comfy.utils.PROGRESS_BAR_ENABLED = False
     counter = PassCounter()
-    model, holder = prepare(eval_model.model, method)
+    capture = ReportCollector()
+    model, holder = prepare(eval_model.model, method, capture)
     model = with_counter(model, counter)
     if recorder is not None:
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, RECORDER_KEY,
                                    recorder.wrapper)
-    capture = _ReportCapture()
-    tfg_logger = logging.getLogger("tfg")
-    tfg_logger.addHandler(capture)
-    previous_level = tfg_logger.level
-    if tfg_logger.getEffectiveLevel() > logging.INFO:
-        tfg_logger.setLevel(logging.INFO)
     images, labels, latch = [], [], []
     call = 0
     t0 = time.perf_counter()
-    try:
-        for digit in classes:
-            done = 0
-            while done < per_class:
-                n = min(batch, per_class - done)
-                if holder is not None:
-                    holder.reset()
-                n_reports = len(capture.reports)
-                out = _sample_once(eval_model, model, None if method.unconditional else digit, n, seed + call,
-                                   steps, method.cfg, sampler, scheduler, path)
-                images.append(out)
-                labels.extend([digit] * n)
-                if method.ag is not None and len(capture.reports) > n_reports:
-                    found = dict((int(i), int(s)) for i, s in _LATCH_RE.findall(capture.reports[-1]))
-                    latch.extend(found.get(i, steps) for i in range(n))
-                done += n
-                call += 1
-    finally:
-        tfg_logger.removeHandler(capture)
-        tfg_logger.setLevel(previous_level)
+    for digit in classes:
+        done = 0
+        while done < per_class:
+            n = min(batch, per_class - done)
+            if holder is not None:
+                holder.reset()
+            n_reports = len(capture.reports)
+            out = _sample_once(eval_model, model, None if method.unconditional else digit, n, seed + call,
+                               steps, method.cfg, sampler, scheduler, path)
+            images.append(out)
+            labels.extend([digit] * n)
+            if method.ag is not None and len(capture.reports) > n_reports:
+                found = dict((int(i), int(s)) for i, s in _LATCH_RE.findall(capture.reports[-1]))
+                latch.extend(found.get(i, steps) for i in range(n))
+            done += n
+            call += 1
     seconds = time.perf_counter() - t0
     return RunResult(torch.cat(images), torch.tensor(labels), counter, seconds, steps, latch, capture.reports)
 

@@ -50,6 +50,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, cap: float =
     return out.clamp(max=cap).float()
 
 
+def psnr_of_set(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
+    """PSNR in dB of the mean squared error over the whole set (identical images do not dominate the mean the
+    way a capped per-image PSNR would); inf when the sets are identical."""
+    mse = float((a.double() - b.double()).pow(2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+
+
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ([N, D] each)."""
     from scipy import linalg

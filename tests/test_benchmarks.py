@@ -39,6 +39,8 @@ def test_ssim_and_psnr(metrics):
     p = metrics.psnr(a, b)
     mse = (a - b).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(p, (10 * torch.log10(1 / mse)).float(), atol=1e-4, rtol=1e-5)
+    assert metrics.psnr_of_set(a, a) == float("inf")
+    assert metrics.psnr_of_set(a, b) == pytest.approx(float(10 * torch.log10(1 / (a - b).pow(2).mean())), rel=1e-5)
     with pytest.raises(ValueError):
         metrics.ssim(a, b[:3])
 
