@@ -25,7 +25,8 @@ _DESCRIPTION = (
 )
 
 
-def _param_inputs() -> list:
+def adaptive_guidance_inputs() -> list:
+    """The AG parameter inputs, shared with LinearAG's nodes."""
     return [
         io.Float.Input("threshold", default=DEFAULTS.threshold, min=0.0, max=1.0, step=0.0001,
                        tooltip="gamma-bar: stop guiding a sample once cos(cond, uncond) reaches this. Neutral: 1.0 "
@@ -64,9 +65,10 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
     """Clone `model` and install the uncond-skipping mechanism on the clone. Returns (clone, key).
 
     Plain Adaptive Guidance by default. LinearAG passes `make_estimator(guider, run, family)`, which returns a
-    per-run object with `can_estimate(step, batch)`, `wants(step, total_steps)`, `estimate(x, cond, step, sigma)`
-    and `record(x, cond, uncond, sigma, computed)`; on the steps it wants, only the cond pass runs and the
-    estimate is handed on as the uncond prediction."""
+    per-run object with `mode(step, total_steps)` ("estimate" | "cond_only" | "compute"),
+    `can_estimate(step, batch)`, `estimate(x, cond, step, sigma)` and `record(x, cond, uncond, sigma, computed)`.
+    On "estimate" steps only the cond pass runs and the estimate is handed on as the uncond prediction; on
+    "cond_only" steps only the cond pass runs and it is handed on as the uncond, as after a latch."""
     problems = params.validate()
     if problems:
         raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
@@ -112,13 +114,14 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         first_evaluation_of_step = step != state.last_step  # multistage samplers evaluate a step repeatedly
         state.last_step = step
         batch = x.shape[0]
-        if tracker.all_latched(batch):
+        mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
+            else "compute"
+        if tracker.all_latched(batch) or mode == "cond_only":
             cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
             tracker.skip(step, sigma, batch)
             # hand the cond prediction on as the uncond one: every CFG formula (and CFG++) reduces to cond
             return [cond_only[0], cond_only[0]]
-        if (estimator is not None and first_evaluation_of_step and estimator.wants(step, state.run.steps)
-                and estimator.can_estimate(step, batch)):
+        if mode == "estimate" and estimator.can_estimate(step, batch):
             cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
             uncond = estimator.estimate(x, cond, step, sigma)
             estimator.record(x, cond, uncond, sigma, computed=False)
@@ -146,7 +149,7 @@ class AdaptiveGuidance(io.ComfyNode):
             category=CATEGORY,
             description=_DESCRIPTION + " Use this patch with KSampler; use Adaptive Guider (TFG) with "
                                        "SamplerCustomAdvanced.",
-            inputs=[io.Model.Input("model", tooltip="The model to patch (sampled with cfg > 1).")] + _param_inputs(),
+            inputs=[io.Model.Input("model", tooltip="The model to patch (sampled with cfg > 1).")] + adaptive_guidance_inputs(),
             outputs=[io.Model.Output(tooltip="The model with Adaptive Guidance installed.")],
         )
 
@@ -184,7 +187,7 @@ class AdaptiveGuiderNode(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale until the latch. Must not be 1 (no uncond pass to skip). "
                                        "Paper: 7.5."),
-            ] + _param_inputs(),
+            ] + adaptive_guidance_inputs(),
             outputs=[io.Guider.Output(tooltip="A CFG guider that skips the uncond pass once latched.")],
         )
 
