@@ -124,6 +124,7 @@ def evaluate(args):
     ref = results["CFG"][1]
     ref_px = em.to_pixels(ref.images)
     cfg_seconds = (ref.seconds + cfg_again.seconds) / 2
+    cfg_cpu = (ref.cpu_seconds + cfg_again.cpu_seconds) / 2
     rows = []
     for name, (m, r) in results.items():
         px = em.to_pixels(r.images)
@@ -139,13 +140,15 @@ def evaluate(args):
             fd=judge.fd_to_real(px),
             div=metrics.within_class_diversity(px, r.labels),
             time=r.seconds / cfg_seconds,
+            cpu=r.cpu_seconds / cfg_cpu,
         ))
     context = dict(
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         cpu=cpu_model(), cores=__import__("os").cpu_count(), torch=torch.__version__, threads=args.threads,
         comfyui=_comfyui_version(), judge_acc=judge.heldout_accuracy, judge_seconds=judge_seconds,
         fd_floor=judge.real_floor(), n=len(classes) * args.per_class, args=args,
-        cfg_seconds=(ref.seconds, cfg_again.seconds), weights=eval_model.metadata,
+        cfg_seconds=(ref.seconds, cfg_again.seconds), cfg_cpu=(ref.cpu_seconds, cfg_again.cpu_seconds),
+        weights=eval_model.metadata,
     )
     return rows, recorder, context
 
@@ -179,31 +182,36 @@ def render(rows, recorder, ctx) -> str:
                f"digits, {ctx['judge_acc']:.3f} accuracy on held-out real digits (fitted in "
                f"{ctx['judge_seconds']:.1f} s); FD of held-out real digits to all real digits: "
                f"{ctx['fd_floor']:.2f}. CFG wall time {ctx['cfg_seconds'][0]:.1f} s and "
-               f"{ctx['cfg_seconds'][1]:.1f} s (first and last row of the run; their spread is this machine's "
-               "timing noise). Model: "
-               f"{ctx['weights'].get('steps', '?')} training steps, loss {ctx['weights'].get('final_loss', '?')}.")
+               f"{ctx['cfg_seconds'][1]:.1f} s wall, {ctx['cfg_cpu'][0]:.1f} s and {ctx['cfg_cpu'][1]:.1f} s CPU "
+               "(first and last row of the run; their spread is this machine's timing noise). Model: "
+               f"{ctx['weights'].get('steps', '?')} training steps, loss {ctx['weights'].get('final_loss', '?')}, "
+               f"trained in {ctx['weights'].get('train_seconds', '?')} s (`benchmarks/train.py`, torch "
+               f"{ctx['weights'].get('torch', '?')}).")
     out.append("")
     out.append("| method | evals/image | saved vs CFG | mean latch step | SSIM vs CFG | PSNR vs CFG (dB) | "
-               "class acc | FD to real | diversity | time / CFG |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "class acc | FD to real | diversity | wall time / CFG | CPU time / CFG |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         latch = _f(r["latch"], ".1f")
         if r["latch"] is not None and r["never"]:
             latch += f" ({r['never']} never)"
         saved = "–" if r["saved"] is None else f"{r['saved']:.1f}%"
         out.append(f"| {r['name']} | {r['evals']:.1f} | {saved} | {latch} | {r['ssim']:.3f} | "
-                   f"{_db(r['psnr'])} | {r['acc']:.3f} | {r['fd']:.2f} | {r['div']:.3f} | {r['time']:.2f} |")
+                   f"{_db(r['psnr'])} | {r['acc']:.3f} | {r['fd']:.2f} | {r['div']:.3f} | {r['time']:.2f} | "
+                   f"{r['cpu']:.2f} |")
     out.append("")
     out.append("evals/image: network rows per image counted at APPLY_MODEL (CFG = 2 × steps). saved: fewer rows "
                "than CFG. mean latch step: the step where a sample's AG cosine first reached γ̄ (never-latched "
                f"samples count as {a.steps}). SSIM/PSNR: against the CFG sample of the same seed and noise, on "
                "images clamped to [0, 1] (SSIM: mean per image; PSNR: of the mean squared error over the set). class acc: the judge's accuracy against the requested class. FD: Fréchet "
                "distance of the judge's hidden features to the real digits. diversity: mean pairwise L2 distance "
-               "between same-class samples. time / CFG: wall time against the mean of the two CFG timings.")
+               "between same-class samples (for the unconditional row, within the seed groups). wall / CPU time / CFG: "
+               "against the mean of the two CFG runs; on a shared machine the CPU time of this process (one torch "
+               "thread) is the steadier of the two.")
     out.append("")
     out.append(_gamma_table(recorder))
     out.append("")
-    out.append(_recommendation(rows))
+    out.append(_recommendation(rows, recorder))
     return "\n".join(out)
 
 
@@ -219,7 +227,7 @@ def _gamma_table(recorder) -> str:
     return "\n".join(lines)
 
 
-def _recommendation(rows) -> str:
+def _recommendation(rows, recorder=None) -> str:
     ref = next(r for r in rows if r["name"] == "CFG")
     candidates = [r for r in rows if r["method"].group == "AG x0" and r["method"].hold_delta is None]
     good = [r for r in candidates if r["acc"] >= ref["acc"] - ACC_TOL and r["ssim"] >= SSIM_MIN]
@@ -237,10 +245,35 @@ def _recommendation(rows) -> str:
                      f"{best['acc']:.3f} vs CFG {ref['acc']:.3f}).")
     else:
         lines.append("No AG x0 row met the rule in this run.")
+    by_name = {r["name"]: r for r in rows}
+    guarded = [r for r in candidates if r["method"].ag.start_percent > 0]
+    for r in guarded:
+        plain = next((x for x in candidates if x["method"].ag == r["method"].ag.replace(start_percent=0.0)), None)
+        if plain is not None:
+            lines.append(f"start_percent {r['method'].ag.start_percent} at γ̄ {r['method'].ag.threshold}: "
+                         f"{r['saved']:.1f}% saved, SSIM {r['ssim']:.3f} (start 0: {plain['saved']:.1f}%, "
+                         f"{plain['ssim']:.3f}).")
     eps_rows = [r for r in rows if r["method"].group == "AG eps"]
-    if eps_rows:
+    if eps_rows and recorder is not None and recorder.eps:
+        import numpy as np
+        first = np.array(recorder.eps[min(recorder.eps)])
+        means = {s: float(np.mean(v)) for s, v in recorder.eps.items()}
+        lines.append(f"eps space: the cosine is {first.mean():.5f} on average at step 0 (minimum "
+                     f"{first.min():.5f}) and never below {min(means.values()):.5f} on average at any step, so "
+                     f"every eps threshold ≤ {first.min():.4f} latches every sample at step 0 (cfg-1 output); "
+                     "with a start_percent guard an eps threshold acts as a fixed switch-off point.")
         worst = min(eps_rows, key=lambda r: r["ssim"])
         lines.append(f"eps space: lowest SSIM {worst['ssim']:.3f} ({worst['name']}, {worst['saved']:.1f}% saved).")
+    ours = by_name.get("AG x0 0.99")
+    port = by_name.get("port rule x0 0.99 (batch, cfg on crossing)")
+    if ours and port:
+        parts = [f"pack defaults {ours['saved']:.1f}% saved / SSIM {ours['ssim']:.3f}",
+                 f"port rule {port['saved']:.1f}% / {port['ssim']:.3f}"]
+        for key, label in (("AG x0 0.99, decision batch", "decision batch only"),
+                           ("AG x0 0.99, crossing_step cfg", "crossing_step cfg only")):
+            if key in by_name:
+                parts.append(f"{label} {by_name[key]['saved']:.1f}% / {by_name[key]['ssim']:.3f}")
+        lines.append("At γ̄ 0.99 (x0): " + "; ".join(parts) + ".")
     delta = [r for r in rows if r["method"].hold_delta]
     for r in delta:
         plain = next((x for x in rows if x["method"].group == "AG x0" and x["method"].ag == r["method"].ag), None)
