@@ -1,0 +1,147 @@
+"""LinearAG nodes in-process on the real ComfyUI with tiny random-weight models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import host
+from sampling_helpers import STEPS, advanced_sample, get_setup, ksample, with_counter
+
+AG_DEFAULTS = dict(threshold=0.995, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
+
+
+@pytest.fixture(scope="module")
+def la(comfy_root):
+    return host.pack_module("nodes.linear_ag")
+
+
+@pytest.fixture(scope="module")
+def ag(comfy_root):
+    return host.pack_module("nodes.adaptive_guidance")
+
+
+@pytest.fixture
+def sd15(comfy_root, tmp_path_factory):
+    return get_setup("sd15", tmp_path_factory)
+
+
+@pytest.fixture(params=["sd15", "sdxl", "sd3", "flux"])
+def setup(request, comfy_root, tmp_path_factory):
+    return get_setup(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch, la):
+    import folder_paths
+    folder = tmp_path / la.COEFFICIENTS_FOLDER
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, la.COEFFICIENTS_FOLDER, ([str(folder)], {".safetensors"}))
+    return folder
+
+
+def patch(ag, model, **overrides):
+    return ag.AdaptiveGuidance.execute(model=model, **{**AG_DEFAULTS, **overrides}).args[0]
+
+
+def linear(la, model, coefficients=None, **overrides):
+    values = dict(estimator="fitted", estimate_until=0.5, after="cond_only", **AG_DEFAULTS)
+    values.update(overrides)
+    return la.LinearAG.execute(model=model, coefficients=coefficients, **values).args[0]
+
+
+def record_and_fit(la, s, steps, models_dir, batch=2, seeds=(11, 12), history=2, name="fit"):
+    recorded, recording = la.LinearAGRecord.execute(model=s.model, history=history).args
+    latent = None
+    for seed in seeds:
+        latent = ksample(s, recorded, seed=seed, batch=batch, steps=steps)
+    out = la.LinearAGFit.execute(recording=recording, samples={"samples": latent}, filename=name, ridge=1e-6)
+    return out.args[0], out.ui
+
+
+def test_record_fit_save_load_roundtrip(sd15, la, models_dir):
+    steps = 6
+    coefficients, ui = record_and_fit(la, sd15, steps, models_dir)
+    assert coefficients.trajectories == 4 and coefficients.steps == steps and coefficients.family == "SD1.x"
+    assert coefficients.sampler == "euler" and coefficients.fitted.tolist() == [False] + [True] * (steps - 1)
+    assert "saved" in ui["text"][0]
+    assert (models_dir / "fit.safetensors").is_file()
+    loaded = la.LinearAGLoad.execute(coefficients_name="fit.safetensors").args[0]
+    assert torch.equal(loaded.coefficients, coefficients.coefficients) and torch.equal(loaded.sigmas, coefficients.sigmas)
+    assert "fit.safetensors" in la.LinearAGLoad.INPUT_TYPES()["required"]["coefficients_name"][1]["options"]
+
+
+def test_recording_does_not_change_sampling(sd15, la):
+    recorded, _ = la.LinearAGRecord.execute(model=sd15.model, history=2).args
+    assert torch.equal(ksample(sd15, recorded), ksample(sd15, sd15.model))
+
+
+def test_fitted_linear_ag_saves_evaluations(sd15, la, models_dir):
+    steps = 8
+    coefficients, _ = record_and_fit(la, sd15, steps, models_dir)
+    counted, counts = with_counter(linear(la, sd15.model, coefficients, threshold=1.0))
+    out = ksample(sd15, counted, steps=steps)
+    assert torch.isfinite(out).all()
+    # steps 0, 2 computed; 1, 3 estimated (cond only); 4..7 cond only (the paper's second half)
+    assert counts["cond"] == steps and counts["uncond"] == 2
+    assert not torch.equal(out, ksample(sd15, sd15.model, steps=steps))
+
+
+def test_estimation_off_equals_adaptive_guidance_exactly(setup, la, ag):
+    for threshold in (0.0, 0.9):
+        ag_out = ksample(setup, patch(ag, setup.model, threshold=threshold))
+        off = ksample(setup, linear(la, setup.model, None, estimator="off", threshold=threshold))
+        assert torch.equal(ag_out, off)
+
+
+@pytest.mark.parametrize("estimator", ["hold_delta", "extrapolate_delta", "previous_uncond"])
+def test_online_estimators_need_no_fit(setup, la, estimator):
+    counted, counts = with_counter(linear(la, setup.model, None, estimator=estimator, threshold=1.0))
+    out = ksample(setup, counted, steps=8)
+    assert torch.isfinite(out).all() and counts["uncond"] == 2 and counts["cond"] == 8
+
+
+def test_guider_matches_model_patch(sd15, la, models_dir):
+    import comfy.samplers
+    steps = STEPS
+    coefficients, _ = record_and_fit(la, sd15, steps, models_dir)
+    guider = la.LinearAGGuider.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative, cfg=5.0,
+                                       estimator="fitted", estimate_until=0.5, after="cond_only",
+                                       coefficients=coefficients, **{**AG_DEFAULTS, "threshold": 1.0}).args[0]
+    out = advanced_sample(sd15, guider, steps=steps)
+    assert torch.isfinite(out).all()
+    assert "uncond estimated at steps [1]" in guider.tfg_adaptive_guidance_report
+    plain = comfy.samplers.CFGGuider(sd15.model)
+    plain.set_conds(sd15.positive, sd15.negative)
+    plain.set_cfg(5.0)
+    assert not torch.equal(out, advanced_sample(sd15, plain, steps=steps))
+
+
+def test_coefficients_for_another_step_count_raise(sd15, la, models_dir):
+    coefficients, _ = record_and_fit(la, sd15, 4, models_dir)
+    with pytest.raises(ValueError) as err:
+        ksample(sd15, linear(la, sd15.model, coefficients), steps=6)
+    message = str(err.value)
+    assert "TFG LinearAG [model family: SD1.x]" in message and "6 steps (fitted for 4)" in message
+    with pytest.raises(ValueError, match="sampler dpmpp_2m"):
+        ksample(sd15, linear(la, sd15.model, coefficients), steps=4, sampler="dpmpp_2m")
+
+
+def test_fitted_without_coefficients_raises(sd15, la):
+    with pytest.raises(ValueError, match="needs coefficients"):
+        linear(la, sd15.model, None)
+
+
+def test_fit_without_recording_raises(sd15, la, models_dir):
+    _, recording = la.LinearAGRecord.execute(model=sd15.model, history=2).args
+    with pytest.raises(ValueError, match="no trajectories"):
+        la.LinearAGFit.execute(recording=recording, samples={"samples": torch.zeros(1)}, filename="x", ridge=0.0)
+    assert la.LinearAGFit.validate_inputs(filename="../evil") != True  # noqa: E712
+    assert la.LinearAGFit.validate_inputs(filename="ok_name-1") is True
+
+
+def test_recording_resets_when_the_schedule_changes(sd15, la, models_dir, caplog):
+    recorded, recording = la.LinearAGRecord.execute(model=sd15.model, history=1).args
+    ksample(sd15, recorded, steps=4)
+    assert recording.stats.trajectories == 1
+    ksample(sd15, recorded, steps=5)
+    assert recording.stats.trajectories == 1 and recording.stats.steps == 5
+    assert any("discarding 1 trajectories" in r.getMessage() for r in caplog.records)
