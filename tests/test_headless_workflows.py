@@ -123,8 +123,16 @@ def test_api_workflows_exist():
     assert API_WORKFLOWS, f"no API-format workflows in {WORKFLOWS_API_DIR}"
 
 
+def _prerequisite(path):
+    """A workflow that consumes what another one writes (LinearAG apply ← fit) names its producer."""
+    producer = path.with_name(path.name.replace("_2_apply_", "_1_fit_"))
+    return producer if producer != path else None
+
+
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=[p.name for p in API_WORKFLOWS])
 def test_api_workflow_runs(comfy_server, path):
+    if _prerequisite(path) is not None:
+        comfy_server.run_prompt(load_api_workflow(_prerequisite(path), size=SIZE, steps=4))
     prompt = load_api_workflow(path, size=SIZE, steps=4)
     entry = comfy_server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success"
@@ -230,3 +238,14 @@ def test_model_patch_at_cfg_one_fails_loudly_naming_node_and_family(comfy_server
     assert errors, entry["status"]
     message = errors[0][1]["exception_message"]
     assert "Adaptive Guidance" in message and "[model family: Flux]" in message and "Fix:" in message
+
+
+def test_linear_ag_coefficients_for_other_steps_fail_naming_the_node(comfy_server):
+    fit = WORKFLOWS_API_DIR / "linear_ag_1_fit_sd15.json"
+    comfy_server.run_prompt(load_api_workflow(fit, size=SIZE, steps=4))
+    apply = load_api_workflow(WORKFLOWS_API_DIR / "linear_ag_2_apply_sd15.json", size=SIZE, steps=6)
+    entry = comfy_server.run_prompt(apply, check=False)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    message = errors[0][1]["exception_message"]
+    assert "TFG LinearAG [model family: SD1.x]" in message and "6 steps (fitted for 4)" in message, message
