@@ -18,7 +18,7 @@ import _host  # noqa: E402
 
 logger = logging.getLogger("tfg.benchmarks.train")
 
-DEFAULTS = dict(steps=2000, batch=128, lr=1e-3, weight_decay=0.01, ema=0.999, dropout=0.15, seed=0, warmup=100)
+DEFAULTS = dict(steps=1600, batch=128, lr=1e-3, weight_decay=0.01, ema=0.999, dropout=0.15, seed=0, warmup=100)
 
 
 def train(steps: int, batch: int, lr: float, weight_decay: float, ema: float, dropout: float, seed: int,

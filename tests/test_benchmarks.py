@@ -159,6 +159,36 @@ def test_headless_node_loads_the_model(eval_model):
     assert set(module.NODE_CLASS_MAPPINGS) == {"TFG_DigitsEvalModel", "TFG_DigitsToImage"}
 
 
+def test_headless_api_graph_runs_in_process(eval_model, judge):
+    """benchmarks/comfy_nodes/digits_ag_api.json, executed node by node with the real node classes (everything
+    but the final SaveImage): the eval-model node feeds the pack's AG patch and ComfyUI's KSampler."""
+    import json
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal
+    spec = importlib.util.spec_from_file_location("tfg_bench_comfy_nodes_graph", BENCH / "comfy_nodes" / "__init__.py")
+    bench_nodes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_nodes)
+    classes = dict(nodes.NODE_CLASS_MAPPINGS, **bench_nodes.NODE_CLASS_MAPPINGS)
+    classes["TFG_AdaptiveGuidance"] = host.pack_module("nodes.adaptive_guidance").AdaptiveGuidance
+    graph = json.loads((BENCH / "comfy_nodes" / "digits_ag_api.json").read_text())
+    outputs = {}
+    for node_id in sorted(graph, key=int):
+        node = graph[node_id]
+        if node["class_type"] == "SaveImage":
+            continue
+        cls = classes[node["class_type"]]
+        kwargs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        with torch.inference_mode():
+            if isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal):
+                outputs[node_id] = cls.execute(**kwargs).args
+            else:
+                outputs[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+    image = outputs["4"][0]
+    assert image.shape == (4, 64, 64, 3)
+    em = host.pack_module("benchmarks.eval_model")
+    assert judge.accuracy(em.to_pixels(outputs["3"][0]["samples"]), [3] * 4) >= 0.75
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU script, checked on the CPU
 # ------------------------------------------------------------------------------------------------
