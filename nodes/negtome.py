@@ -1,0 +1,381 @@
+"""Negative Token Merging (NegToMe) node: a MODEL patch that pushes each image's attention features away from
+a reference image's matching features, inside selected attention layers, during an early sigma window.
+
+Placement, faithful to the official pipelines:
+* SD1.x/SD2.x/SDXL: `attn1_output_patch` + `attn2_output_patch` (self and cross attention, after the output
+  projection, before the residual add), each cond/uncond chunk separately.
+* Flux: image tokens of every double and single block, before the output projection: a `dit` block replacement
+  installs an `optimized_attention_override` for the duration of that block only, and edits the image-token
+  slice of the attention output.
+* SD3: image tokens of the joint attention output of the joint blocks (same mechanism; no official setting).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from comfy_api.latest import io
+
+import comfy.patcher_extension
+
+from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, PAPER_UNET_MIN_GRID,
+                               PAPER_UNET_MIN_TIMESTEP, WINDOWS, NegToMeParams, mask_to_tokens, merge_chunks,
+                               parse_block_list, token_grid)
+from . import adapters
+
+DEFAULTS = NegToMeParams()
+CATEGORY = "TFG/guidance"
+NODE = "NegToMe"
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+CALL_INFO = "tfg_negtome_call"
+
+_DESCRIPTION = (
+    "Negative Token Merging (NegToMe; Singh et al., arXiv 2412.01339, CVPR 2025): inside selected attention "
+    "layers, every image token that matches a reference token (cosine > threshold) is pushed away from it, "
+    "(1+alpha)*x - alpha*matched, during the early, composition-setting steps. Diversity mode: the reference is "
+    "batch image 0 (the official code; image 0 itself is unchanged), or all other images (our improvement); "
+    "sample a batch of 2 or more. Works on SD1.x, SD2.x, SDXL (self and cross attention outputs of the output "
+    "blocks, each CFG half separately), Flux (image tokens of every double and single block, before the output "
+    "projection) and SD3 (image tokens of the joint blocks); other families raise an error. Cost: no extra "
+    "model passes; a chunked token-similarity search per active layer and step (the paper reports <4% more "
+    "time). The log reports per step how many layers merged tokens."
+)
+
+_BLOCK_NAMES = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "sd3": ("joint",)}
+
+
+def negtome_inputs() -> list:
+    """The NegToMe parameter inputs, shared by the diversity and reference nodes."""
+    return [
+        io.Float.Input("alpha", default=DEFAULTS.alpha, min=-10.0, max=10.0, step=0.05,
+                       tooltip="Strength: matched tokens become (1+alpha)*x - alpha*matched. Neutral: 0 (identical "
+                               "to no patch). Official default 0.9 (SDXL and Flux); the SDXL demo goes to 1.5-1.9. "
+                               "Negative values pull toward the reference (paper: down to -1)."),
+        io.Float.Input("threshold", default=DEFAULTS.threshold, min=-1.0, max=1.0, step=0.01,
+                       tooltip="tau: only tokens whose cosine similarity with their match exceeds this are merged. "
+                               "Neutral: 1.0 (nothing matches). Official: 0.7 (SDXL), 0.65 (Flux)."),
+        io.Combo.Input("matching", options=list(MATCHINGS), default=DEFAULTS.matching,
+                       tooltip="official: the released negtome() maths, reference = image 0 (for each reference "
+                               "token the best-matching token of the image decides; image 0 is unchanged). "
+                               "best_match: the paper's wording, each token pushed from its own best match in "
+                               "image 0. all_others: our improvement, each image pushed from its best match over all "
+                               "other images (image 0 included). No neutral value; alpha=0 is neutral."),
+        io.Combo.Input("window", options=list(WINDOWS), default=DEFAULTS.window,
+                       tooltip="When merging is active. paper: the official window per family (SD1.x/SDXL: model "
+                               "timestep >= 800, about the first 20% of the schedule; Flux/SD3: sigma >= 0.9, "
+                               "which depends on the shift). custom: from start_percent to end_percent."),
+        io.Float.Input("start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
+                       tooltip="window=custom only: first active point of the schedule (0 = highest noise). "
+                               "Paper: 0."),
+        io.Float.Input("end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.01,
+                       tooltip="window=custom only: last active point of the schedule (1 = the end). Neutral: "
+                               "start_percent = end_percent = 1 (no step active... except a final sigma 0, which "
+                               "is never evaluated). Paper: about 0.2 (SDXL) to 0.25-0.3 (Flux)."),
+        io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=DEFAULTS.blocks,
+                       tooltip="Which attention layers. paper: SD1.x/SDXL output blocks whose token grid is at "
+                               f"least {PAPER_UNET_MIN_GRID}x{PAPER_UNET_MIN_GRID} (SDXL 1024px: output 0-5; "
+                               "SD1.5 512px: output 6-11; nothing below 256px), Flux every double+single block, "
+                               "SD3 every joint block. all: every attention layer. custom: the custom_blocks list."),
+        io.String.Input("custom_blocks", default=DEFAULTS.custom_blocks, multiline=False,
+                        tooltip="blocks=custom only: comma-separated NAME.INDEX or NAME.FIRST-LAST. SD1.x/SDXL: "
+                                "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
+                                "single.0-37'); SD3: joint (e.g. 'joint.0-23')."),
+    ]
+
+
+def _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks) -> NegToMeParams:
+    return NegToMeParams(alpha=alpha, threshold=threshold, matching=matching, window=window,
+                         start_percent=start_percent, end_percent=end_percent, blocks=blocks,
+                         custom_blocks=custom_blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run state
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class NegToMeRunState:
+    sigma_high: float
+    sigma_low: float
+    layers_by_step: dict = field(default_factory=lambda: defaultdict(int))
+    """Step index -> number of layer applications that merged at least one token."""
+    tokens_by_step: dict = field(default_factory=lambda: defaultdict(int))
+    evaluated_in_window: int = 0
+    evaluations: int = 0
+
+    def active(self, sigma: float) -> bool:
+        tol = 1e-5 * max(1.0, abs(sigma))
+        return self.sigma_low - tol <= sigma <= self.sigma_high + tol
+
+    def summary(self) -> str:
+        steps = " ".join(f"{s}:{n}" for s, n in sorted(self.layers_by_step.items())) or "none"
+        return (f"window sigma [{self.sigma_low:.4g}, {self.sigma_high:.4g}]; layers that merged per step: {steps}; "
+                f"tokens merged: {sum(self.tokens_by_step.values())}")
+
+
+LAST_RUN: dict[str, NegToMeRunState] = {}
+"""The state of the last finished run per patch key (for reports and tests)."""
+
+
+def _sigma_window(model, family: adapters.ModelFamily, params: NegToMeParams) -> tuple[float, float]:
+    """(high, low) sigma bounds of the active window for this model."""
+    if params.window == "custom":
+        return (adapters.percent_to_sigma(model, params.start_percent),
+                adapters.percent_to_sigma(model, params.end_percent))
+    sampling = model.get_model_object("model_sampling")
+    high = adapters.percent_to_sigma(model, 0.0)
+    if family.is_flow:
+        return max(high, 1.0), PAPER_FLOW_MIN_SIGMA
+    return high, float(sampling.sigma(torch.tensor(PAPER_UNET_MIN_TIMESTEP)))
+
+
+def _sigma_of(transformer_options: dict) -> float | None:
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        return None
+    return float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) else float(sigmas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block selection
+# ----------------------------------------------------------------------------------------------
+def _arch(family: adapters.ModelFamily) -> str:
+    return "unet" if family.is_unet else family.key
+
+
+def _selected_custom(params: NegToMeParams, family: adapters.ModelFamily, counts: dict[str, int]) -> frozenset:
+    """Parse and check the custom block list against the model's block names (and counts for DiTs)."""
+    wanted = parse_block_list(params.custom_blocks)
+    names = _BLOCK_NAMES[_arch(family)]
+    for name, index in sorted(wanted):
+        if name not in names:
+            raise adapters.node_error(
+                NODE, family, f"custom_blocks names {name!r}, which this architecture does not have.",
+                f"use {', '.join(names)} (e.g. '{names[-1]}.0').")
+        if name in counts and index >= counts[name]:
+            raise adapters.node_error(
+                NODE, family, f"custom_blocks asks for {name}.{index}, but the model has {counts[name]} {name} "
+                              f"blocks (0-{counts[name] - 1}).", "use indices that exist.")
+    return wanted
+
+
+def _dit_counts(model, family: adapters.ModelFamily) -> dict[str, int]:
+    net = model.get_model_object("diffusion_model")
+    if family.key == "flux":
+        double, single = getattr(net, "double_blocks", None), getattr(net, "single_blocks", None)
+        if double is None or single is None:
+            raise adapters.node_error(NODE, family, f"{type(net).__name__} has no double_blocks/single_blocks, the "
+                                                    "patch points NegToMe needs.", "use a Flux model.")
+        return {"double": len(double), "single": len(single)}
+    joint = getattr(net, "joint_blocks", None)
+    if joint is None:
+        raise adapters.node_error(NODE, family, f"{type(net).__name__} has no joint_blocks, the patch points "
+                                                "NegToMe needs.", "use an SD3 MMDiT model.")
+    return {"joint": len(joint)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Installation
+# ----------------------------------------------------------------------------------------------
+def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference=None):
+    """Clone `model` and install NegToMe on the clone. Returns (clone, key).
+
+    `reference` (reference-image mode) is an object with `insert(x, sigma) -> x_ref` (the (1, C, H, W) latent
+    to put at index 0 of every chunk) and `mask` ((H, W) tensor or None); None = diversity mode."""
+    problems = params.validate()
+    if problems:
+        raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
+    family = adapters.detect_family(model)
+    if family.key not in SUPPORTED:
+        raise adapters.node_error(
+            node_name, family,
+            "this architecture has no patch points NegToMe knows (it needs UNet attention output patches, Flux "
+            "double/single blocks or SD3 joint blocks).",
+            "use an SD1.x, SD2.x, SDXL, SD3 or Flux model, or remove this node.")
+    m = model.clone()
+    key = adapters.new_patch_key("negtome")
+    arch = _arch(family)
+    counts = {} if arch == "unet" else _dit_counts(m, family)
+    custom = _selected_custom(params, family, counts) if params.blocks == "custom" else None
+    budget = params.budget_bytes
+    n_warned_single = f"{key}.batch1"
+
+    def make_state(guider, run: adapters.RunInfo) -> NegToMeRunState:
+        high, low = _sigma_window(guider.model_patcher, family, params)
+        return NegToMeRunState(high, low)
+
+    def finish(state: NegToMeRunState, guider) -> None:
+        LAST_RUN[key] = state
+        report = state.summary()
+        setattr(guider, "tfg_negtome_report", report)
+        adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, node_name, family.name, report)
+        if not state.layers_by_step and state.evaluations and params.alpha != 0.0:
+            why = ("no sampling step fell inside the window" if state.evaluated_in_window == 0 else
+                   "no selected layer matched any token (blocks preset, custom list, resolution or threshold)")
+            adapters.warn_once(
+                f"{key}.idle",
+                f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: the run merged no tokens: {why}. "
+                "Check window/start_percent/end_percent, blocks (paper needs a token grid of at least "
+                f"{PAPER_UNET_MIN_GRID} on SD1.x/SDXL, i.e. 256px latents and up), or lower threshold.")
+
+    def merge(tokens: torch.Tensor, cond_or_uncond: list, state: NegToMeRunState, step: int,
+              grid: tuple[int, int] | None) -> torch.Tensor:
+        n_chunks = max(1, len(cond_or_uncond))
+        per_chunk = tokens.shape[0] // n_chunks
+        if per_chunk < 2 and reference is None:
+            adapters.warn_once(
+                n_warned_single,
+                f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: diversity mode needs a batch of "
+                "2 or more images (image 0 is the reference); with batch size 1 it changes nothing. Raise the "
+                "latent batch size, or use NegToMe Reference (TFG) with a reference image.")
+            return tokens
+        ref_mask = None
+        if reference is not None and reference.mask is not None:
+            if grid is None:
+                raise adapters.node_error(node_name, family, f"cannot map {tokens.shape[1]} tokens to a grid to "
+                                                             "resize the mask.", "report this with the latent size.")
+            ref_mask = mask_to_tokens(reference.mask.to(tokens.device), grid)
+        out, merged = merge_chunks(tokens, n_chunks, params.alpha, params.threshold, params.matching, ref_mask,
+                                   budget)
+        if merged:
+            state.layers_by_step[step] += 1
+            state.tokens_by_step[step] += merged
+        return out
+
+    # ------------------------------------------------------------------ per network call
+    def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+        transformer_options = {} if transformer_options is None else transformer_options
+        state = adapters.run_state({"transformer_options": transformer_options}, key)
+        sigma = float(t.flatten()[0])
+        active = state is not None and state.active(sigma) and params.alpha != 0.0
+        if state is not None:
+            state.evaluations += 1
+            state.evaluated_in_window += int(state.active(sigma))
+        info = {"active": active, "step": adapters.step_index(t, transformer_options.get("sample_sigmas")),
+                "height": x.shape[-2], "width": x.shape[-1],
+                "txt_len": None if c_crossattn is None else c_crossattn.shape[1]}
+        options = {**transformer_options, CALL_INFO + key: info}
+        if reference is not None and active:
+            return reference.run(executor, x, t, c_concat, c_crossattn, control, options, kwargs, sigma)
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, apply_model)
+    adapters.install_run_state(m, key, make_state, finish)
+
+    if arch == "unet":
+        def unet_selected(block, grid) -> bool:
+            if block is None:
+                return False
+            if params.blocks == "all":
+                return True
+            if params.blocks == "custom":
+                return (block[0], int(block[1])) in custom
+            return block[0] == "output" and grid is not None and min(grid) >= PAPER_UNET_MIN_GRID
+
+        def attn_output_patch(n, extra_options):
+            info = extra_options.get(CALL_INFO + key)
+            if info is None or not info["active"]:
+                return n
+            shape = extra_options.get("original_shape")
+            grid = token_grid(shape[-2], shape[-1], n.shape[1]) if shape is not None else None
+            if not unet_selected(extra_options.get("block"), grid):
+                return n
+            state = adapters.run_state({"transformer_options": extra_options}, key)
+            return merge(n, extra_options.get("cond_or_uncond", [0]), state, info["step"], grid)
+
+        m.set_model_attn1_output_patch(attn_output_patch)
+        m.set_model_attn2_output_patch(attn_output_patch)
+        return m, key
+
+    # DiT families: one block replacement per selected block, chained to any previous occupant.
+    replace = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    net = m.get_model_object("diffusion_model")
+    patch_size = int(getattr(net, "patch_size", 2))
+    if family.key == "flux":
+        slots = [("double", "double_block", i) for i in range(counts["double"])] + \
+                [("single", "single_block", i) for i in range(counts["single"])]
+    else:
+        slots = [("joint", "double_block", i) for i in range(counts["joint"])]
+    if custom is not None:
+        slots = [s for s in slots if (s[0], s[2]) in custom]
+
+    def make_block_patch(name: str, slot: str, index: int, previous):
+        def block_patch(args, extra):
+            to = args.get("transformer_options") or {}
+            info = to.get(CALL_INFO + key)
+            call = previous if previous is not None else (lambda a, e: e["original_block"](a))
+            if info is None or not info["active"]:
+                return call(args, extra)
+            state = adapters.run_state({"transformer_options": to}, key)
+            img_len = args["img"].shape[1]
+            grid = (-(-info["height"] // patch_size), -(-info["width"] // patch_size))
+            n_main = grid[0] * grid[1]
+            if name == "double":  # Flux double block: [txt, img] joint attention
+                start = args["txt"].shape[1]
+                expected_len = start + img_len
+            elif name == "single":  # Flux single block: args["img"] is already [txt, img]
+                start = info["txt_len"] if info["txt_len"] is not None else img_len - n_main
+                expected_len = img_len
+            else:  # SD3 joint block: [context, x]
+                start = None if args.get("txt") is None else args["txt"].shape[1]
+                start = 0 if start is None else start
+                expected_len = start + img_len
+                n_main = img_len
+            calls = [0]
+            prev_override = to.get("optimized_attention_override")
+
+            def override(func, *a, **kw):
+                out = prev_override(func, *a, **kw) if prev_override is not None else func(*a, **kw)
+                calls[0] += 1
+                if calls[0] != 1 or out.dim() != 3 or out.shape[1] != expected_len \
+                        or start + n_main > out.shape[1]:
+                    return out  # e.g. SD3.5's extra image self-attention: not a joint attention output
+                img = out[:, start:start + n_main]
+                merged = merge(img, to.get("cond_or_uncond", [0]), state, info["step"], grid)
+                if merged is img:
+                    return out
+                return torch.cat([out[:, :start], merged, out[:, start + n_main:]], dim=1)
+
+            new_args = {**args, "transformer_options": {**to, "optimized_attention_override": override}}
+            result = call(new_args, extra)
+            if calls[0] == 0:
+                raise adapters.node_error(
+                    node_name, family, f"{slot} {index} ran no attention through optimized_attention, so NegToMe "
+                                       "cannot reach its attention output.", "report this with your ComfyUI version.")
+            return result
+        return block_patch
+
+    for name, slot, index in slots:
+        previous = replace.get((slot, index))
+        m.set_model_patch_replace(make_block_patch(name, slot, index, previous), "dit", slot, index)
+    return m, key
+
+
+# ----------------------------------------------------------------------------------------------
+# Nodes
+# ----------------------------------------------------------------------------------------------
+class NegToMe(io.ComfyNode):
+    """MODEL patch, diversity mode: images of a batch are pushed apart."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_NegToMe",
+            display_name="NegToMe (TFG)",
+            category=CATEGORY,
+            description=_DESCRIPTION,
+            inputs=[io.Model.Input("model", tooltip="The model to patch; sample a batch of 2 or more images.")]
+            + negtome_inputs(),
+            outputs=[io.Model.Output(tooltip="The model with Negative Token Merging installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, alpha, threshold, matching, window, start_percent, end_percent, blocks,
+                custom_blocks) -> io.NodeOutput:
+        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks)
+        patched, _ = apply_negtome(model, params, NODE)
+        return io.NodeOutput(patched)
+
+
+NODES = [NegToMe]

@@ -1,0 +1,227 @@
+"""NegToMe node, in-process on the real ComfyUI with tiny random-weight models of each family.
+
+Behaviour: identity at alpha = 0, image 0 unchanged (official matching), the active window (layers that merged
+per step), batching (separate cond/uncond calls, batch 1, odd latents) and loud errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import host
+from sampling_helpers import FAMILIES, STEPS, Setup, _setups, get_setup, ksample
+
+
+@pytest.fixture(scope="module")
+def nt(comfy_root):
+    return host.pack_module("nodes.negtome")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    yield
+    _setups.clear()
+
+
+@pytest.fixture(params=FAMILIES)
+def setup(request, comfy_root, tmp_path_factory) -> Setup:
+    return get_setup(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def sd15(comfy_root, tmp_path_factory) -> Setup:
+    return get_setup("sd15", tmp_path_factory)
+
+
+# Tiny models have 8x8 latents: the paper's block preset (grid >= 32) never fires there, so tests use "all"
+# and a threshold that lets random features match.
+BASE = dict(alpha=0.9, threshold=-1.0, matching="official", window="custom", start_percent=0.0,
+            end_percent=1.0, blocks="all", custom_blocks="")
+
+
+def patched(nt, model, **overrides):
+    values = dict(BASE)
+    values.update(overrides)
+    return nt.NegToMe.execute(model=model, **values).args[0]
+
+
+def with_key(nt, model, **overrides):
+    values = dict(BASE)
+    values.update(overrides)
+    params = nt.NegToMeParams(**values)
+    return nt.apply_negtome(model, params)
+
+
+def sample(s: Setup, model, batch=4, size=8, cfg=5.0, seed=3, steps=STEPS):
+    import nodes
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(batch, s.latent_channels, size, size)}
+        out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", s.positive, s.negative, latent,
+                                    denoise=1.0)[0]["samples"]
+    return out.clone()
+
+
+# ------------------------------------------------------------------------------------------------
+def test_alpha_zero_is_bit_identical(setup, nt):
+    assert torch.equal(sample(setup, setup.model), sample(setup, patched(nt, setup.model, alpha=0.0)))
+
+
+def test_changes_outputs_and_keeps_image_zero(setup, nt):
+    base = sample(setup, setup.model)
+    out = sample(setup, patched(nt, setup.model, alpha=1.5))
+    assert torch.equal(out[0], base[0]), "image 0 is the reference and must not change (official matching)"
+    assert not torch.equal(out[1:], base[1:])
+
+
+def test_all_others_changes_image_zero_too(sd15, nt):
+    base = sample(sd15, sd15.model)
+    out = sample(sd15, patched(nt, sd15.model, alpha=1.5, matching="all_others"))
+    assert not torch.equal(out[0], base[0])
+
+
+def test_window_limits_the_steps(setup, nt):
+    """Layers merge only on steps whose sigma lies inside the window; with the window ending at mid-schedule
+    the late steps see no merge, and the result differs from an unpatched run."""
+    model, key = with_key(nt, setup.model, start_percent=0.0, end_percent=0.45)
+    sample(setup, model)
+    state = nt.LAST_RUN[key]
+    sigmas = torch.tensor(state.sigma_high), torch.tensor(state.sigma_low)
+    merged_steps = sorted(state.layers_by_step)
+    assert merged_steps, "no step merged"
+    ms = model.get_model_object("model_sampling")
+    import comfy.samplers
+    schedule = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)
+    inside = [i for i in range(STEPS) if float(sigmas[1]) - 1e-6 <= float(schedule[i]) <= float(sigmas[0]) + 1e-6]
+    assert merged_steps == inside and 0 < len(inside) < STEPS
+    per_step = set(state.layers_by_step[i] for i in inside)
+    assert min(per_step) > 0
+
+
+def test_window_outside_all_steps_is_identity(setup, nt):
+    """start = end = 1.0: sigma 0 is never evaluated, so nothing merges, and the run is bit-identical."""
+    model, key = with_key(nt, setup.model, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(sample(setup, setup.model), sample(setup, model))
+    assert not nt.LAST_RUN[key].layers_by_step
+
+
+def test_late_window_changes_only_late_steps(sd15, nt):
+    """A window over the last steps only: early-step callbacks see the same latents as the unpatched run."""
+    import comfy.samplers
+    model, key = with_key(nt, sd15.model, start_percent=0.6, end_percent=1.0)
+    sample(sd15, model)
+    ms = sd15.model.get_model_object("model_sampling")
+    schedule = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)
+    first = min(nt.LAST_RUN[key].layers_by_step)
+    assert first > 0 and float(schedule[first]) <= nt.LAST_RUN[key].sigma_high + 1e-6
+
+
+def test_paper_window_per_family(setup, nt):
+    model, key = with_key(nt, setup.model, window="paper")
+    sample(setup, model, steps=10)
+    state = nt.LAST_RUN[key]
+    if setup.family in ("sd3", "flux"):
+        assert state.sigma_low == pytest.approx(0.9)
+    else:
+        ms = setup.model.get_model_object("model_sampling")
+        assert float(ms.timestep(torch.tensor(state.sigma_low))) == pytest.approx(800.0, abs=0.5)
+    assert state.layers_by_step and max(state.layers_by_step) < 10
+
+
+def test_paper_blocks_on_small_latent_warn(sd15, nt, caplog):
+    model, key = with_key(nt, sd15.model, blocks="paper")
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        assert torch.equal(sample(sd15, sd15.model), sample(sd15, model))
+    assert "merged no tokens" in caplog.text
+
+
+def test_custom_blocks(setup, nt):
+    names = {"sd15": "output.0-11", "sdxl": "output.0-8", "flux": "single.0", "sd3": "joint.0"}[setup.family]
+    model, key = with_key(nt, setup.model, blocks="custom", custom_blocks=names, end_percent=1.0)
+    out = sample(setup, model)
+    assert nt.LAST_RUN[key].layers_by_step
+    assert not torch.equal(out, sample(setup, setup.model))
+
+
+def test_custom_blocks_errors(setup, nt):
+    bad = "double.0" if setup.family in ("sd15", "sdxl") else "output.3"
+    with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: .*\].*custom_blocks.*Fix:"):
+        patched(nt, setup.model, blocks="custom", custom_blocks=bad)
+    if setup.family in ("flux", "sd3"):
+        with pytest.raises(ValueError, match="blocks"):
+            patched(nt, setup.model, blocks="custom", custom_blocks=("double.99" if setup.family == "flux"
+                                                                     else "joint.99"))
+
+
+def test_invalid_parameters_are_loud(sd15, nt):
+    with pytest.raises(ValueError, match=r"TFG NegToMe: .*start_percent.*Fix:"):
+        patched(nt, sd15.model, start_percent=0.8, end_percent=0.2)
+
+
+def test_unsupported_family_is_named(comfy_root, nt):
+    import types
+    import comfy.supported_models
+    config = object.__new__(comfy.supported_models.WAN21_T2V)
+    fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+    with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: WAN21_T2V\].*patch points.*Fix:"):
+        nt.apply_negtome(fake, nt.NegToMeParams())
+
+
+def test_batch_of_one_warns_and_is_identity(setup, nt, caplog):
+    model = patched(nt, setup.model)
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        out = sample(setup, model, batch=1)
+    assert torch.equal(out, sample(setup, setup.model, batch=1))
+    host.pack_module("nodes.adapters")._warned  # the warning is once per patch key
+    assert "needs a batch of 2 or more" in caplog.text or any(
+        "batch1" in k for k in host.pack_module("nodes.adapters")._warned)
+
+
+def test_cfg_one_single_chunk(setup, nt):
+    """cfg = 1: one cond chunk per call; still diversifies and keeps image 0."""
+    base = sample(setup, setup.model, cfg=1.0)
+    out = sample(setup, patched(nt, setup.model, alpha=1.5), cfg=1.0)
+    assert torch.equal(out[0], base[0]) and not torch.equal(out[1:], base[1:])
+
+
+def test_separate_cond_and_uncond_calls_match_batched(sd15, nt, monkeypatch):
+    """ComfyUI may run cond and uncond in separate model calls (low memory): each chunk is processed alone,
+    so the result matches the batched run."""
+    import comfy.samplers
+    model = patched(nt, sd15.model, alpha=1.5)
+    batched = sample(sd15, model)
+    original = comfy.samplers._calc_cond_batch
+
+    def split(model_, conds, x_in, timestep, model_options):
+        outs = []
+        for i, c in enumerate(conds):
+            only = [None] * len(conds)
+            only[i] = c
+            outs.append(original(model_, only, x_in, timestep, model_options)[i])
+        return outs
+
+    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", split)
+    separate = sample(sd15, model)
+    torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [7, 9])
+def test_odd_latent_sizes(setup, nt, size):
+    base = sample(setup, setup.model, size=size)
+    out = sample(setup, patched(nt, setup.model, alpha=1.5), size=size)
+    assert out.shape == base.shape
+    assert torch.equal(out[0], base[0]) and not torch.equal(out[1:], base[1:])
+
+
+def test_stacks_with_itself(sd15, nt):
+    once = patched(nt, sd15.model, alpha=0.5)
+    twice = patched(nt, once, alpha=0.5)
+    assert not torch.equal(sample(sd15, once), sample(sd15, twice))
+
+
+def test_schema(comfy_root, nt):
+    schema = nt.NegToMe.define_schema()
+    assert schema.node_id == "TFG_NegToMe"
+    for inp in schema.inputs:
+        assert inp.tooltip, inp.id
+    assert "arXiv 2412.01339" in schema.description
