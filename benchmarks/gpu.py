@@ -160,14 +160,31 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
     sample(h.Method("warm-up", cfg), 2)  # loads the model, compiles kernels, first-call allocations
     rows = []
     for name, spec in methods:
-        ag = None if spec is None else P(threshold=0.0, space="x0", start_percent=spec)
-        counter, seconds, peak = sample(h.Method(name, cfg, ag), steps)
+        if spec is None:
+            method = h.Method(name, cfg)
+        elif isinstance(spec, float):
+            method = h.Method(name, cfg, P(threshold=0.0, space="x0", start_percent=spec))
+        else:  # LinearAGParams
+            method = h.Method(name, cfg, linear_ag=spec)
+        counter, seconds, peak = sample(method, steps)
         rows.append(dict(family=family, method=name, evals=counter.rows / batch, seconds=seconds, peak=peak))
         logger.info("%s %-40s %.1f evals/image %.2fs", family, name, counter.rows / batch, seconds)
     ref = rows[0]["seconds"]
     for r in rows:
         r["ratio"] = r["seconds"] / ref
     return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler)
+
+
+def linear_ag_timing_params():
+    """LinearAG with the online hold_delta estimator on the paper's schedule (odd steps of the first half
+    estimated, conditional-only after it) and AG's latch off: the paper's evaluation count without a fit. None
+    when the pack has no LinearAG."""
+    try:
+        lag = _host.host.pack_module("kernels.linear_ag")
+    except ImportError:
+        return None
+    P = _host.host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
+    return lag.LinearAGParams().replace(estimator="hold_delta", after="cond_only", guidance=P(threshold=1.0))
 
 
 def negtome_available() -> bool:
@@ -194,7 +211,8 @@ def render(results: dict, ctx: dict) -> str:
                        f"{r['seconds'] / ctx['batch']:.2f} | {r['ratio']:.3f} | {peak} |")
     out.append("")
     out.append("AG rows force the latch at the given fraction of the schedule (random weights make the cosine "
-               "meaningless): evaluation counts equal those of a real run latching there.")
+               "meaningless): evaluation counts equal those of a real run latching there. The LinearAG row uses "
+               "the online hold_delta estimator (no fit needed; a fitted run has the same count).")
     if not ctx["negtome"]:
         out.append("NegToMe: not in the pack yet, no row.")
     out.append(f"Whole script: {ctx['total']:.0f} s.")
@@ -239,6 +257,9 @@ def main(argv=None) -> int:
     half = 0.5
     methods = [("CFG", None), (f"AG, latch at {int(half * 100)}% of the schedule", half),
                ("AG, latch at 30% of the schedule", 0.3)]
+    linear = linear_ag_timing_params()
+    if linear is not None:
+        methods.append(("LinearAG hold_delta, paper schedule", linear))
     t0 = time.perf_counter()
     results = {}
     for family in [f.strip() for f in args.models.split(",") if f.strip()]:

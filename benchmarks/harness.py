@@ -138,6 +138,9 @@ class Method:
     ag: AdaptiveGuidanceParams | None = None
     hold_delta: str | None = None
     """None, "x0" or "eps" (see HoldDelta); needs `ag`."""
+    linear_ag: object = None
+    """LinearAGParams (nodes/linear_ag.py) for a LinearAG row; `coefficients` from `fit_linear_ag` when fitted."""
+    coefficients: object = None
     unconditional: bool = False
     """Sample with the null class as the positive prompt (cfg 1): the model's unconditional distribution."""
     group: str = ""
@@ -178,6 +181,9 @@ def prepare(model, method: Method, reports: ReportCollector | None = None):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, DELTA_KEY, holder.wrapper)
     if method.ag is not None:
         m, _ = apply_adaptive_guidance(m, method.ag)
+    if method.linear_ag is not None:
+        from ..nodes.linear_ag import apply_linear_ag
+        m = apply_linear_ag(m, method.linear_ag, method.coefficients, "LinearAG")
     return m, holder
 
 
@@ -258,3 +264,25 @@ def _sample_once(eval_model, model, digit, n, seed, steps, cfg, sampler, schedul
         else:
             raise ValueError(f"unknown sampling path {path!r}")
     return out.clone().float()
+
+
+def fit_linear_ag(eval_model, classes: list[int], per_class: int, batch: int, steps: int, seed: int, cfg: float,
+                  sampler: str = "euler", scheduler: str = "normal", history: int = 2, ridge: float = 1e-6):
+    """Record full-CFG trajectories with the pack's LinearAG recorder (seeds `seed`, `seed`+1, ... per call:
+    keep them apart from the evaluation seeds) and fit the per-step coefficients. Returns (coefficients,
+    trajectories, seconds)."""
+    from ..nodes.linear_ag import LinearAGRecording, fit_recording, install_recorder
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    recording = LinearAGRecording(history)
+    model = install_recorder(eval_model.model, recording, "LinearAG Record")
+    t0 = time.perf_counter()
+    call = 0
+    for digit in classes:
+        done = 0
+        while done < per_class:
+            n = min(batch, per_class - done)
+            _sample_once(eval_model, model, digit, n, seed + call, steps, cfg, sampler, scheduler, "ksampler")
+            done += n
+            call += 1
+    coefficients = fit_recording(recording, ridge, "benchmark recording")
+    return coefficients, recording.stats.trajectories, time.perf_counter() - t0

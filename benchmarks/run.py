@@ -73,6 +73,35 @@ def build_methods(cfg: float, quick: bool):
     return methods
 
 
+LINEAR_AG_FIT_SEED = 900_000  # recording seeds, apart from the evaluation seeds
+
+
+def _linear_ag_methods(eval_model, args, classes):
+    """LinearAG rows (when the pack has LinearAG): coefficients fitted on separate seeds, then the paper's
+    schedule with each estimator, and the fitted one handing over to AG's latch. None when unavailable."""
+    host = _host.host
+    try:
+        lag = host.pack_module("kernels.linear_ag")
+        host.pack_module("nodes.linear_ag")
+    except ImportError:
+        return None
+    h = host.pack_module("benchmarks.harness")
+    P = host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
+    defaults = lag.LinearAGParams()
+    coefficients, trajectories, seconds = h.fit_linear_ag(
+        eval_model, classes, args.fit_per_class, args.batch, args.steps, LINEAR_AG_FIT_SEED, args.cfg,
+        args.sampler, args.scheduler, history=defaults.history, ridge=defaults.ridge)
+    methods = []
+    for estimator in ("fitted", "hold_delta", "extrapolate_delta", "previous_uncond"):
+        params = defaults.replace(estimator=estimator, after="cond_only")
+        methods.append(h.Method(f"LinearAG {estimator}, then cond only (paper schedule)", args.cfg,
+                                linear_ag=params, coefficients=coefficients, group="LinearAG"))
+    params = defaults.replace(estimator="fitted", after="adaptive", guidance=P(threshold=0.99, space="x0"))
+    methods.append(h.Method("LinearAG fitted, then AG x0 0.99", args.cfg, linear_ag=params,
+                            coefficients=coefficients, group="LinearAG"))
+    return methods, trajectories, seconds
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,6 +133,9 @@ def evaluate(args):
                  steps=args.steps, seed=args.seed, sampler=args.sampler, scheduler=args.scheduler)
 
     methods = build_methods(args.cfg, args.quick)
+    linear = _linear_ag_methods(eval_model, args, classes)
+    if linear is not None:
+        methods += linear[0]
     results = {}
     for m in methods:
         results[m.name] = (m, h.run_method(eval_model, m, **common))
@@ -147,6 +179,7 @@ def evaluate(args):
         cpu=cpu_model(), cores=__import__("os").cpu_count(), torch=torch.__version__, threads=args.threads,
         comfyui=_comfyui_version(), judge_acc=judge.heldout_accuracy, judge_seconds=judge_seconds,
         fd_floor=judge.real_floor(), n=len(classes) * args.per_class, args=args,
+        linear_fit=None if linear is None else linear[1:],
         cfg_seconds=(ref.seconds, cfg_again.seconds), cfg_cpu=(ref.cpu_seconds, cfg_again.cpu_seconds),
         weights=eval_model.metadata,
     )
@@ -186,7 +219,10 @@ def render(rows, recorder, ctx) -> str:
                "(first and last row of the run; their spread is this machine's timing noise). Model: "
                f"{ctx['weights'].get('steps', '?')} training steps, loss {ctx['weights'].get('final_loss', '?')}, "
                f"trained in {ctx['weights'].get('train_seconds', '?')} s (`benchmarks/train.py`, torch "
-               f"{ctx['weights'].get('torch', '?')}).")
+               f"{ctx['weights'].get('torch', '?')})." + (
+                   "" if not ctx.get("linear_fit") else
+                   f" LinearAG coefficients: fitted on {ctx['linear_fit'][0]} recorded CFG trajectories (other "
+                   f"seeds) in {ctx['linear_fit'][1]:.1f} s, estimate_until and history at the pack's defaults."))
     out.append("")
     out.append("| method | evals/image | saved vs CFG | mean latch step | SSIM vs CFG | PSNR vs CFG (dB) | "
                "class acc | FD to real | diversity | wall time / CFG | CPU time / CFG |")
@@ -274,6 +310,10 @@ def _recommendation(rows, recorder=None) -> str:
             if key in by_name:
                 parts.append(f"{label} {by_name[key]['saved']:.1f}% / {by_name[key]['ssim']:.3f}")
         lines.append("At γ̄ 0.99 (x0): " + "; ".join(parts) + ".")
+    linear = [r for r in rows if r["method"].group == "LinearAG"]
+    if linear:
+        lines.append("LinearAG: " + "; ".join(f"{r['name']} {r['saved']:.1f}% saved / SSIM {r['ssim']:.3f} / FD "
+                                               f"{r['fd']:.2f}" for r in linear) + ".")
     delta = [r for r in rows if r["method"].hold_delta]
     for r in delta:
         plain = next((x for x in rows if x["method"].group == "AG x0" and x["method"].ag == r["method"].ag), None)
@@ -336,6 +376,8 @@ def main(argv=None) -> int:
     parser.add_argument("--per-class", type=int, default=15, help="samples per class (default 15 → 150)")
     parser.add_argument("--batch", type=int, default=5, help="images per sampling call (one class per call)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--fit-per-class", type=int, default=10,
+                        help="LinearAG: recorded CFG trajectories per class for the fit (separate seeds)")
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--sampler", default="euler")

@@ -133,6 +133,25 @@ def test_ag_and_hold_delta_keep_the_evaluation_count(eval_model, harness):
     assert (r_ag.images - cfg.images).abs().max() < 2.0
 
 
+def test_linear_ag_rows_fit_and_count(eval_model, harness):
+    """The LinearAG rows: the pack's recorder + fit on separate seeds, and the paper's schedule's count."""
+    try:
+        lag = host.pack_module("kernels.linear_ag")
+    except ImportError:
+        pytest.skip("LinearAG is not in the pack")
+    steps = 8
+    coefficients, trajectories, _ = harness.fit_linear_ag(eval_model, [1, 7], 2, 2, steps, 90_000, 5.0)
+    assert trajectories == 4 and bool(coefficients.fitted[1:].any())
+    common = dict(classes=[1], per_class=2, batch=2, steps=steps, seed=5)
+    for estimator in ("fitted", "hold_delta"):
+        params = lag.LinearAGParams().replace(estimator=estimator, after="cond_only")
+        r = harness.run_method(eval_model, harness.Method(estimator, 5.0, linear_ag=params,
+                                                          coefficients=coefficients), **common)
+        # steps 0 and 2 full CFG, 1 and 3 estimated, 4..7 conditional only
+        assert r.evals_per_image == 2 + 1 + 2 + 1 + 4, (estimator, r.evals_per_image)
+        assert torch.isfinite(r.images).all()
+
+
 def test_hold_delta_substitutes_only_handed_on_rows(comfy_root, harness):
     holder = harness.HoldDelta("eps")
     cond = torch.ones(2, 1, 2, 2)
