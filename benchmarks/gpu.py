@@ -164,12 +164,24 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
             method = h.Method(name, cfg)
         elif isinstance(spec, float):
             method = h.Method(name, cfg, P(threshold=0.0, space="x0", start_percent=spec))
+        elif type(spec).__name__ == "NegToMeParams":
+            method = h.Method(name, cfg, negtome=spec)
         else:  # LinearAGParams
             method = h.Method(name, cfg, linear_ag=spec)
-        counter, seconds, peak = sample(method, steps)
+        try:
+            counter, seconds, peak = sample(method, steps)
+        except Exception as e:  # noqa: BLE001  a technique under development must not cost the other rows
+            logger.error("%s %s failed: %s", family, name, e)
+            rows.append(dict(family=family, method=f"{name} (failed: {type(e).__name__})", evals=float("nan"),
+                             seconds=float("nan"), peak=None))
+            continue
         rows.append(dict(family=family, method=name, evals=counter.rows / batch, seconds=seconds, peak=peak))
         logger.info("%s %-40s %.1f evals/image %.2fs", family, name, counter.rows / batch, seconds)
-    ref = rows[0]["seconds"]
+    # CFG again at the end: the spread of the two CFG timings is the noise of the ratios
+    counter, seconds, peak = sample(h.Method("CFG", cfg), steps)
+    rows.append(dict(family=family, method="CFG (repeat, last)", evals=counter.rows / batch, seconds=seconds,
+                     peak=peak))
+    ref = (rows[0]["seconds"] + seconds) / 2
     for r in rows:
         r["ratio"] = r["seconds"] / ref
     return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler)
@@ -187,12 +199,17 @@ def linear_ag_timing_params():
     return lag.LinearAGParams().replace(estimator="hold_delta", after="cond_only", guidance=P(threshold=1.0))
 
 
-def negtome_available() -> bool:
+def negtome_params():
+    """The pack's NegToMe defaults (diversity mode), or None when the pack has no NegToMe."""
     try:
         _host.host.pack_module("nodes.negtome")
-        return True
-    except ImportError:
-        return False
+        return _host.host.pack_module("kernels.negtome").NegToMeParams()
+    except (ImportError, AttributeError):
+        return None
+
+
+def negtome_available() -> bool:
+    return negtome_params() is not None
 
 
 def render(results: dict, ctx: dict) -> str:
@@ -212,7 +229,8 @@ def render(results: dict, ctx: dict) -> str:
     out.append("")
     out.append("AG rows force the latch at the given fraction of the schedule (random weights make the cosine "
                "meaningless): evaluation counts equal those of a real run latching there. The LinearAG row uses "
-               "the online hold_delta estimator (no fit needed; a fitted run has the same count).")
+               "the online hold_delta estimator (no fit needed; a fitted run has the same count). time / CFG "
+               "is against the mean of the two CFG runs (the first and the last of each model).")
     if not ctx["negtome"]:
         out.append("NegToMe: not in the pack yet, no row.")
     out.append(f"Whole script: {ctx['total']:.0f} s.")
@@ -260,6 +278,9 @@ def main(argv=None) -> int:
     linear = linear_ag_timing_params()
     if linear is not None:
         methods.append(("LinearAG hold_delta, paper schedule", linear))
+    negtome = negtome_params()
+    if negtome is not None:
+        methods.append(("CFG + NegToMe (diversity mode, pack defaults)", negtome))
     t0 = time.perf_counter()
     results = {}
     for family in [f.strip() for f in args.models.split(",") if f.strip()]:

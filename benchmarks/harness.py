@@ -141,6 +141,8 @@ class Method:
     linear_ag: object = None
     """LinearAGParams (nodes/linear_ag.py) for a LinearAG row; `coefficients` from `fit_linear_ag` when fitted."""
     coefficients: object = None
+    negtome: object = None
+    """NegToMeParams (nodes/negtome.py) for a NegToMe row (diversity mode)."""
     unconditional: bool = False
     """Sample with the null class as the positive prompt (cfg 1): the model's unconditional distribution."""
     group: str = ""
@@ -184,6 +186,9 @@ def prepare(model, method: Method, reports: ReportCollector | None = None):
     if method.linear_ag is not None:
         from ..nodes.linear_ag import apply_linear_ag
         m = apply_linear_ag(m, method.linear_ag, method.coefficients, "LinearAG")
+    if method.negtome is not None:
+        from ..nodes.negtome import apply_negtome
+        m, _ = apply_negtome(m, method.negtome)
     return m, holder
 
 

@@ -390,6 +390,11 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     _host.configure_logging(args.verbose)
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks/run.py needs scikit-learn (the data set and the judge): "
+                         "pip install scikit-learn matplotlib")
     _host.setup()
     t0 = time.perf_counter()
     rows, recorder, ctx = evaluate(args)

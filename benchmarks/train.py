@@ -99,6 +99,10 @@ def main(argv=None) -> int:
                         help="torch threads (default 1: on a busy 2-core machine two threads ran 10-25x slower)")
     args = parser.parse_args(argv)
     _host.configure_logging()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks/train.py needs scikit-learn (the digits data set): pip install scikit-learn")
     _host.setup()
     em = _host.host.pack_module("benchmarks.eval_model")
     out = args.out or em.WEIGHTS
