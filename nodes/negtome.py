@@ -27,6 +27,7 @@ from . import adapters
 DEFAULTS = NegToMeParams()
 CATEGORY = "TFG/guidance"
 NODE = "NegToMe"
+REFERENCE_NODE = "NegToMe Reference"
 SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
 CALL_INFO = "tfg_negtome_call"
 
@@ -45,7 +46,7 @@ _DESCRIPTION = (
 _BLOCK_NAMES = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "sd3": ("joint",)}
 
 
-def negtome_inputs() -> list:
+def negtome_inputs(matchings: tuple[str, ...] = MATCHINGS) -> list:
     """The NegToMe parameter inputs, shared by the diversity and reference nodes."""
     return [
         io.Float.Input("alpha", default=DEFAULTS.alpha, min=-10.0, max=10.0, step=0.05,
@@ -55,7 +56,7 @@ def negtome_inputs() -> list:
         io.Float.Input("threshold", default=DEFAULTS.threshold, min=-1.0, max=1.0, step=0.01,
                        tooltip="tau: only tokens whose cosine similarity with their match exceeds this are merged. "
                                "Neutral: 1.0 (nothing matches). Official: 0.7 (SDXL), 0.65 (Flux)."),
-        io.Combo.Input("matching", options=list(MATCHINGS), default=DEFAULTS.matching,
+        io.Combo.Input("matching", options=list(matchings), default=DEFAULTS.matching,
                        tooltip="official: the released negtome() maths, reference = image 0 (for each reference "
                                "token the best-matching token of the image decides; image 0 is unchanged). "
                                "best_match: the paper's wording, each token pushed from its own best match in "
@@ -194,6 +195,12 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
             "use an SD1.x, SD2.x, SDXL, SD3 or Flux model, or remove this node.")
     m = model.clone()
     key = adapters.new_patch_key("negtome")
+    if reference is not None:
+        if params.matching == "all_others":
+            raise adapters.node_error(node_name, family, "matching all_others compares generated images with each "
+                                                         "other; the reference mode has one reference image.",
+                                      "use matching official or best_match.")
+        reference.model_sampling = m.get_model_object("model_sampling")
     arch = _arch(family)
     counts = {} if arch == "unet" else _dit_counts(m, family)
     custom = _selected_custom(params, family, counts) if params.blocks == "custom" else None
@@ -352,6 +359,98 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
     return m, key
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Reference-image mode
+# ----------------------------------------------------------------------------------------------
+def _expand_rows(value, n_chunks: int, per_chunk: int):
+    """Insert a copy of each chunk's first row at the chunk's start (tensors, and lists of tensors, whose
+    first dimension is the batch); anything else is returned as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_chunks * per_chunk:
+        parts = []
+        for chunk in value.chunk(n_chunks, dim=0):
+            parts += [chunk[:1], chunk]
+        return torch.cat(parts, dim=0)
+    if isinstance(value, list):
+        return [_expand_rows(v, n_chunks, per_chunk) for v in value]
+    return value
+
+
+class ReferenceImage:
+    """The reference image of NegToMe's reference mode: a (1, C, h, w) latent in the sampler's space,
+    inserted at index 0 of every cond/uncond chunk on active steps, clean or noised to the current sigma,
+    its own output discarded."""
+
+    def __init__(self, latent: torch.Tensor, mask: torch.Tensor | None, noised: bool, node_name: str,
+                 family: adapters.ModelFamily):
+        self.latent = latent
+        self.mask = mask
+        self.noised = noised
+        self.node_name = node_name
+        self.family = family
+        self.model_sampling = None
+        self._noise: dict = {}
+
+    def row(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        ref = self.latent
+        if ref.shape[-2:] != x.shape[-2:]:
+            adapters.warn_once(
+                f"negtome.refsize.{id(self)}.{tuple(x.shape[-2:])}",
+                f"{adapters.PACK_NAME} {self.node_name} [model family: {self.family.name}]: the reference image "
+                f"encodes to a {tuple(ref.shape[-2:])} latent but the sampled latent is {tuple(x.shape[-2:])}; the "
+                "reference latent is resized (bilinear). Resize the image to the generation size for a faithful "
+                "reference.")
+            ref = torch.nn.functional.interpolate(ref.float(), size=x.shape[-2:], mode="bilinear",
+                                                  align_corners=False)
+        ref = ref.to(device=x.device, dtype=x.dtype)
+        if ref.shape[1] != x.shape[1]:
+            raise adapters.node_error(
+                self.node_name, self.family, f"the reference latent has {ref.shape[1]} channels, the model samples "
+                f"{x.shape[1]}.", "connect the VAE that belongs to this model.")
+        if not self.noised:
+            return ref
+        key = tuple(ref.shape)
+        if key not in self._noise:
+            g = torch.Generator().manual_seed(0)
+            self._noise[key] = torch.randn(key, generator=g)
+        noise = self._noise[key].to(device=x.device, dtype=x.dtype)
+        s = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
+        return self.model_sampling.noise_scaling(s, noise, ref)
+
+    def run(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, kwargs, sigma):
+        if control is not None:
+            raise adapters.node_error(
+                self.node_name, self.family, "the reference mode adds a batch row, which ControlNet outputs computed "
+                "for the original batch cannot follow.", "remove the ControlNet, or use diversity mode (NegToMe).")
+        kinds = transformer_options.get("cond_or_uncond", [0])
+        n_chunks = max(1, len(kinds))
+        per_chunk = x.shape[0] // n_chunks
+        ref = self.row(x, sigma)
+        parts = []
+        for chunk in x.chunk(n_chunks, dim=0):
+            parts += [ref, chunk]
+        x_ext = torch.cat(parts, dim=0)
+        ext = lambda v: _expand_rows(v, n_chunks, per_chunk)  # noqa: E731
+        extra = {k: ext(v) for k, v in kwargs.items()}
+        out = executor(x_ext, ext(t), ext(c_concat), ext(c_crossattn), control, transformer_options, **extra)
+        keep = [row for c in range(n_chunks) for row in range(c * (per_chunk + 1) + 1, (c + 1) * (per_chunk + 1))]
+        return out[keep]
+
+
+def encode_reference(model, vae, image: torch.Tensor, node_name: str, family: adapters.ModelFamily) -> torch.Tensor:
+    """The first image of `image` (B, H, W, C) as a (1, C, h, w) latent in the sampler's space."""
+    if image.shape[0] > 1:
+        adapters.warn_once(f"negtome.refbatch.{node_name}",
+                           f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: {image.shape[0]} "
+                           "reference images given; only the first is used.")
+    with torch.inference_mode(False), torch.no_grad():
+        latent = vae.encode(image[:1, :, :, :3])
+    latent_format = model.get_model_object("latent_format")
+    if latent.dim() != 4:
+        raise adapters.node_error(node_name, family, f"the VAE returned a {latent.dim()}-D latent; NegToMe's "
+                                                     "reference mode needs an image VAE.", "connect the model's VAE.")
+    return latent_format.process_in(latent.float()).cpu()
+
 # ----------------------------------------------------------------------------------------------
 # Nodes
 # ----------------------------------------------------------------------------------------------
@@ -378,4 +477,63 @@ class NegToMe(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-NODES = [NegToMe]
+class NegToMeReference(io.ComfyNode):
+    """MODEL patch, reference-image mode: every generated image is pushed away from a reference image."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_NegToMeReference",
+            display_name="NegToMe Reference (TFG)",
+            category=CATEGORY,
+            description=_DESCRIPTION.split(" Diversity mode:")[0] + (
+                " Reference mode (the paper's copyright/style-avoidance use): a reference image, encoded with the "
+                "VAE, is inserted as image 0 of every CFG chunk on active steps, clean or noised to the current "
+                "sigma, and every generated image is pushed away from it (an optional mask limits which reference "
+                "tokens can be matched); its own output is discarded. Works on SD1.x, SD2.x, SDXL, Flux and SD3 "
+                "(not with ControlNet). Cost: one extra batch row per CFG chunk on active steps only."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch."),
+                io.Vae.Input("vae", tooltip="The VAE of this model, to encode the reference image."),
+                io.Image.Input("image", tooltip="The reference image to avoid (first of the batch). Best at the "
+                                                "generation size; otherwise its latent is resized."),
+                io.Boolean.Input("noise_reference", default=False,
+                                 tooltip="False: insert the clean reference latent every step (official default, "
+                                         "noise_rag=False). True: noise it to the current sigma first (fixed noise, "
+                                         "seed 0)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: only the reference's tokens under the mask (>= half covered) can "
+                                      "be matched. An empty mask matches nothing (the node then does nothing and "
+                                      "warns)."),
+            ] + negtome_inputs(("official", "best_match")),
+            outputs=[io.Model.Output(tooltip="The model with NegToMe's reference mode installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, image, noise_reference, alpha, threshold, matching, window, start_percent,
+                end_percent, blocks, custom_blocks, mask=None) -> io.NodeOutput:
+        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks)
+        problems = params.validate()
+        if problems:
+            raise adapters.node_error(REFERENCE_NODE, None, "; ".join(problems), "correct the inputs.")
+        family = adapters.detect_family(model)
+        if mask is not None:
+            mask = mask[0] if mask.dim() == 3 else mask
+            if not bool((mask >= 0.5).any()):
+                adapters.warn_once(
+                    f"negtome.emptymask.{id(mask)}",
+                    f"{adapters.PACK_NAME} {REFERENCE_NODE} [model family: {family.name}]: the mask is empty, so no "
+                    "reference token can be matched and the node does nothing. Paint the region of the reference "
+                    "to avoid, or disconnect the mask to use the whole image.")
+                return io.NodeOutput(model)
+            mask = mask.float().cpu()
+        if family.key in SUPPORTED:
+            latent = encode_reference(model, vae, image, REFERENCE_NODE, family)
+        else:
+            latent = None  # apply_negtome raises the family error
+        reference = ReferenceImage(latent, mask, noise_reference, REFERENCE_NODE, family)
+        patched, _ = apply_negtome(model, params, REFERENCE_NODE, reference=reference)
+        return io.NodeOutput(patched)
+
+
+NODES = [NegToMe, NegToMeReference]

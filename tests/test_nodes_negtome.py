@@ -225,3 +225,136 @@ def test_schema(comfy_root, nt):
     for inp in schema.inputs:
         assert inp.tooltip, inp.id
     assert "arXiv 2412.01339" in schema.description
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference-image mode
+# ------------------------------------------------------------------------------------------------
+class FakeVAE:
+    """Deterministic stand-in for a VAE: an 8x downsampled, fixed random projection of the pixels."""
+
+    def __init__(self, channels):
+        self.channels = channels
+        self.calls = 0
+
+    def encode(self, pixels):
+        self.calls += 1
+        g = torch.Generator().manual_seed(11)
+        proj = torch.randn(3, self.channels, generator=g)
+        x = pixels[..., :3].movedim(-1, 1)
+        x = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.einsum("bchw,co->bohw", x, proj)
+
+
+def reference_image(size=64, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, size, size, 3, generator=g)
+
+
+def ref_patched(nt, s: Setup, mask=None, noise_reference=False, image=None, **overrides):
+    values = dict(BASE)
+    values.update(overrides)
+    image = reference_image() if image is None else image
+    return nt.NegToMeReference.execute(model=s.model, vae=FakeVAE(s.latent_channels), image=image,
+                                       noise_reference=noise_reference, mask=mask, **values).args[0]
+
+
+def test_reference_mode_changes_every_image_and_keeps_shape(setup, nt):
+    base = sample(setup, setup.model, batch=2)
+    out = sample(setup, ref_patched(nt, setup, alpha=1.5), batch=2)
+    assert out.shape == base.shape
+    assert not torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1])
+
+
+def test_reference_mode_works_with_batch_of_one(sd15, nt):
+    assert not torch.equal(sample(sd15, sd15.model, batch=1), sample(sd15, ref_patched(nt, sd15), batch=1))
+
+
+def test_reference_mode_alpha_zero_only_costs_a_row(sd15, nt):
+    """alpha = 0 installs nothing active: bit-identical."""
+    assert torch.equal(sample(sd15, sd15.model, batch=2), sample(sd15, ref_patched(nt, sd15, alpha=0.0), batch=2))
+
+
+def test_reference_mode_empty_mask_changes_nothing(setup, nt, caplog):
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        model = ref_patched(nt, setup, mask=torch.zeros(1, 64, 64), alpha=1.5)
+    assert torch.equal(sample(setup, setup.model, batch=2), sample(setup, model, batch=2))
+    assert "mask is empty" in caplog.text
+
+
+def test_reference_mode_mask_limits_matches(sd15, nt):
+    full, key_full = nt.apply_negtome(sd15.model, nt.NegToMeParams(**BASE), reference=_reference(nt, sd15, None))
+    sample(sd15, full, batch=2)
+    mask = torch.zeros(64, 64)
+    mask[:, :32] = 1.0
+    half, key_half = nt.apply_negtome(sd15.model, nt.NegToMeParams(**BASE), reference=_reference(nt, sd15, mask))
+    out_half = sample(sd15, half, batch=2)
+    merged_full = sum(nt.LAST_RUN[key_full].tokens_by_step.values())
+    merged_half = sum(nt.LAST_RUN[key_half].tokens_by_step.values())
+    assert 0 < merged_half < merged_full
+    assert not torch.equal(out_half, sample(sd15, sd15.model, batch=2))
+
+
+def _reference(nt, s: Setup, mask, noised=False):
+    family = host.pack_module("nodes.adapters").detect_family(s.model)
+    latent = nt.encode_reference(s.model, FakeVAE(s.latent_channels), reference_image(), "test", family)
+    return nt.ReferenceImage(latent, mask, noised, "test", family)
+
+
+def test_reference_mode_noised_differs_from_clean(setup, nt):
+    clean = sample(setup, ref_patched(nt, setup, alpha=1.5), batch=2)
+    noised = sample(setup, ref_patched(nt, setup, alpha=1.5, noise_reference=True), batch=2)
+    assert not torch.equal(clean, noised)
+
+
+def test_reference_mode_inserted_only_inside_window(sd15, nt):
+    """Outside the window no row is inserted: count network rows per call."""
+    import comfy.patcher_extension
+    rows = []
+    model = ref_patched(nt, sd15, window="custom", start_percent=0.0, end_percent=0.45)
+
+    def count(executor, x, *args, **kwargs):
+        out = executor(x, *args, **kwargs)
+        rows.append((x.shape[0], out.shape[0]))
+        return out
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.rows", count)
+    sample(sd15, counted, batch=2)
+    network_rows = [r[0] for r in rows]
+    assert network_rows[0] == 6 and network_rows[-1] == 4  # 2 chunks x (2 + reference) early, 2 x 2 late
+
+
+def test_reference_mode_separate_calls_match_batched(sd15, nt, monkeypatch):
+    import comfy.samplers
+    model = ref_patched(nt, sd15, alpha=1.5)
+    batched = sample(sd15, model, batch=2)
+    original = comfy.samplers._calc_cond_batch
+
+    def split(model_, conds, x_in, timestep, model_options):
+        outs = []
+        for i, c in enumerate(conds):
+            only = [None] * len(conds)
+            only[i] = c
+            outs.append(original(model_, only, x_in, timestep, model_options)[i])
+        return outs
+
+    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", split)
+    # Different network batch sizes round differently (~1e-7); with every token merged (threshold -1) that can flip
+    # a near-tie argmax early on, which spreads as a small change everywhere: close, not bit-equal.
+    separate = sample(sd15, model, batch=2)
+    torch.testing.assert_close(separate, batched, rtol=5e-3, atol=5e-3)
+
+
+def test_reference_mode_rejects_all_others(sd15, nt):
+    with pytest.raises(ValueError, match=r"TFG NegToMe Reference \[model family: SD1.x\].*all_others.*Fix:"):
+        nt.apply_negtome(sd15.model, nt.NegToMeParams(**dict(BASE, matching="all_others")),
+                         nt.REFERENCE_NODE, reference=_reference(nt, sd15, None))
+
+
+def test_reference_schema(comfy_root, nt):
+    schema = nt.NegToMeReference.define_schema()
+    assert schema.node_id == "TFG_NegToMeReference"
+    assert all(i.tooltip for i in schema.inputs)
+    matching = [i for i in schema.inputs if i.id == "matching"][0]
+    assert "all_others" not in matching.options
