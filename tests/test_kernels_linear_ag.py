@@ -81,18 +81,21 @@ def test_k_is_limited_by_the_step_and_padded_in_the_fit():
     assert torch.all(coefficients[1, 4:] == 0)  # step 1 used k = 1: 4 coefficients, zero-padded
 
 
-def test_online_estimators():
+def test_online_estimators_work_in_score_space():
     x = torch.zeros(1, 3)
     est = la.UncondEstimator(la.LinearAGParams(estimator="hold_delta"))
     c1, u1 = torch.tensor([[1.0, 2, 3]]), torch.tensor([[0.5, 1, 1]])
     assert not est.can_estimate(1, 1)  # nothing computed yet
-    est.record(x, c1, u1, 1.0, computed=True)
+    est.record(x, c1, u1, 2.0, computed=True)
     c2 = torch.tensor([[2.0, 2, 2]])
-    torch.testing.assert_close(est.estimate(x, c2, 1, 0.5), c2 - (c1 - u1))
+    # score-space delta (x - D)/sigma is held: the denoised delta scales with sigma (2 -> 0.5)
+    torch.testing.assert_close(est.estimate(x, c2, 1, 0.5), c2 - (c1 - u1) * 0.25)
     ext = la.UncondEstimator(la.LinearAGParams(estimator="extrapolate_delta"))
     ext.record(x, c1, u1, 1.0, computed=True)
-    ext.record(x, c1, c1 - 2 * (c1 - u1), 0.8, computed=True)  # delta doubled
-    torch.testing.assert_close(ext.estimate(x, c2, 2, 0.5), c2 - 3 * (c1 - u1))
+    ext.record(x, c1, c1 - 2 * (c1 - u1), 1.0, computed=True)  # delta doubled
+    torch.testing.assert_close(ext.estimate(x, c2, 2, 1.0), c2 - 3 * (c1 - u1))
+    est.record(x, c2, c2, 0.5, computed=False)  # estimated steps do not feed the delta
+    torch.testing.assert_close(est.estimate(x, c2, 3, 0.5), c2 - (c1 - u1) * 0.25)
     prev = la.UncondEstimator(la.LinearAGParams(estimator="previous_uncond"))
     prev.record(x, c1, u1, 1.0, computed=True)
     assert torch.equal(prev.estimate(x, c2, 1, 0.5), u1)
