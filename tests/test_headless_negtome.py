@@ -2,6 +2,8 @@
 the HTTP API, and loud failures. Needs the pack's nodes registered in nodes/__init__.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,8 @@ def _ab_images(server, entry, prompt):
 
 def test_negtome_workflows_exist():
     names = {p.name for p in WORKFLOWS}
-    assert {"negtome_diversity_sdxl.json", "negtome_diversity_flux.json"} <= names, names
+    assert {"negtome_diversity_sdxl.json", "negtome_diversity_flux.json", "negtome_reference_sdxl.json"} <= names, \
+        names
 
 
 @pytest.mark.parametrize("name", ["negtome_diversity_sdxl.json", "negtome_diversity_flux.json"])
@@ -63,3 +66,45 @@ def test_bad_window_fails_naming_the_node(comfy_server):
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     message = errors[0][1]["exception_message"]
     assert "TFG NegToMe" in message and "start_percent" in message and "Fix:" in message, message
+
+
+def _upload_example_image(server) -> None:
+    """The reference workflow loads ComfyUI's own input/example.png; the test server's input folder is empty."""
+    import requests
+    example = Path(server.comfy_path) / "input" / "example.png"
+    if not example.is_file():
+        pytest.skip(f"{example} not found")
+    with open(example, "rb") as f:
+        r = requests.post(f"{server.url}/upload/image", files={"image": ("example.png", f, "image/png")},
+                          data={"overwrite": "true"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def _reference_prompt(server, **node_inputs):
+    _upload_example_image(server)
+    prompt = load_api_workflow(WORKFLOWS_API_DIR / "negtome_reference_sdxl.json", size=SIZE, steps=STEPS)
+    scale = prompt[_node_of(prompt, "ImageScale")]
+    scale["inputs"].update(width=SIZE, height=SIZE)
+    prompt[_node_of(prompt, "TFG_NegToMeReference")]["inputs"].update(node_inputs)
+    return prompt
+
+
+def test_reference_workflow_runs_and_changes_the_images(comfy_server):
+    prompt = _reference_prompt(comfy_server, blocks="all", threshold=-1.0, alpha=1.5, window="custom",
+                               start_percent=0.0, end_percent=1.0)
+    entry = comfy_server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success"
+    a, b = _ab_images(comfy_server, entry, prompt)
+    assert len(a) == len(b) == 2, "the reference row must be discarded"
+    assert all(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_reference_workflow_with_empty_mask_changes_nothing(comfy_server):
+    prompt = _reference_prompt(comfy_server, blocks="all", threshold=-1.0, alpha=1.5)
+    prompt["emptymask"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE},
+                           "_meta": {"title": "empty mask"}}
+    prompt[_node_of(prompt, "TFG_NegToMeReference")]["inputs"]["mask"] = ["emptymask", 0]
+    entry = comfy_server.run_prompt(prompt)
+    a, b = _ab_images(comfy_server, entry, prompt)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert "mask is empty" in comfy_server.log_text()
