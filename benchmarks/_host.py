@@ -2,6 +2,8 @@
 modules (through tests/host.py, the same loader the tests use)."""
 from __future__ import annotations
 
+import importlib
+
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ def _setup_accelerated(root: Path) -> None:
     import comfy.options  # noqa: F401
     import utils.extra_config  # noqa: F401  must precede "import nodes"
     import comfy.model_management  # noqa: F401
-    import nodes  # noqa: F401
+    importlib.import_module("nodes")  # ComfyUI's own top-level nodes module
 
 
 def configure_logging(verbose: bool = False) -> None:

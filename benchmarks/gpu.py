@@ -16,6 +16,8 @@ tests); its figures are not GPU figures and are never written to BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import importlib
+
 import argparse
 import datetime
 import gc
@@ -118,7 +120,7 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
     import comfy.model_management
     import comfy.model_patcher
     import comfy.utils
-    import nodes
+    comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own top-level nodes module
     h = _host.host.pack_module("benchmarks.harness")
     P = _host.host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
     _, _, _, _, _, sampler, scheduler, cfg = FAMILIES[family]
@@ -148,7 +150,7 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
         sync()
         t = time.perf_counter()
         with torch.inference_mode():
-            out = nodes.common_ksampler(model, 7, n_steps, method.cfg, sampler, scheduler, positive, negative,
+            out = comfy_nodes.common_ksampler(model, 7, n_steps, method.cfg, sampler, scheduler, positive, negative,
                                         latent, denoise=1.0)[0]["samples"]
         sync()
         seconds = time.perf_counter() - t

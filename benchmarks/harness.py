@@ -4,6 +4,8 @@ wrapper, records the cond/uncond cosine per step, and implements the benchmark-o
 delta" AG variant."""
 from __future__ import annotations
 
+import importlib
+
 import logging
 import re
 import time
@@ -14,7 +16,7 @@ import torch
 import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
-import nodes
+comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own top-level nodes module
 
 from ..kernels.adaptive_guidance import AdaptiveGuidanceParams, in_space, per_sample_cosine
 from ..nodes import adapters
@@ -255,7 +257,7 @@ def _sample_once(eval_model, model, digit, n, seed, steps, cfg, sampler, schedul
     latent = eval_model.empty_latent(n)
     with torch.inference_mode():
         if path == "ksampler":
-            out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+            out = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                         denoise=1.0)[0]["samples"]
         elif path == "advanced":
             from comfy_extras import nodes_custom_sampler as ncs
@@ -291,3 +293,69 @@ def fit_linear_ag(eval_model, classes: list[int], per_class: int, batch: int, st
             call += 1
     coefficients = fit_recording(recording, ridge, "benchmark recording")
     return coefficients, recording.stats.trajectories, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# LinearAG: one-step estimation error of each estimator on held-out CFG trajectories
+# ------------------------------------------------------------------------------------------------
+class EstimatorErrors:
+    """CALC_COND_BATCH wrapper on a plain CFG model. On every step that LinearAG's schedule estimates, each
+    estimator predicts the uncond from the true history; the error is ||D̂_u − D_u|| / ||D_c − D_u|| per
+    sample (1.0 = as far off as using the cond prediction alone), averaged over samples and steps."""
+
+    def __init__(self, estimators: dict, params):
+        from ..kernels.linear_ag import UncondEstimator
+        self.factory = {name: (lambda p=p, c=c: UncondEstimator(p, *c)) for name, (p, c) in estimators.items()}
+        self.params = params
+        self.errors: dict[str, list[float]] = {name: [] for name in estimators}
+        self.reset()
+
+    def reset(self):
+        self.live = {name: make() for name, make in self.factory.items()}
+        self.last_step = -1
+
+    def wrapper(self, executor, base_model, conds, x, timestep, model_options):
+        from ..kernels.linear_ag import is_estimated_step
+        out = executor(base_model, conds, x, timestep, model_options)
+        if len(conds) != 2 or conds[1] is None:
+            return out
+        sigmas = adapters.sample_sigmas_of(model_options)
+        step = adapters.step_index(timestep, sigmas)
+        if step == self.last_step:
+            return out
+        self.last_step = step
+        sigma = float(timestep.flatten()[0])
+        cond, uncond = out[0].float(), out[1].float()
+        if is_estimated_step(step, len(sigmas) - 1, self.params.estimate_until):
+            scale = (cond - uncond).flatten(1).norm(dim=1).clamp_min(1e-12)
+            for name, est in self.live.items():
+                if est.can_estimate(step, x.shape[0]):
+                    guess = est.estimate(x, cond, step, sigma).float()
+                    self.errors[name].extend(((guess - uncond).flatten(1).norm(dim=1) / scale).tolist())
+        for est in self.live.values():
+            est.record(x, cond, uncond, sigma, computed=True)
+        return out
+
+    def mean(self, name: str) -> float:
+        values = self.errors[name]
+        return sum(values) / len(values) if values else float("nan")
+
+
+def estimator_errors(eval_model, estimators: dict, params, classes: list[int], per_class: int, batch: int,
+                     steps: int, seed: int, cfg: float, sampler: str = "euler", scheduler: str = "normal"):
+    """Run plain CFG on held-out seeds and measure each estimator's one-step error (see EstimatorErrors)."""
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    probe = EstimatorErrors(estimators, params)
+    model = eval_model.model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "tfg.benchmarks.estimator_errors",
+                               probe.wrapper)
+    call = 0
+    for digit in classes:
+        done = 0
+        while done < per_class:
+            n = min(batch, per_class - done)
+            probe.reset()
+            _sample_once(eval_model, model, digit, n, seed + call, steps, cfg, sampler, scheduler, "ksampler")
+            done += n
+            call += 1
+    return probe

@@ -74,6 +74,7 @@ def build_methods(cfg: float, quick: bool):
 
 
 LINEAR_AG_FIT_SEED = 900_000  # recording seeds, apart from the evaluation seeds
+LINEAR_AG_HELDOUT_SEED = 950_000  # estimation-error seeds, apart from both
 
 
 def _linear_ag_methods(eval_model, args, classes):
@@ -96,10 +97,27 @@ def _linear_ag_methods(eval_model, args, classes):
         params = defaults.replace(estimator=estimator, after="cond_only")
         methods.append(h.Method(f"LinearAG {estimator}, then cond only (paper schedule)", args.cfg,
                                 linear_ag=params, coefficients=coefficients, group="LinearAG"))
+    for estimator in ("fitted", "extrapolate_delta"):
+        params = defaults.replace(estimator=estimator, after="cond_only", estimate_until=0.4)
+        methods.append(h.Method(f"LinearAG {estimator}, estimate_until 0.4, then cond only", args.cfg,
+                                linear_ag=params, coefficients=coefficients, group="LinearAG"))
     params = defaults.replace(estimator="fitted", after="adaptive", guidance=P(threshold=0.99, space="x0"))
     methods.append(h.Method("LinearAG fitted, then AG x0 0.99", args.cfg, linear_ag=params,
                             coefficients=coefficients, group="LinearAG"))
-    return methods, trajectories, seconds
+    # one-step estimation error of each estimator on held-out seeds (the acceptance check)
+    k1, _, _ = h.fit_linear_ag(eval_model, classes, args.fit_per_class, args.batch, args.steps, LINEAR_AG_FIT_SEED,
+                               args.cfg, args.sampler, args.scheduler, history=1, ridge=defaults.ridge)
+    estimators = {
+        f"fitted K={defaults.history}": (defaults, (coefficients.coefficients, coefficients.fitted)),
+        "fitted K=1": (defaults.replace(history=1), (k1.coefficients, k1.fitted)),
+        "hold_delta": (defaults.replace(estimator="hold_delta"), ()),
+        "extrapolate_delta": (defaults.replace(estimator="extrapolate_delta"), ()),
+        "previous_uncond": (defaults.replace(estimator="previous_uncond"), ()),
+    }
+    probe = h.estimator_errors(eval_model, estimators, defaults, classes, max(2, args.per_class // 2), args.batch,
+                               args.steps, LINEAR_AG_HELDOUT_SEED, args.cfg, args.sampler, args.scheduler)
+    errors = {name: probe.mean(name) for name in estimators}
+    return methods, trajectories, seconds, errors
 
 
 def cpu_model() -> str:
@@ -179,7 +197,8 @@ def evaluate(args):
         cpu=cpu_model(), cores=__import__("os").cpu_count(), torch=torch.__version__, threads=args.threads,
         comfyui=_comfyui_version(), judge_acc=judge.heldout_accuracy, judge_seconds=judge_seconds,
         fd_floor=judge.real_floor(), n=len(classes) * args.per_class, args=args,
-        linear_fit=None if linear is None else linear[1:],
+        linear_fit=None if linear is None else linear[1:3],
+        linear_errors=None if linear is None else linear[3],
         cfg_seconds=(ref.seconds, cfg_again.seconds), cfg_cpu=(ref.cpu_seconds, cfg_again.cpu_seconds),
         weights=eval_model.metadata,
     )
@@ -245,6 +264,17 @@ def render(rows, recorder, ctx) -> str:
                "against the mean of the two CFG runs; on a shared machine the CPU time of this process (one torch "
                "thread) is the steadier of the two.")
     out.append("")
+    if ctx.get("linear_errors"):
+        errors = ctx["linear_errors"]
+        out.append("LinearAG one-step estimation error on held-out CFG trajectories (seeds apart from the fit and "
+                   "the table), on the steps LinearAG estimates, given the true history: "
+                   "‖D̂_u − D_u‖ / ‖D_c − D_u‖ (1.0 = no better than dropping guidance on that step).")
+        out.append("")
+        out.append("| estimator | relative error |")
+        out.append("|---|---|")
+        for name, value in sorted(errors.items(), key=lambda kv: kv[1]):
+            out.append(f"| {name} | {value:.3f} |")
+        out.append("")
     out.append(_gamma_table(recorder))
     out.append("")
     out.append(_recommendation(rows, recorder))

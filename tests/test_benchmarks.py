@@ -152,6 +152,21 @@ def test_linear_ag_rows_fit_and_count(eval_model, harness):
         assert torch.isfinite(r.images).all()
 
 
+def test_linear_ag_fitted_estimate_beats_the_baselines(eval_model, harness):
+    """The issue's acceptance check at a small scale: on held-out CFG trajectories the fitted estimate of the
+    uncond is closer than reusing the previous uncond or holding the last delta."""
+    lag = host.pack_module("kernels.linear_ag")
+    steps = 10
+    coefficients, _, _ = harness.fit_linear_ag(eval_model, list(range(10)), 2, 2, steps, 90_000, 5.0)
+    defaults = lag.LinearAGParams()
+    estimators = {"fitted": (defaults, (coefficients.coefficients, coefficients.fitted)),
+                  "hold_delta": (defaults.replace(estimator="hold_delta"), ()),
+                  "previous_uncond": (defaults.replace(estimator="previous_uncond"), ())}
+    probe = harness.estimator_errors(eval_model, estimators, defaults, [0, 3, 8], 2, 2, steps, 95_000, 5.0)
+    assert all(probe.errors[name] for name in estimators)
+    assert probe.mean("fitted") < probe.mean("hold_delta") < probe.mean("previous_uncond")
+
+
 def test_hold_delta_substitutes_only_handed_on_rows(comfy_root, harness):
     holder = harness.HoldDelta("eps")
     cond = torch.ones(2, 1, 2, 2)
