@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import host
-from sampling_helpers import FAMILIES, STEPS, Setup, _setups, get_setup, ksample
+from sampling_helpers import FAMILIES, STEPS, Setup, _setups, get_setup
 
 
 @pytest.fixture(scope="module")
