@@ -5,10 +5,10 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import adaptive_guidance, linear_ag
+from . import adaptive_guidance, linear_ag, negtome
 
 
 class TFGExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*adaptive_guidance.NODES, *linear_ag.NODES]
+        return [*adaptive_guidance.NODES, *linear_ag.NODES, *negtome.NODES]

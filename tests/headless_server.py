@@ -102,6 +102,7 @@ class ComfyServer:
             os.symlink(self.sd15_checkpoint, ckpts / TINY_SD15_NAME)
         for d in ("input", "output", "temp", "user"):
             (base / d).mkdir()
+        _write_example_image(base / "input" / "example.png")
         return base
 
     def start(self, attempts: int = 3) -> None:
@@ -394,6 +395,16 @@ def load_api_workflow(path, family_swaps: bool = True, size: int | None = 64, st
 # ----------------------------------------------------------------------------------------------
 # Fixture
 # ----------------------------------------------------------------------------------------------
+
+def _write_example_image(path: Path, size: int = 64) -> None:
+    """The input image shipped workflows load (`LoadImage example.png`): a deterministic gradient."""
+    import numpy as np
+    from PIL import Image
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)),
+                       np.full((size, size), 128, np.uint8)], axis=-1)
+    Image.fromarray(pixels).save(path)
+
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_host_path):

@@ -138,6 +138,10 @@ def test_api_workflow_runs(comfy_server, path):
     assert entry["status"]["status_str"] == "success"
     images = comfy_server.image_arrays(entry)
     assert images, f"{path.name} saved no image"
+    by_node = comfy_server.images_by_node(entry)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            assert by_node.get(node_id), f"{path.name}: SaveImage {node_id} produced no image (a branch did not run)"
     for image in images:
         assert image.shape[:2] == (SIZE, SIZE) and image.dtype == np.uint8
 
