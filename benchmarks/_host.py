@@ -45,3 +45,16 @@ def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tfg.benchmarks").setLevel(logging.INFO)
+
+
+BENCHMARKS_MD = PACK_ROOT / "BENCHMARKS.md"
+
+
+def write_results_section(markdown: str, start: str, end: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the text between the `start` and `end` markers of BENCHMARKS.md (adding them when missing)."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if start not in text or end not in text:
+        text = text.rstrip() + f"\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{markdown}\n{end}{tail}")

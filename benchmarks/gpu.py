@@ -239,15 +239,6 @@ def render(results: dict, ctx: dict) -> str:
     return "\n".join(out)
 
 
-def write_section(markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if START not in text or END not in text:
-        text = text.rstrip() + f"\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{markdown}\n{END}{tail}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sdxl,flux")
@@ -304,7 +295,7 @@ def main(argv=None) -> int:
                 logger.warning("%s: %d parameters, expected about %.3g", family, res["params"], expected)
     sys.stdout.write(markdown + "\n")
     if args.write:
-        write_section(markdown)
+        _host.write_results_section(markdown, START, END, BENCHMARKS_MD)
     return 0
 
 

@@ -70,7 +70,28 @@ def build_methods(cfg: float, quick: bool):
         for mode in ("x0", "eps"):
             methods.append(M(f"AG x0 {t} + hold delta ({mode})", cfg, P(threshold=t, space="x0"),
                              hold_delta=mode, group="hold delta"))
+    methods += _negtome_methods(cfg, quick)
     return methods
+
+
+def _negtome_methods(cfg: float, quick: bool):
+    """NegToMe diversity rows on the eval model: at 8×8 the paper's block preset (token grid ≥ 32²) holds no
+    layer, so every attention layer is used; the paper's window; official matching (reference = image 0 of
+    each sampling call) and the all-others improvement."""
+    host = _host.host
+    try:
+        kernel = host.pack_module("kernels.negtome")
+        host.pack_module("nodes.negtome")
+    except ImportError:
+        return []
+    h = host.pack_module("benchmarks.harness")
+    base = kernel.NegToMeParams(blocks="all")
+    strong = base.replace(alpha=3.0, threshold=0.3, window="custom", start_percent=0.0, end_percent=0.5)
+    rows = [(f"NegToMe α {base.alpha} τ {base.threshold} (official defaults, all layers)", base),
+            ("NegToMe α 3 τ 0.3, window 0–0.5 (all layers)", strong)]
+    if not quick:
+        rows.append(("NegToMe α 3 τ 0.3, window 0–0.5, all_others (all layers)", strong.replace(matching="all_others")))
+    return [h.Method(name, cfg, negtome=p, group="NegToMe") for name, p in rows]
 
 
 LINEAR_AG_FIT_SEED = 900_000  # recording seeds, apart from the evaluation seeds
@@ -340,6 +361,15 @@ def _recommendation(rows, recorder=None) -> str:
             if key in by_name:
                 parts.append(f"{label} {by_name[key]['saved']:.1f}% / {by_name[key]['ssim']:.3f}")
         lines.append("At γ̄ 0.99 (x0): " + "; ".join(parts) + ".")
+    negtome = [r for r in rows if r["method"].group == "NegToMe"]
+    if negtome:
+        ref_div = next(r for r in rows if r["name"] == "CFG")
+        lines.append("NegToMe (diversity within each sampling call's class): CFG diversity "
+                     f"{ref_div['div']:.3f}, class accuracy {ref_div['acc']:.3f}; " + "; ".join(
+                         f"{r['name']} diversity {r['div']:.3f} ({'higher' if r['div'] > ref_div['div'] else 'not higher'}), "
+                         f"class accuracy {r['acc']:.3f} "
+                         f"({'within' if abs(r['acc'] - ref_div['acc']) <= 0.02 else 'outside'} ±0.02 of CFG)"
+                         for r in negtome) + ".")
     linear = [r for r in rows if r["method"].group == "LinearAG"]
     if linear:
         lines.append("LinearAG: " + "; ".join(f"{r['name']} {r['saved']:.1f}% saved / SSIM {r['ssim']:.3f} / FD "
@@ -392,15 +422,6 @@ def save_plot(recorder, path: Path, note: str) -> Path | None:
     return path
 
 
-def write_section(markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    text = path.read_text() if path.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        text = text.rstrip() + f"\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{markdown}\n{END}{tail}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=15, help="samples per class (default 15 → 150)")
@@ -437,7 +458,7 @@ def main(argv=None) -> int:
                                          f"{ctx['n']} samples, {ctx['date']}")
         if plot is not None:
             markdown += f"\n\n![cond/uncond cosine per step]({plot.relative_to(BENCHMARKS_MD.parent).as_posix()})"
-        write_section(markdown)
+        _host.write_results_section(markdown, START, END, BENCHMARKS_MD)
         logger.info("wrote %s%s", BENCHMARKS_MD, f" and {plot}" if plot else "")
     return 0
 

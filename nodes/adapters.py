@@ -37,7 +37,7 @@ class ModelFamily:
 
     @property
     def is_unet(self) -> bool:
-        return self.key in ("sd1", "sd2", "sdxl")
+        return self.key in ("sd1", "sd2", "sdxl", "sd_unet")
 
     @property
     def is_flow(self) -> bool:
@@ -66,6 +66,16 @@ def detect_family(model) -> ModelFamily:
         if config is not None and isinstance(config, cls):
             return ModelFamily(key, name, config_name)
     return ModelFamily("unsupported", config_name, config_name)
+
+
+def as_sd_unet(model, family: ModelFamily) -> ModelFamily | None:
+    """For a model of no known family whose network is ComfyUI's SD UNet (openaimodel.UNetModel), the family
+    to use for architecture-dependent placement ("sd_unet"); None otherwise."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    net = getattr(getattr(model, "model", model), "diffusion_model", None)
+    if family.supported or not isinstance(net, UNetModel):
+        return None
+    return ModelFamily("sd_unet", f"{family.name} (SD UNet)", family.config_name)
 
 
 def node_error(node: str, family: ModelFamily | None, problem: str, fix: str) -> ValueError:

@@ -41,3 +41,27 @@ def comfy_host_path() -> Path:
     if _HOST is None:
         pytest.skip(_SKIP_REASON)
     return _HOST
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_tiny_models():
+    """Drop the cached tiny models before interpreter shutdown (ComfyUI's ModelPatcher.__del__ is noisy then)."""
+    yield
+    if "sampling_helpers" in sys.modules:
+        sys.modules["sampling_helpers"]._setups.clear()
+
+
+FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(params=FAMILIES)
+def setup(request, comfy_root, tmp_path_factory):
+    """A tiny model of each family with a positive and a negative prompt (sampling_helpers.Setup)."""
+    from sampling_helpers import get_setup
+    return get_setup(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def sd15(comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    return get_setup("sd15", tmp_path_factory)

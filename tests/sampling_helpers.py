@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
+FAMILIES = ["sd15", "sdxl", "sd3", "flux"]  # the `setup` fixture in conftest.py covers these
 STEPS = 4
 
 

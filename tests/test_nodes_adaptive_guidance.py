@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import host
-from sampling_helpers import FAMILIES, STEPS, Setup, _setups, advanced_sample, get_setup, ksample, with_counter
+from sampling_helpers import STEPS, advanced_sample, ksample, with_counter
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +20,6 @@ def ag(comfy_root):
 @pytest.fixture(scope="module")
 def adapters(comfy_root):
     return host.pack_module("nodes.adapters")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_models():
-    yield
-    _setups.clear()
-
-
-@pytest.fixture(params=FAMILIES)
-def setup(request, comfy_root, tmp_path_factory) -> Setup:
-    return get_setup(request.param, tmp_path_factory)
-
-
-@pytest.fixture
-def sd15(comfy_root, tmp_path_factory) -> Setup:
-    return get_setup("sd15", tmp_path_factory)
 
 
 def patch(ag, model, **overrides):

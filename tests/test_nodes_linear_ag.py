@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import host
-from sampling_helpers import STEPS, advanced_sample, get_setup, ksample, with_counter
+from sampling_helpers import STEPS, advanced_sample, ksample, with_counter
 
 AG_DEFAULTS = dict(threshold=0.995, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
 
@@ -18,16 +18,6 @@ def la(comfy_root):
 @pytest.fixture(scope="module")
 def ag(comfy_root):
     return host.pack_module("nodes.adaptive_guidance")
-
-
-@pytest.fixture
-def sd15(comfy_root, tmp_path_factory):
-    return get_setup("sd15", tmp_path_factory)
-
-
-@pytest.fixture(params=["sd15", "sdxl", "sd3", "flux"])
-def setup(request, comfy_root, tmp_path_factory):
-    return get_setup(request.param, tmp_path_factory)
 
 
 @pytest.fixture

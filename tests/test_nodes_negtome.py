@@ -10,28 +10,12 @@ import pytest
 import torch
 
 import host
-from sampling_helpers import FAMILIES, STEPS, Setup, _setups, get_setup
+from sampling_helpers import STEPS, Setup
 
 
 @pytest.fixture(scope="module")
 def nt(comfy_root):
     return host.pack_module("nodes.negtome")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_models():
-    yield
-    _setups.clear()
-
-
-@pytest.fixture(params=FAMILIES)
-def setup(request, comfy_root, tmp_path_factory) -> Setup:
-    return get_setup(request.param, tmp_path_factory)
-
-
-@pytest.fixture
-def sd15(comfy_root, tmp_path_factory) -> Setup:
-    return get_setup("sd15", tmp_path_factory)
 
 
 # Tiny models have 8x8 latents: the paper's block preset (grid >= 32) never fires there, so tests use "all"

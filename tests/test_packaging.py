@@ -6,10 +6,8 @@ import json
 import re
 import subprocess
 import sys
-import time
 import tomllib
 
-import pytest
 
 import host
 
