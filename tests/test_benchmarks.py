@@ -246,3 +246,16 @@ def test_gpu_script_refuses_without_cuda():
         pytest.skip("a CUDA device is present")
     out = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no CUDA device" in out.stderr
+
+
+def test_negtome_runs_on_the_eval_model(eval_model, harness):
+    """The NegToMe rows: the eval model is no known family but an SD UNet, so the UNet placement applies."""
+    kernel = host.pack_module("kernels.negtome")
+    params = kernel.NegToMeParams(alpha=3.0, threshold=0.3, window="custom", start_percent=0.0, end_percent=0.5,
+                                  blocks="all")
+    common = dict(classes=[4], per_class=3, batch=3, steps=8, seed=21)
+    cfg = harness.run_method(eval_model, harness.Method("CFG", 5.0), **common)
+    neg = harness.run_method(eval_model, harness.Method("NegToMe", 5.0, negtome=params), **common)
+    assert neg.evals_per_image == cfg.evals_per_image == 16
+    assert torch.equal(neg.images[0], cfg.images[0])  # official matching: the reference image 0 is untouched
+    assert not torch.equal(neg.images[1:], cfg.images[1:])
