@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from comfy_api.latest import io
 
+import comfy.model_sampling
+
 import comfy.patcher_extension
 
 from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, PAPER_UNET_MIN_GRID,
@@ -115,7 +117,8 @@ class NegToMeRunState:
 
 
 LAST_RUN: dict[str, NegToMeRunState] = {}
-"""The state of the last finished run per patch key (for reports and tests)."""
+"""The state of the last finished run per patch key (for reports and tests); the newest LAST_RUN_KEEP only."""
+LAST_RUN_KEEP = 64
 
 
 def _sigma_window(model, family: adapters.ModelFamily, params: NegToMeParams) -> tuple[float, float]:
@@ -127,7 +130,20 @@ def _sigma_window(model, family: adapters.ModelFamily, params: NegToMeParams) ->
     high = adapters.percent_to_sigma(model, 0.0)
     if family.is_flow:
         return max(high, 1.0), PAPER_FLOW_MIN_SIGMA
-    return high, float(sampling.sigma(torch.tensor(PAPER_UNET_MIN_TIMESTEP)))
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) and \
+            not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscreteEDM):
+        return high, float(sampling.sigma(torch.tensor(PAPER_UNET_MIN_TIMESTEP)))
+    # Continuous/EDM sampling (Playground v2.5, CosXL, ModelSamplingContinuousEDM): the official window is DDPM
+    # t >= 800 of the SD scaled-linear schedule, i.e. the same noise level sigma(800).
+    return high, _sd_scaled_linear_sigma(PAPER_UNET_MIN_TIMESTEP)
+
+
+def _sd_scaled_linear_sigma(timestep: float) -> float:
+    """sigma at a DDPM timestep of the SD1.x/SDXL scaled-linear schedule (betas 0.00085..0.012, 1000 steps)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    a = float(alphas_cumprod[int(round(timestep))])
+    return ((1.0 - a) / a) ** 0.5
 
 
 def _sigma_of(transformer_options: dict) -> float | None:
@@ -219,6 +235,8 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
 
     def finish(state: NegToMeRunState, guider) -> None:
         LAST_RUN[key] = state
+        while len(LAST_RUN) > LAST_RUN_KEEP:  # keep the newest runs only
+            LAST_RUN.pop(next(iter(LAST_RUN)))
         report = state.summary()
         setattr(guider, "tfg_negtome_report", report)
         adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, node_name, family.name, report)
@@ -395,7 +413,6 @@ class ReferenceImage:
         self.node_name = node_name
         self.family = family
         self.model_sampling = None
-        self._noise: dict = {}
 
     def row(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         ref = self.latent
@@ -415,11 +432,9 @@ class ReferenceImage:
                 f"{x.shape[1]}.", "connect the VAE that belongs to this model.")
         if not self.noised:
             return ref
-        key = tuple(ref.shape)
-        if key not in self._noise:
-            g = torch.Generator().manual_seed(0)
-            self._noise[key] = torch.randn(key, generator=g)
-        noise = self._noise[key].to(device=x.device, dtype=x.dtype)
+        # fresh noise each step, as the official pipelines draw it, but reproducible: seeded by the step's sigma
+        g = torch.Generator().manual_seed(int(round(sigma * 1e6)) % (2 ** 31))
+        noise = torch.randn(tuple(ref.shape), generator=g).to(device=x.device, dtype=x.dtype)
         s = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
         return self.model_sampling.noise_scaling(s, noise, ref)
 
@@ -526,14 +541,14 @@ class NegToMeReference(io.ComfyNode):
         if mask is not None:
             mask = mask[0] if mask.dim() == 3 else mask
             if not bool((mask >= 0.5).any()):
-                adapters.warn_once(
-                    f"negtome.emptymask.{id(mask)}",
-                    f"{adapters.PACK_NAME} {REFERENCE_NODE} [model family: {family.name}]: the mask is empty, so no "
-                    "reference token can be matched and the node does nothing. Paint the region of the reference "
-                    "to avoid, or disconnect the mask to use the whole image.")
+                # once per node execution (ComfyUI re-executes the node only when its inputs change)
+                adapters.logger.warning(
+                    "%s %s [model family: %s]: the mask is empty, so no reference token can be matched and the node "
+                    "does nothing. Paint the region of the reference to avoid, or disconnect the mask to use the "
+                    "whole image.", adapters.PACK_NAME, REFERENCE_NODE, family.name)
                 return io.NodeOutput(model)
             mask = mask.float().cpu()
-        if family.key in SUPPORTED:
+        if family.key in SUPPORTED or adapters.as_sd_unet(model, family) is not None:
             latent = encode_reference(model, vae, image, REFERENCE_NODE, family)
         else:
             latent = None  # apply_negtome raises the family error

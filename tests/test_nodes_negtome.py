@@ -349,3 +349,21 @@ def test_reference_schema(comfy_root, nt):
     assert all(i.tooltip for i in schema.inputs)
     matching = [i for i in schema.inputs if i.id == "matching"][0]
     assert "all_others" not in matching.options
+
+
+def test_paper_window_on_edm_sampling_uses_the_ddpm_noise_level(sd15, nt):
+    """Playground v2.5 / CosXL style models sample with continuous EDM sigmas: the official window (DDPM t >= 800)
+    must still map to the scaled-linear schedule's sigma(800), not to exp(800 / 0.25)."""
+    import comfy.model_sampling
+    discrete_high, discrete_low = nt._sigma_window(sd15.model, nt.adapters.detect_family(sd15.model), nt.NegToMeParams())
+
+    class EDM(comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EPS):
+        pass
+
+    m = sd15.model.clone()
+    sampling = EDM(sd15.model.model.model_config)
+    sampling.set_parameters(0.002, 120.0, 0.5)
+    m.add_object_patch("model_sampling", sampling)
+    high, low = nt._sigma_window(m, nt.adapters.detect_family(m), nt.NegToMeParams())
+    assert abs(low - 5.111) < 1e-3 and abs(discrete_low - low) < 0.05
+    assert high > low
