@@ -96,6 +96,9 @@ class ComfyServer:
         os.symlink(PACK_ROOT, base / "custom_nodes" / PACK_DIR_NAME, target_is_directory=True)
         os.symlink(TESTS_DIR / "testing_pack", base / "custom_nodes" / TESTING_PACK_DIR_NAME,
                    target_is_directory=True)
+        # the benchmark-only eval-model nodes, so the benchmark's headless graph runs on a real server too
+        os.symlink(PACK_ROOT / "benchmarks" / "comfy_nodes", base / "custom_nodes" / "tfg_digits_eval",
+                   target_is_directory=True)
         ckpts = base / "models" / "checkpoints"
         ckpts.mkdir(parents=True)
         if self.sd15_checkpoint is not None:

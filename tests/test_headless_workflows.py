@@ -253,3 +253,13 @@ def test_linear_ag_coefficients_for_other_steps_fail_naming_the_node(comfy_serve
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     message = errors[0][1]["exception_message"]
     assert "TFG LinearAG [model family: SD1.x]" in message and "6 steps (fitted for 4)" in message, message
+
+
+def test_benchmark_eval_model_graph_runs_on_the_server(comfy_server):
+    """benchmarks/comfy_nodes/digits_ag_api.json: the trained eval model in a headless graph with the AG patch."""
+    import json
+    graph = json.loads((WORKFLOWS_API_DIR.parents[1] / "benchmarks" / "comfy_nodes" / "digits_ag_api.json").read_text())
+    entry = comfy_server.run_prompt(graph)
+    assert entry["status"]["status_str"] == "success"
+    images = comfy_server.image_arrays(entry)
+    assert images and all(image.dtype == np.uint8 for image in images)
