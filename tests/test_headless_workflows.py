@@ -263,3 +263,9 @@ def test_benchmark_eval_model_graph_runs_on_the_server(comfy_server):
     assert entry["status"]["status_str"] == "success"
     images = comfy_server.image_arrays(entry)
     assert images and all(image.dtype == np.uint8 for image in images)
+
+
+def test_ui_workflows_are_listed_in_the_template_browser(comfy_server):
+    listed = comfy_server.get("/workflow_templates").get(PACK_DIR_NAME, [])
+    shipped = {p.stem for p in WORKFLOWS_API_DIR.parent.glob("*.json")}
+    assert shipped and shipped <= set(listed), (shipped, listed)
