@@ -83,6 +83,12 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
                 "cfg is 1, so ComfyUI computes no unconditional pass and there is nothing to skip "
                 "(Flux-dev and other guidance-distilled models are normally run this way).",
                 f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
+        if guider.model_options.get("context_handler") is not None:
+            raise adapters.node_error(
+                node_name, family,
+                "context windows are active (a Context Windows node): each window would be measured and latched "
+                "as if it were the whole latent, mixing the windows' decisions.",
+                f"remove the context-windows node or the {node_name} node.")
         sigma_start = adapters.percent_to_sigma(guider.model_patcher, params.start_percent)
         estimator = make_estimator(guider, run, family) if make_estimator is not None else None
         return _RunState(AdaptiveGuidanceTracker(params), sigma_start, run, estimator)

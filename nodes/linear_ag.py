@@ -142,6 +142,9 @@ def install_recorder(model, recording: LinearAGRecording, node_name: str):
         if not adapters.guider_uses_uncond(guider):
             raise adapters.node_error(node_name, family, "cfg is 1, so there is no unconditional pass to record.",
                                       "record with the cfg you will sample with (> 1).")
+        if guider.model_options.get("context_handler") is not None:
+            raise adapters.node_error(node_name, family, "context windows are active: windows would be recorded as "
+                                      "whole trajectories.", "remove the context-windows node while recording.")
         recording.begin_run(family, run)
         return _Run()
 

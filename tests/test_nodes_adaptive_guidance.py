@@ -273,3 +273,10 @@ def test_adapter_single_slot_chains_to_previous(sd15, adapters):
     assert torch.isfinite(out).all()
     assert calls[:2] == ["second", "first"] and len(calls) == 2 * STEPS
     torch.testing.assert_close(out, ksample(sd15, sd15.model))
+
+
+def test_context_windows_are_refused_loudly(sd15, ag):
+    m = patch(ag, sd15.model)
+    m.model_options["context_handler"] = object()  # what ComfyUI's Context Windows nodes install
+    with pytest.raises(ValueError, match=r"TFG Adaptive Guidance \[model family: SD1.x\]: context windows"):
+        ksample(sd15, m)
