@@ -77,18 +77,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
     family = adapters.detect_family(m)
 
     def make_state(guider, run: adapters.RunInfo) -> _RunState:
-        if not adapters.guider_uses_uncond(guider):
-            raise adapters.node_error(
-                node_name, family,
-                "cfg is 1, so ComfyUI computes no unconditional pass and there is nothing to skip "
-                "(Flux-dev and other guidance-distilled models are normally run this way).",
-                f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
-        if guider.model_options.get("context_handler") is not None:
-            raise adapters.node_error(
-                node_name, family,
-                "context windows are active (a Context Windows node): each window would be measured and latched "
-                "as if it were the whole latent, mixing the windows' decisions.",
-                f"remove the context-windows node or the {node_name} node.")
+        adapters.require_cfg_run(guider, node_name, family, "there is nothing to skip",
+                                 f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
         sigma_start = adapters.percent_to_sigma(guider.model_patcher, params.start_percent)
         estimator = make_estimator(guider, run, family) if make_estimator is not None else None
         return _RunState(AdaptiveGuidanceTracker(params), sigma_start, run, estimator)
@@ -116,7 +106,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             return executor(base_model, conds, x, timestep, model_options)
         tracker, estimator = state.tracker, state.estimator
         sigma = float(timestep.flatten()[0])
-        step = adapters.step_index(timestep, adapters.sample_sigmas_of(model_options))
+        step = adapters.step_index(timestep, state.run.sigmas)
         first_evaluation_of_step = step != state.last_step  # multistage samplers evaluate a step repeatedly
         state.last_step = step
         batch = x.shape[0]
@@ -174,6 +164,32 @@ class AdaptiveGuider(comfy.samplers.CFGGuider):
     tfg_adaptive_guidance_report: str | None = None
 
 
+def guider_cfg_input(meaning: str):
+    """The cfg input of the pack's CFG guiders (AG, LinearAG)."""
+    return io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                          tooltip=f"{meaning} Must not be 1 (no uncond pass). Paper: 7.5.")
+
+
+def validate_guider_cfg(cfg, technique: str) -> bool | str:
+    # Only cfg is listed in the guiders' validate_inputs: ComfyUI then skips its own min/max check for it (done
+    # here) and keeps its per-input range/option checks for the other inputs, which the schema expresses.
+    if cfg is None:  # linked: checked when the run starts
+        return True
+    if not 0.0 <= cfg <= 100.0:
+        return f"cfg must be in [0, 100], got {cfg}"
+    if abs(cfg - 1.0) < 1e-9:
+        return (f"cfg = 1 computes no unconditional pass, so {technique} has nothing to skip; "
+                "set cfg above 1 or use BasicGuider")
+    return True
+
+
+def make_guider(patched_model, positive, negative, cfg) -> AdaptiveGuider:
+    guider = AdaptiveGuider(patched_model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
 class AdaptiveGuiderNode(io.ComfyNode):
     """GUIDER for SamplerCustomAdvanced."""
 
@@ -190,25 +206,14 @@ class AdaptiveGuiderNode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative (unconditional) prompt; AG keeps it until "
                                                           "the latch."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="CFG scale until the latch. Must not be 1 (no uncond pass to skip). "
-                                       "Paper: 7.5."),
+                guider_cfg_input("CFG scale until the latch."),
             ] + adaptive_guidance_inputs(),
             outputs=[io.Guider.Output(tooltip="A CFG guider that skips the uncond pass once latched.")],
         )
 
     @classmethod
     def validate_inputs(cls, cfg) -> bool | str:
-        # Only cfg is listed: ComfyUI then skips its own min/max check for it (done here) and keeps its
-        # per-input range/option checks for the AG parameters, which the schema expresses.
-        if cfg is None:  # linked: checked when the run starts
-            return True
-        if not 0.0 <= cfg <= 100.0:
-            return f"cfg must be in [0, 100], got {cfg}"
-        if abs(cfg - 1.0) < 1e-9:
-            return ("cfg = 1 computes no unconditional pass, so Adaptive Guidance has nothing to skip; "
-                    "set cfg above 1 or use BasicGuider")
-        return True
+        return validate_guider_cfg(cfg, "Adaptive Guidance")
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, threshold, space, start_percent, decision,
@@ -216,10 +221,7 @@ class AdaptiveGuiderNode(io.ComfyNode):
         params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
                                         decision=decision, crossing_step=crossing_step)
         patched, _ = apply_adaptive_guidance(model, params, GUIDER_NODE)
-        guider = AdaptiveGuider(patched)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(make_guider(patched, positive, negative, cfg))
 
 
 NODES = [AdaptiveGuidance, AdaptiveGuiderNode]

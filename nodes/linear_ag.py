@@ -16,7 +16,8 @@ import safetensors.torch
 
 from ..kernels.linear_ag import AFTER_RULES, ESTIMATORS, LinearAGParams, TrajectoryStats, UncondEstimator, to_score
 from . import adapters
-from .adaptive_guidance import AdaptiveGuider, adaptive_guidance_inputs, apply_adaptive_guidance
+from .adaptive_guidance import (adaptive_guidance_inputs, apply_adaptive_guidance, guider_cfg_input,
+                                make_guider, validate_guider_cfg)
 
 DEFAULTS = LinearAGParams()
 CATEGORY = "TFG/guidance"
@@ -139,12 +140,8 @@ def install_recorder(model, recording: LinearAGRecording, node_name: str):
             self.batch = 0
 
     def make_state(guider, run: adapters.RunInfo):
-        if not adapters.guider_uses_uncond(guider):
-            raise adapters.node_error(node_name, family, "cfg is 1, so there is no unconditional pass to record.",
-                                      "record with the cfg you will sample with (> 1).")
-        if guider.model_options.get("context_handler") is not None:
-            raise adapters.node_error(node_name, family, "context windows are active: windows would be recorded as "
-                                      "whole trajectories.", "remove the context-windows node while recording.")
+        adapters.require_cfg_run(guider, node_name, family, "there is nothing to record",
+                                 "record with the cfg you will sample with (> 1).")
         recording.begin_run(family, run)
         return _Run()
 
@@ -360,8 +357,7 @@ class LinearAGGuider(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt. Fitted coefficients assume the "
                                                           "negative they were recorded with."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="CFG scale. Must not be 1 (no uncond pass). Paper: 7.5."),
+                guider_cfg_input("CFG scale."),
             ] + _estimation_inputs() + adaptive_guidance_inputs()
             + [CoefficientsType.Input("coefficients", optional=True,
                                       tooltip="From LinearAG Load Coefficients / Fit; needed by estimator=fitted.")],
@@ -370,20 +366,14 @@ class LinearAGGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, cfg) -> bool | str:
-        if cfg is not None and abs(cfg - 1.0) < 1e-9:
-            return "cfg = 1 computes no unconditional pass, so LinearAG has nothing to estimate; set cfg above 1"
-        if cfg is not None and not 0.0 <= cfg <= 100.0:
-            return f"cfg must be in [0, 100], got {cfg}"
-        return True
+        return validate_guider_cfg(cfg, "LinearAG")
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, estimator, estimate_until, after, threshold, space,
                 start_percent, decision, crossing_step, coefficients=None) -> io.NodeOutput:
         params = _params(estimator, estimate_until, after, threshold, space, start_percent, decision, crossing_step)
-        guider = AdaptiveGuider(apply_linear_ag(model, params, coefficients, "LinearAG Guider"))
-        guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(make_guider(apply_linear_ag(model, params, coefficients, "LinearAG Guider"),
+                                         positive, negative, cfg))
 
 
 NODES = [LinearAGRecord, LinearAGFit, LinearAGLoad, LinearAG, LinearAGGuider]

@@ -265,7 +265,7 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
             if grid is None:
                 raise adapters.node_error(node_name, family, f"cannot map {tokens.shape[1]} tokens to a grid to "
                                                              "resize the mask.", "report this with the latent size.")
-            ref_mask = mask_to_tokens(reference.mask.to(tokens.device), grid)
+            ref_mask = reference.token_mask(grid, tokens.device)
         out, merged = merge_chunks(tokens, n_chunks, params.alpha, params.threshold, params.matching, ref_mask,
                                    budget)
         if merged:
@@ -413,6 +413,14 @@ class ReferenceImage:
         self.node_name = node_name
         self.family = family
         self.model_sampling = None
+        self._token_masks: dict = {}
+
+    def token_mask(self, grid: tuple[int, int], device) -> torch.Tensor:
+        """The mask at a layer's token grid (computed once per grid and device, not per layer call)."""
+        key = (grid, str(device))
+        if key not in self._token_masks:
+            self._token_masks[key] = mask_to_tokens(self.mask.to(device), grid)
+        return self._token_masks[key]
 
     def row(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         ref = self.latent
