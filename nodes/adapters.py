@@ -262,3 +262,36 @@ def guider_uses_uncond(guider) -> bool:
     if cfg is None:
         return True
     return not (math.isclose(float(cfg), 1.0) and not guider.model_options.get("disable_cfg1_optimization", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loops of our own (inversion, optimisation, stages): progress bar and interrupts
+# ----------------------------------------------------------------------------------------------
+class StepProgress:
+    """ComfyUI's progress bar for a loop of the pack's own, with the host's interrupt check at every step.
+
+    `with StepProgress(total) as p: ... p.step()`; `check_interrupt()` raises the host's interrupt exception
+    when the user pressed Cancel (the queue then reports the prompt as interrupted, not failed)."""
+
+    def __init__(self, total: int):
+        import comfy.utils
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.bar = comfy.utils.ProgressBar(self.total)
+
+    def __enter__(self) -> "StepProgress":
+        check_interrupt()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def step(self, n: int = 1) -> None:
+        check_interrupt()
+        self.done = min(self.done + n, self.total)
+        self.bar.update_absolute(self.done, self.total)
+
+
+def check_interrupt() -> None:
+    import comfy.model_management
+    comfy.model_management.throw_exception_if_processing_interrupted()

@@ -1,0 +1,2 @@
+"""Placeholder: filled by the issue that adds this technique (no nodes yet)."""
+NODES: list = []
