@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                device=torch.cuda.get_device_name(device) if has_cuda else "CPU (tiny configs)",
                torch=torch.__version__, cuda=torch.version.cuda, comfyui=_comfyui_version(), batch=args.batch,
                res=resolution, steps=steps, dtype=str(dtype).replace("torch.", ""), negtome=negtome_available(),
-               command="python benchmarks/gpu.py" + (" --tiny" if args.tiny else "") + " " + " ".join(argv or []),
+               command=" ".join(["python benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
                total=time.perf_counter() - t0)
     markdown = render(results, ctx)
     if not args.tiny:
