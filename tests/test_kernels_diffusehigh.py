@@ -1,0 +1,203 @@
+"""DiffuseHigh kernels and the wavelet kernels: the maths, pure torch, no ComfyUI.
+
+DWT agreement with PyWavelets (the reference's pytorch_wavelets computes PyWavelets' coefficients), round trips,
+low-band replacement (exact replace, blend, identity at weight 0, details kept), seeded sharpening, the official
+schedule (t = 281 .. 1, sigma(281)) and the stage planner (non-square targets)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import host
+
+W = host.pack_module("kernels.wavelets")
+K = host.pack_module("kernels.diffusehigh")
+pywt = pytest.importorskip("pywt")
+
+
+BORDER = {"db4": 3, "haar": 0}
+"""Coefficients per side and level that a symmetric-extension round trip does not reproduce exactly."""
+
+
+def _x(shape=(2, 3, 37, 50), seed=0, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wavelets
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wavelet", ["db4", "haar"])
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 50), (1, 4, 32, 32), (1, 16, 9, 14)])
+def test_dwt_matches_pywavelets(wavelet, levels, shape):
+    x = _x(shape, dtype=torch.float64)
+    low, highs = W.dwt2(x, wavelet, levels)
+    ref = pywt.wavedec2(x.numpy(), wavelet, mode="symmetric", level=levels, axes=(-2, -1))
+    np.testing.assert_allclose(low.numpy(), ref[0], rtol=0, atol=1e-10)
+    assert len(highs) == levels
+    for mine, theirs in zip(highs, ref[1:]):
+        for a, b in zip(mine, theirs):
+            np.testing.assert_allclose(a.numpy(), b, rtol=0, atol=1e-10)
+
+
+def test_db4_low_band_size_is_the_reference_size():
+    """pytorch_wavelets db4 J=1 symmetric: LL is (H + 7) // 2 (2048 -> 1027)."""
+    low = W.low_band(torch.zeros(1, 3, 64, 90), "db4", 1)
+    assert low.shape == (1, 3, (64 + 7) // 2, (90 + 7) // 2)
+
+
+@pytest.mark.parametrize("wavelet", ["db4", "haar"])
+@pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_round_trip(wavelet, levels, dtype):
+    x = _x((2, 3, 41, 30), seed=1, dtype=dtype)
+    low, highs = W.dwt2(x, wavelet, levels)
+    assert low.dtype == dtype
+    y = W.idwt2(low, highs, wavelet, size=tuple(x.shape[-2:]))
+    assert y.shape == x.shape and y.dtype == dtype
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
+    assert float((y.double() - x.double()).abs().max()) < tol
+
+
+def test_idwt_matches_pywavelets():
+    x = _x((1, 2, 24, 20), seed=2, dtype=torch.float64)
+    low, highs = W.dwt2(x, "db4", 1)
+    low2 = low * 0.5 + 1.0   # a modified approximation, as the guidance produces
+    mine = W.idwt2(low2, highs, "db4", size=(24, 20))
+    theirs = pywt.idwt2((low2.numpy(), tuple(h.numpy() for h in highs[0])), "db4", mode="symmetric",
+                        axes=(-2, -1))[..., :24, :20]
+    np.testing.assert_allclose(mine.numpy(), theirs, rtol=0, atol=1e-10)
+
+
+def test_dwt_does_not_modify_input():
+    x = _x()
+    before = x.clone()
+    W.dwt2(x, "db4", 2)
+    assert torch.equal(x, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Low-band replacement
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wavelet,levels", [("db4", 1), ("haar", 2)])
+def test_replace_low_band_sets_the_low_band_and_keeps_details(wavelet, levels):
+    x = _x((2, 3, 40, 56), seed=3)
+    ref = _x((1, 3, 40, 56), seed=4)
+    ref_low = K.reference_low_band(ref, wavelet, levels)
+    y = K.replace_low_band(x, ref_low, 1.0, wavelet, levels)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    low_y, highs_y = W.dwt2(y, wavelet, levels)
+    low_x, highs_x = W.dwt2(x, wavelet, levels)
+    m = BORDER[wavelet] * levels
+    inner = (..., slice(m, low_y.shape[-2] - m), slice(m, low_y.shape[-1] - m))
+    torch.testing.assert_close(low_y[inner], ref_low.expand_as(low_y)[inner], atol=2e-5, rtol=0)
+    if wavelet == "haar":  # orthogonal without boundary extension: the detail bands come back exactly too
+        for a, b in zip(highs_y[0], highs_x[0]):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    assert not torch.allclose(low_y, low_x, atol=1e-2)
+
+
+def test_db4_border_coefficients_are_redundant():
+    """With symmetric extension the db4 coefficients are redundant: DWT(iDWT(c)) projects c, so only the
+    coefficients at least 3 (= L/2 - 1) from the border come back exactly. The reference has the same property
+    (pytorch_wavelets computes the same transform); guidance tests compare those coefficients."""
+    x = _x((1, 3, 40, 56), seed=3, dtype=torch.float64)
+    ref_low = K.reference_low_band(_x((1, 3, 40, 56), seed=4, dtype=torch.float64)).double()
+    low_y = W.low_band(K.replace_low_band(x, ref_low, 1.0))
+    assert float((low_y - ref_low).abs().max()) > 1e-2
+    assert float((low_y - ref_low)[..., 3:-3, 3:-3].abs().max()) < 1e-5
+
+
+def test_partial_blend_and_identity_at_zero():
+    x = _x((1, 4, 32, 32), seed=5)
+    ref_low = K.reference_low_band(_x((1, 4, 32, 32), seed=6))
+    assert K.replace_low_band(x, ref_low, 0.0) is x
+    y = K.replace_low_band(x, ref_low, 0.25)
+    low_x = W.low_band(x)
+    inner = (..., slice(3, -3), slice(3, -3))
+    torch.testing.assert_close(W.low_band(y)[inner], (low_x + 0.25 * (ref_low - low_x))[inner], atol=2e-5, rtol=0)
+
+
+def test_replace_low_band_rejects_mismatched_sizes():
+    with pytest.raises(ValueError, match="does not match"):
+        K.replace_low_band(_x((1, 3, 32, 32)), K.reference_low_band(_x((1, 3, 40, 32))), 1.0)
+
+
+def test_guidance_weight_schedule():
+    p = K.DiffuseHighParams()
+    assert [p.guidance_weight(i) for i in range(7)] == [1.0] * 5 + [0.0, 0.0]
+    faded = p.replace(guidance_factor=0.8, fadeout=1.0)
+    assert [round(faded.guidance_weight(i), 6) for i in range(5)] == [0.8, 0.64, 0.48, 0.32, 0.16]
+    assert p.replace(guidance_steps=0).guidance_weight(0) == 0.0
+    assert p.replace(guidance_factor=0.0).guidance_weight(0) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults, schedule, pixels, stages
+# ------------------------------------------------------------------------------------------------
+def test_official_defaults_and_validation():
+    p = K.DiffuseHighParams()
+    assert (p.cfg, p.schedule_steps, p.steps, p.guidance_steps, p.wavelet, p.dwt_levels, p.sharpen_alpha,
+            p.sharpen_kernel, p.guidance_mode, p.sampler_name) == (10.0, 50, 15, 5, "db4", 1, 1.0, 3, "image",
+                                                                    "euler")
+    assert p.start_step == 35 and p.validate() == []
+    bad = p.replace(guidance_mode="x", steps=60, guidance_factor=2.0, sharpen_kernel=4, vae_tile_size=10)
+    problems = " ".join(bad.validate())
+    for word in ("guidance_mode", "steps", "guidance_factor", "sharpen_kernel", "vae_tile_size"):
+        assert word in problems
+
+
+def test_official_timesteps_and_sigma():
+    ts = K.leading_timesteps(50, 15)
+    assert ts[0] == K.OFFICIAL_TIMESTEP == 281 and ts[-1] == 1 and len(ts) == 15
+    assert all(a - b == 20 for a, b in zip(ts, ts[1:]))
+    s = K.sd_scaled_linear_sigma(281)
+    assert s == pytest.approx(0.78, abs=0.01)
+    # sqrt(alpha_bar(281)) ~ 0.79 (research notes)
+    assert 1 / math.sqrt(1 + s * s) == pytest.approx(0.79, abs=0.01)
+
+
+def test_sharpen_is_the_unsharp_mask_and_seeded():
+    img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert K.sharpen(img, 0.0) is img
+    out = K.sharpen(img, 1.0, 3, 1.0)
+    import kornia
+    blur = kornia.filters.gaussian_blur2d(img, (3, 3), (1.0, 1.0), border_type="reflect")
+    torch.testing.assert_close(out, 2 * img - blur)
+    a, b = K.draw_sharpen_sigma(7, 0), K.draw_sharpen_sigma(7, 0)
+    assert a == b and 0.1 <= a <= 2.0
+    assert K.draw_sharpen_sigma(7, 1) != a and K.draw_sharpen_sigma(8, 0) != a
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    K.draw_sharpen_sigma(3, 0)
+    assert torch.equal(torch.rand(1), before), "the global RNG must not be consumed"
+
+
+def test_upsample_is_bicubic_like_the_reference():
+    img = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(1))
+    out = K.upsample(img, (16, 20))
+    ref = torch.nn.functional.interpolate(img, (16, 20), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out, ref)
+    assert K.upsample(img, (8, 12)) is img
+
+
+def test_plan_stages_square_and_non_square():
+    assert K.plan_stages("2048, 3072, 4096", (1024, 1024)) == [(2048, 2048), (3072, 3072), (4096, 4096)]
+    assert K.plan_stages("2048, 3072", (1216, 832)) == [(2048, 1400), (3072, 2104)]
+    assert K.plan_stages("2048", (832, 1216)) == [(1400, 2048)]
+    assert K.plan_stages("x2, x1.5", (512, 768)) == [(1024, 1536), (1536, 2304)]
+    assert K.plan_stages("1536x1024", (100, 100)) == [(1536, 1024)]
+    for bad in ("", "abc", "2048, y3", "x0"):
+        with pytest.raises(ValueError):
+            K.plan_stages(bad, (1024, 1024))
+
+
+def test_target_size():
+    assert K.target_size(0, 0, (1024, 768), 2.0) == (2048, 1536)
+    assert K.target_size(1000, 0, (1024, 768), 2.0) == (1000, 752)
+    assert K.target_size(0, 504, (1024, 768), 2.0) == (672, 504)
+    assert K.target_size(640, 480, (10, 10), 2.0) == (640, 480)
