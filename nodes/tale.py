@@ -265,27 +265,48 @@ def _identity(t):
 
 
 class _Bound(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module, method: str):
+    def __init__(self, module: torch.nn.Module, function):
         super().__init__()
         self.m = module
-        self.method = method
+        self.function = function
 
     def forward(self, *args, **kwargs):
-        return getattr(self.m, self.method)(*args, **kwargs)
+        return self.function(self.m, *args, **kwargs)
 
 
 class GradCopy:
-    """Calls `module.<method>` with per-run, non-inference copies of its parameters and buffers (made once),
-    so gradients flow through a module that ComfyUI loaded under inference mode. The module is not changed."""
+    """Calls `function(module, ...)` with per-run, non-inference copies of the module's parameters and buffers
+    (made once), so gradients flow through a module that ComfyUI loaded under inference mode. The module itself
+    is not changed (torch.func.functional_call swaps the copies in for the call only)."""
 
-    def __init__(self, module: torch.nn.Module, method: str = "forward"):
-        self.bound = _Bound(module, method)
+    def __init__(self, module: torch.nn.Module, function):
+        self.bound = _Bound(module, function)
         with torch.inference_mode(False), torch.no_grad():
             self.state = {f"m.{k}": v.detach().clone() for k, v in module.named_parameters()}
             self.state.update({f"m.{k}": v.detach().clone() for k, v in module.named_buffers()})
 
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.bound, self.state, args, kwargs)
+
+
+def _vae_decode(first_stage_model, z):
+    return first_stage_model.decode(z)
+
+
+def _clip_vision_forward(net, pixels: torch.Tensor, layer: int):
+    """ComfyUI's CLIP vision forward without its in-place residual adds (which autograd cannot go through):
+    (patch tokens after transformer layer `layer` without the class token, projected image embedding)."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+    vm = net.vision_model
+    x = vm.pre_layrnorm(vm.embeddings(pixels))
+    attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
+    tokens = None
+    for i, block in enumerate(vm.encoder.layers):
+        x = x + block.self_attn(block.layer_norm1(x), None, attention)
+        x = x + block.mlp(block.layer_norm2(x))
+        if i == layer:
+            tokens = x[:, 1:]
+    return tokens, net.visual_projection(vm.post_layernorm(x[:, 0, :]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,9 +334,9 @@ class ClipEnergy:
         self.mean, self.std = clip_vision.image_mean, clip_vision.image_std
         self.size = int(clip_vision.image_size)
         self.device = clip_vision.load_device
-        self.vision = GradCopy(net)
+        self.vision = GradCopy(net, _clip_vision_forward)
         self.vae = vae
-        self.decoder = GradCopy(vae.first_stage_model, "decode")
+        self.decoder = GradCopy(vae.first_stage_model, _vae_decode)
         self.latent_format = model.get_model_object("latent_format")
         with torch.inference_mode(False), torch.no_grad():
             # the reference gram: the background resized (bilinear, antialiased) to the CLIP size
@@ -333,8 +354,7 @@ class ClipEnergy:
         self.text = text.reshape(1, -1)
 
     def encode(self, pixels: torch.Tensor):
-        out = self.vision(pixel_values=pixels.to(self.device), intermediate_output=self.params.style_layer)
-        return out[1][:, 1:], out[2]
+        return self.vision(pixels.to(self.device), self.params.style_layer)
 
     def __call__(self, denoised: torch.Tensor) -> K.EnergyTerms:
         z = self.latent_format.process_out(denoised).to(self.vae.device, self.vae.vae_dtype)
