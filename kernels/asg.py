@@ -251,6 +251,13 @@ class StructureDenoiser:
         self.calls = 0
         self.guided_calls = 0
 
+    def __getattr__(self, name):
+        # Samplers read attributes of the model they are given (e.g. inner_model.model_sampling): pass them
+        # through to the wrapped model.
+        if name in ("model", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
     @property
     def wants_mask(self) -> bool:
         return self.k > 1 and self.params.mask == "cross_attention" and self.params.guidance_scale != 0.0
@@ -302,6 +309,13 @@ class DetailDenoiser:
         self.on_chunk = on_chunk
         self.calls = 0
         self.model_calls = 0
+
+    def __getattr__(self, name):
+        # Samplers read attributes of the model they are given (e.g. inner_model.model_sampling): pass them
+        # through to the wrapped model.
+        if name in ("model", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def layout(self, height: int, width: int):
         wh, ww = self.window

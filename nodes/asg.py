@@ -1,2 +1,412 @@
-"""Placeholder: filled by the issue that adds this technique (no nodes yet)."""
-NODES: list = []
+"""ASGDiffusion node: a KSampler-style text-to-image sampler that generates at an integer multiple of the model's
+native size with CutDiffusion's two stages and ASGDiffusion's masked, asynchronous structure guidance.
+
+How it sits in ComfyUI: the node runs ComfyUI's own sampling path (`comfy.sample.sample_custom`, the guider, CFG,
+the chosen sampler and scheduler) with a KSAMPLER whose function runs the chosen k-diffusion sampler twice:
+over the structure-stage sigmas on the (B*K, C, h, w) dilated patches with `StructureDenoiser`, then over the
+rest on the full latent with `DetailDenoiser` (kernels/asg.py). Every model evaluation goes through ComfyUI's
+guider, so CFG, model patches and wrappers apply per patch/window batch.
+
+Cross-attention mask (SD1.x/SD2.x/SDXL): for the structure stage only, attn2 replace patches on every output
+(up-sampling) block transformer compute the attention output exactly as the host would (`optimized_attention`,
+or the patch that was there before, chained) and, on the side, record the attention probabilities of the
+conditional rows (kernels.asg.heat_from_attention). The patches live in a copy of the run's model_options, so
+nothing outside this run sees them. Flux/SD3 have no cross-attention layers (joint attention): mask="none"
+(the paper's Eq. 3) works there; mask="cross_attention" raises a clear error.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+
+from ..kernels import patches as P
+from ..kernels.asg import (LATENT_DOWNSCALE, MASKS, ASGParams, DetailDenoiser, StructureDenoiser,
+                           heat_from_attention, resize_map, scale_factors, split_steps)
+from . import adapters
+
+DEFAULTS = ASGParams()
+NODE = "ASGDiffusion"
+CATEGORY = "TFG/highres"
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+CROSS_ATTENTION_FAMILIES = ("sd1", "sd2", "sdxl", "sd_unet")
+_REFUSED_COND_KEYS = {"area": "area conditioning", "mask": "masked conditioning", "control": "a ControlNet",
+                      "gligen": "GLIGEN"}
+
+_DESCRIPTION = (
+    "ASGDiffusion (Li et al., arXiv 2412.06163) on its CutDiffusion base (Lin et al., arXiv 2404.15141): "
+    "text-to-image at an integer multiple of the model's native size without repeated objects. Structure stage "
+    "(first structure_fraction of the steps): the target latent is read as K = (width/base_width) x "
+    "(height/base_height) dilated native-size patches, all denoised in ONE batched model call per evaluation, "
+    "with CutDiffusion's pixel interaction, and every patch's noise is pulled toward the key patch's (patch 0) "
+    "noise where the patch's own cross-attention map (UNet up blocks) is high, using the key prediction of the "
+    "previous evaluation (asynchronous, as the paper). Detail stage: overlapping native-size windows averaged "
+    "per step (MultiDiffusion/CutDiffusion). No official code exists; choices are documented in the README. "
+    "Models: SD1.x, SD2.x, SDXL (cross-attention mask); Flux and SD3 with mask=none only. Cost: about the "
+    "model evaluations of K native-size images per structure step plus one per window per detail step "
+    "(2048x2048 SDXL: 4 patches, then 9 windows); memory of max(K, window_batch) native-size rows per call."
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Family checks
+# ----------------------------------------------------------------------------------------------
+def resolve_family(model, params: ASGParams) -> adapters.ModelFamily:
+    family = adapters.detect_family(model)
+    unet_like = adapters.as_sd_unet(model, family)
+    if unet_like is not None:
+        adapters.warn_once(f"asg.sd_unet.{family.config_name}",
+                           f"{adapters.PACK_NAME} {NODE} [model family: {family.name}]: not a known family, but its "
+                           "network is ComfyUI's SD UNet, so the SD1.x/SDXL cross-attention mask is used (untested).")
+        family = unet_like
+    elif family.key not in SUPPORTED:
+        raise adapters.node_error(NODE, family, "this model family is not supported.",
+                                  "use an SD1.x, SD2.x, SDXL, SD3 or Flux model.")
+    if params.mask == "cross_attention" and params.guidance_scale != 0.0 and \
+            family.key not in CROSS_ATTENTION_FAMILIES:
+        raise adapters.node_error(
+            NODE, family, "mask=cross_attention needs the text cross-attention layers of a UNet's up-sampling "
+                          "blocks; this model has joint attention (no separate cross-attention maps).",
+            "set mask to none (the paper's unmasked Eq. 3), or use an SD1.x/SD2.x/SDXL model.")
+    return family
+
+
+def cross_attention_layers(model) -> list[tuple[int, int]]:
+    """(output block id, transformer index) of every cross-attention transformer in the UNet's output blocks."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    net = model.get_model_object("diffusion_model")
+    layers = []
+    for block_id, block in enumerate(getattr(net, "output_blocks", [])):
+        for module in block:
+            if isinstance(module, SpatialTransformer):
+                for index, tb in enumerate(module.transformer_blocks):
+                    if getattr(tb, "attn2", None) is not None:
+                        layers.append((block_id, index))
+    return layers
+
+
+def refuse_conditioning(conditioning, family) -> None:
+    for entry in conditioning or []:
+        extras = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        for key, what in _REFUSED_COND_KEYS.items():
+            if extras.get(key) is not None:
+                raise adapters.node_error(
+                    NODE, family, f"the conditioning carries {what}, which is laid out for the whole target image; "
+                                  "patches and windows are native-size crops, so it would be applied to the wrong "
+                                  "pixels.", f"remove {what} from the conditioning for this node.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-attention heat maps (one recorder per run)
+# ----------------------------------------------------------------------------------------------
+class HeatRecorder:
+    """Collects the conditional rows' cross-attention heat of the output blocks during one model evaluation."""
+
+    def __init__(self, rows: int, size: tuple[int, int]):
+        self.rows, self.size = rows, size
+        self.sum: torch.Tensor | None = None
+        self.layers = 0
+        self.recorded_evaluations = 0
+        self.skipped = 0
+
+    def record(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict) -> None:
+        kinds = extra_options.get("cond_or_uncond") or [0]
+        per = q.shape[0] // len(kinds)
+        shape = extra_options.get("activations_shape")
+        if per != self.rows or shape is None or shape[-1] * shape[-2] != q.shape[1]:
+            self.skipped += 1
+            return
+        grid = (int(shape[-2]), int(shape[-1]))
+        for i, kind in enumerate(kinds):
+            if kind != 0:
+                continue
+            rows = slice(i * per, (i + 1) * per)
+            heat = heat_from_attention(q[rows], k[rows], int(extra_options["n_heads"]))
+            m = resize_map(heat, grid, self.size)
+            self.sum = m if self.sum is None else self.sum + m
+            self.layers += 1
+
+    def take(self) -> torch.Tensor | None:
+        out = None if self.sum is None else self.sum / self.layers
+        if out is not None:
+            self.recorded_evaluations += 1
+        self.sum, self.layers = None, 0
+        return out
+
+
+def _attn2_patch(previous, recorder: HeatRecorder):
+    def patch(q, k, v, extra_options):
+        if previous is not None:
+            out = previous(q, k, v, extra_options)
+        else:
+            from comfy.ldm.modules import attention
+            out = attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                                attn_precision=extra_options.get("attn_precision"),
+                                                transformer_options=extra_options)
+        recorder.record(q, k, extra_options)
+        return out
+    return patch
+
+
+def with_heat_patches(model_options: dict, layers: list[tuple[int, int]], recorder: HeatRecorder) -> dict:
+    """A copy of model_options with the recording attn2 replace patches (chained to any patch already there)."""
+    options = dict(model_options)
+    to = dict(options.get("transformer_options", {}))
+    replace = dict(to.get("patches_replace", {}))
+    attn2 = dict(replace.get("attn2", {}))
+    for block_id, index in layers:
+        key = ("output", block_id, index)
+        previous = attn2.get(key, attn2.get(("output", block_id)))
+        attn2[key] = _attn2_patch(previous, recorder)
+    replace["attn2"] = attn2
+    to["patches_replace"] = replace
+    options["transformer_options"] = to
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------------------------
+class RunStats:
+    """What one run did (returned to callers and logged)."""
+
+    def __init__(self):
+        self.structure_steps = 0
+        self.detail_steps = 0
+        self.structure_evaluations = 0
+        self.guided_evaluations = 0
+        self.masked_evaluations = 0
+        self.detail_model_calls = 0
+        self.windows = 0
+        self.patches = 0
+
+    def summary(self) -> str:
+        return (f"{self.patches} patches, structure steps {self.structure_steps} ({self.structure_evaluations} "
+                f"evaluations, {self.guided_evaluations} guided, {self.masked_evaluations} with a cross-attention "
+                f"mask); detail steps {self.detail_steps} ({self.windows} windows, {self.detail_model_calls} model "
+                "calls)")
+
+
+def asg_ksampler(params: ASGParams, sampler_name: str, family: adapters.ModelFamily,
+                 layers: list[tuple[int, int]], stats: RunStats):
+    """A KSAMPLER that runs `sampler_name` over ASGDiffusion's two stages."""
+    inner = comfy.samplers.sampler_object(sampler_name)
+    inner_function, inner_options = inner.sampler_function, dict(inner.extra_options)
+    scale_h, scale_w = params.scales()
+    k = scale_h * scale_w
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
+        extra_args = dict(extra_args or {})
+        if extra_args.get("denoise_mask") is not None:
+            raise adapters.node_error(NODE, family, "a noise mask (inpainting) is set; ASGDiffusion generates the "
+                                                    "whole image.", "remove the noise mask.")
+        b, _c, height, width = x.shape
+        if height % scale_h or width % scale_w:
+            raise adapters.node_error(NODE, family, f"the latent is {width}x{height}, not a multiple of the "
+                                                    f"{scale_w}x{scale_h} patch grid.",
+                                      "use a target size that is an integer multiple of the base size.")
+        h, w = height // scale_h, width // scale_w
+        steps = len(sigmas) - 1
+        n1 = split_steps(steps, params.structure_fraction)
+        seed = int(extra_args.get("seed", 0) or 0)
+        progress = adapters.StepProgress(steps)
+
+        def stage_callback(offset):
+            def cb(d):
+                progress.step()
+                if callback is not None:  # the host's callback (None from sample_asg): global step index
+                    callback({**d, "i": d["i"] + offset})
+            return cb
+
+        stats.patches = k
+        if n1 > 0:
+            recorder = None
+            stage_args = extra_args
+            if k > 1 and params.mask == "cross_attention" and params.guidance_scale != 0.0:
+                recorder = HeatRecorder(b * k, (h, w))
+                stage_args = {**extra_args, "model_options": with_heat_patches(
+                    extra_args.get("model_options", {}), layers, recorder)}
+
+            def missing_mask():
+                adapters.warn_once(f"asg.nomask.{id(recorder)}",
+                                   f"{adapters.PACK_NAME} {NODE} [model family: {family.name}]: no cross-attention "
+                                   "map was recorded in a structure-stage evaluation (the host split the patch "
+                                   "batch, or a patch replaced the output-block attention), so that step's "
+                                   "guidance is unmasked.")
+
+            structure = StructureDenoiser(model, params, k, seed, heat_maps=recorder.take if recorder else None,
+                                          on_call=adapters.check_interrupt, on_missing_mask=missing_mask)
+            adapters.logger.info("%s %s [%s]: structure stage, %d steps on %d patches of %dx%d latent pixels",
+                                 adapters.PACK_NAME, NODE, family.name, n1, k, w, h)
+            rows = P.dilated_split(x, scale_h, scale_w)
+            rows = inner_function(structure, rows, sigmas[:n1 + 1], extra_args=stage_args,
+                                  callback=stage_callback(0), disable=disable, **inner_options)
+            x = P.dilated_merge(rows, scale_h, scale_w)
+            stats.structure_steps = n1
+            stats.structure_evaluations = structure.calls
+            stats.guided_evaluations = structure.guided_calls
+            stats.masked_evaluations = recorder.recorded_evaluations if recorder else 0
+        if n1 < steps:
+            detail = DetailDenoiser(model, params, (h, w), seed + 1, on_chunk=adapters.check_interrupt)
+            windows, _, _ = detail.layout(height, width)
+            adapters.logger.info("%s %s [%s]: detail stage, %d steps, %d windows of %dx%d in batches of %d",
+                                 adapters.PACK_NAME, NODE, family.name, steps - n1, len(windows), w, h,
+                                 params.window_batch)
+            x = inner_function(detail, x, sigmas[n1:], extra_args=extra_args, callback=stage_callback(n1),
+                               disable=disable, **inner_options)
+            stats.detail_steps = steps - n1
+            stats.windows = len(windows)
+            stats.detail_model_calls = detail.model_calls
+        return x
+
+    return comfy.samplers.KSAMPLER(sample, extra_options={}, inpaint_options=inner.inpaint_options)
+
+
+def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+               params: ASGParams, batch_size: int = 1) -> tuple[dict[str, Any], RunStats]:
+    """Sample a (batch_size, C, height/8, width/8) latent with ASGDiffusion. Returns (LATENT, stats)."""
+    problems = params.validate()
+    family = adapters.detect_family(model)
+    if problems:
+        raise adapters.node_error(NODE, family, "; ".join(problems), "correct the inputs.")
+    family = resolve_family(model, params)
+    refuse_conditioning(positive, family)
+    refuse_conditioning(negative, family)
+    layers = cross_attention_layers(model) if family.key in CROSS_ATTENTION_FAMILIES else []
+    if params.mask == "cross_attention" and params.guidance_scale != 0.0 and params.scales() != (1, 1) \
+            and not layers:
+        raise adapters.node_error(NODE, family, "the UNet has no cross-attention layers in its output blocks.",
+                                  "set mask to none.")
+    latent_format = model.get_model_object("latent_format")
+    latent = torch.zeros([batch_size, latent_format.latent_channels, params.height // LATENT_DOWNSCALE,
+                          params.width // LATENT_DOWNSCALE], device=comfy.model_management.intermediate_device())
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
+    stats = RunStats()
+    sampler = asg_ksampler(params, sampler_name, family, layers, stats)
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+                                         noise_mask=None, callback=None, disable_pbar=True, seed=seed)
+    adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, NODE, family.name, stats.summary())
+    return {"samples": samples}, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Node
+# ----------------------------------------------------------------------------------------------
+def validate_sizes(width, height, base_width, base_height) -> bool | str:
+    """Before the run: sizes are multiples of 8 and the target is an integer multiple of the base."""
+    values = {"width": width, "height": height, "base_width": base_width, "base_height": base_height}
+    if any(v is None for v in values.values()):
+        return True  # linked inputs are checked when the node runs
+    for name, value in values.items():
+        if value < LATENT_DOWNSCALE or value % LATENT_DOWNSCALE:
+            return f"{name} must be a positive multiple of {LATENT_DOWNSCALE}, got {value}"
+    try:
+        scale_factors(height, width, base_height, base_width)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+class ASGDiffusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = DEFAULTS
+        return io.Schema(
+            node_id="TFG_ASGDiffusion",
+            display_name="ASGDiffusion High-Res Sampler (TFG)",
+            category=CATEGORY,
+            description=_DESCRIPTION,
+            inputs=[
+                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL; Flux/SD3 with mask=none)."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt (no area, mask or ControlNet entries)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (no area, mask or ControlNet entries)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed: the target-size noise is drawn exactly as KSampler draws it "
+                                     "(same seed, same size -> same noise)."),
+                io.Int.Input("steps", default=50, min=1, max=10000,
+                             tooltip="Total steps of both stages. Paper: 50 (25 + 25)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG scale for both stages. CutDiffusion's script: 7.5 for both (SDXL)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="Sampler for each stage (it restarts at the stage switch, so multistep "
+                                       "samplers lose their history there). CutDiffusion: Euler (SDXL default)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="Noise schedule over all steps."),
+                io.Int.Input("width", default=d.width, min=64, max=16384, step=8,
+                             tooltip="Target width in pixels; must be an integer multiple of base_width. Paper: "
+                                     "2048-4096 from SDXL's 1024 (quality drops at 16x the pixels)."),
+                io.Int.Input("height", default=d.height, min=64, max=16384, step=8,
+                             tooltip="Target height in pixels; must be an integer multiple of base_height."),
+                io.Int.Input("base_width", default=d.base_width, min=64, max=4096, step=8,
+                             tooltip="The model's native width (SDXL 1024, SD1.5 512): patch and window width. "
+                                     "width = base_width gives plain sampling (neutral)."),
+                io.Int.Input("base_height", default=d.base_height, min=64, max=4096, step=8,
+                             tooltip="The model's native height (SDXL 1024, SD1.5 512)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run."),
+                io.Float.Input("structure_fraction", default=d.structure_fraction, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the steps in the structure stage (patches); the rest is the "
+                                       "detail stage (windows). Paper/CutDiffusion: 0.5. 0 = windows only "
+                                       "(MultiDiffusion-like); 1 = patches only."),
+                io.Float.Input("guidance_scale", default=d.guidance_scale, min=0.0, max=1.0, step=0.01,
+                               tooltip="w of the structure guidance: how far each patch's noise moves toward the "
+                                       "key patch's noise (times the mask). Neutral: 0 (= CutDiffusion). Not "
+                                       "published (no code); the paper's ablation shows high values blur; 0.5 is "
+                                       "our default."),
+                io.Combo.Input("mask", options=list(MASKS), default=d.mask,
+                               tooltip="cross_attention: the paper's mask, each patch's own attention map from the "
+                                       "UNet up blocks (attention mass on all text tokens but the first), min-max "
+                                       "normalised (SD1.x/SDXL only). none: unmasked guidance (paper Eq. 3; all "
+                                       "families). No neutral value; guidance_scale 0 is neutral."),
+                io.Boolean.Input("asynchronous", default=d.asynchronous,
+                                 tooltip="True (paper): guidance uses the key patch's prediction from the previous "
+                                         "evaluation, so patches never wait for it (what makes multi-GPU "
+                                         "parallelism possible); the first evaluation is unguided. False: the same "
+                                         "evaluation's prediction (synchronous)."),
+                io.Boolean.Input("pixel_interaction", default=d.pixel_interaction,
+                                 tooltip="CutDiffusion's pixel interaction: at every latent pixel the patches are "
+                                         "randomly permuted before the model and put back after (structure stage). "
+                                         "CutDiffusion README: on."),
+                io.Float.Input("window_overlap", default=d.window_overlap, min=0.0, max=0.95, step=0.05,
+                               tooltip="Detail stage: overlap of neighbouring native-size windows; stride = window "
+                                       "x (1 - overlap). CutDiffusion: 0.5 (stride 64 of 128)."),
+                io.Boolean.Input("jitter", default=d.jitter,
+                                 tooltip="Detail stage: CutDiffusion's random window jitter (up to a quarter of the "
+                                         "overlap) each evaluation. CutDiffusion: on."),
+                io.Combo.Input("blend", options=list(P.BLENDS), default=d.blend,
+                               tooltip="Detail stage: uniform = CutDiffusion's plain average of overlapping "
+                                       "windows; feather (our option) = linear ramps toward inner window sides, "
+                                       "which hides seams."),
+                io.Int.Input("window_batch", default=d.window_batch, min=1, max=64,
+                             tooltip="Detail stage: windows per model call (memory bound). CutDiffusion's "
+                                     "view_batch_size (16 in its script, 1 in its README)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The target-size latent (decode with the model's VAE; tiled decode "
+                                              "for very large images).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, base_width, base_height) -> bool | str:
+        return validate_sizes(width, height, base_width, base_height)
+
+    @classmethod
+    def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
+                base_width, base_height, batch_size, structure_fraction, guidance_scale, mask, asynchronous,
+                pixel_interaction, window_overlap, jitter, blend, window_batch) -> io.NodeOutput:
+        params = ASGParams(width=width, height=height, base_width=base_width, base_height=base_height,
+                           structure_fraction=structure_fraction, guidance_scale=guidance_scale, mask=mask,
+                           asynchronous=asynchronous, pixel_interaction=pixel_interaction,
+                           window_overlap=window_overlap, jitter=jitter, blend=blend, window_batch=window_batch)
+        latent, _stats = sample_asg(model, positive, negative, seed, steps, cfg, sampler_name, scheduler, params,
+                                    batch_size)
+        return io.NodeOutput(latent)
+
+
+NODES = [ASGDiffusion]
