@@ -1,0 +1,399 @@
+"""DiffuseHigh nodes, in-process on the real ComfyUI with tiny random-weight models of each family.
+
+Behaviour: with guidance off a stage is ComfyUI's KSamplerAdvanced img2img bit for bit; the stage starts at the
+official noise level (t = 281) with the official step count; during guided steps the low wavelet band of the
+predicted x0 is the reference's (latent mode: the latent x0; image mode: the image handed to the VAE), and not
+after; the MODEL-patch node in a KSampler graph equals the stage node; shapes for non-square targets; IMAGE and
+LATENT sources; progress over all stages; interrupts; tiled VAE and the peak memory at 4x the base area; loud
+errors."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import torch
+
+import host
+import tiny_models
+from sampling_helpers import Setup
+
+LOG = logging.getLogger("tfg.tests.diffusehigh")
+
+SCHEDULE, STEPS, GUIDED = 10, 4, 2   # a short stage: the last 4 of 10 ddim_uniform steps, 2 guided
+BORDER = 3                           # db4: coefficients this close to the border are redundant (kernel tests)
+
+
+@pytest.fixture(scope="module")
+def nd(comfy_root):
+    return host.pack_module("nodes.diffusehigh")
+
+
+@pytest.fixture(scope="module")
+def K(comfy_root):
+    return host.pack_module("kernels.diffusehigh")
+
+
+_vaes: dict = {}
+
+
+def vae_of(s: Setup):
+    if s.family not in _vaes:
+        _vaes[s.family] = tiny_models.build_tiny_vae(s.family)
+    return _vaes[s.family]
+
+
+def image(h=48, w=64, batch=1, seed=0):
+    return torch.rand(batch, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def params(nd, **overrides):
+    values = dict(cfg=5.0, schedule_steps=SCHEDULE, steps=STEPS, guidance_steps=GUIDED, guidance_mode="latent",
+                  vae_tile_size=0)
+    values.update(overrides)
+    return nd.DEFAULTS.replace(**values)
+
+
+class Recorder:
+    """Stands in for the node's progress object: records the sampler callback's x0 (= the post-CFG denoised)."""
+
+    def __init__(self):
+        self.x0 = []
+
+    def callback(self, offset):
+        def cb(step, x0, x, total_steps):
+            self.x0.append(x0.detach().float().cpu().clone())
+        return cb
+
+
+def stage(nd, s: Setup, p, img=None, size=(128, 96), seed=3, progress=None, model=None):
+    family = nd.check_run(s.model, p, nd.NODE)
+    with torch.inference_mode():
+        return nd.run_stage(model or s.model, s.positive, s.negative, vae_of(s), image() if img is None else img,
+                            size, p, seed, 0, family, nd.NODE, progress)
+
+
+def node_kwargs(nd, **overrides):
+    d = nd.DEFAULTS
+    values = dict(seed=3, cfg=5.0, sampler_name=d.sampler_name, scheduler=d.scheduler, schedule_steps=SCHEDULE,
+                  steps=STEPS, guidance_steps=GUIDED, guidance_mode="latent", guidance_factor=1.0, fadeout=0.0,
+                  wavelet="db4", dwt_levels=1, sharpen_alpha=1.0, sharpen_sigma=0.0, vae_tile_size=0,
+                  size_conditioning="official")
+    values.update(overrides)
+    return values
+
+
+def inner(t: torch.Tensor) -> torch.Tensor:
+    return t[..., BORDER:t.shape[-2] - BORDER, BORDER:t.shape[-1] - BORDER]
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness against ComfyUI's own img2img
+# ------------------------------------------------------------------------------------------------
+def test_guidance_off_is_plain_img2img_bit_for_bit(setup, nd):
+    """guidance_steps 0: the stage equals KSamplerAdvanced (add noise, same seed, start_at_step =
+    schedule_steps - steps) on the stage's encoded image, latent and decoded image alike."""
+    import nodes
+    p = params(nd, guidance_steps=0)
+    out_image, out_latent = stage(nd, setup, p, seed=11)
+    family = nd.check_run(setup.model, p, nd.NODE)
+    with torch.inference_mode():
+        _, latent, _ = nd.prepare_stage(vae_of(setup), image(), (128, 96), p, 11, 0)
+        ref = nodes.KSamplerAdvanced().sample(
+            setup.model, "enable", 11, SCHEDULE, p.cfg, p.sampler_name, p.scheduler,
+            nd.size_conditioned(setup.positive, family, p), nd.size_conditioned(setup.negative, family, p),
+            {"samples": latent}, SCHEDULE - STEPS, SCHEDULE, "disable")[0]["samples"]
+        ref_image = vae_of(setup).decode(ref)
+    assert torch.equal(out_latent, ref)
+    assert torch.equal(out_image, ref_image[..., :3])
+
+
+@pytest.mark.parametrize("mode", ["latent", "image"])
+def test_guidance_changes_the_result(sd15, nd, mode):
+    off, _ = stage(nd, sd15, params(nd, guidance_steps=0))
+    on, _ = stage(nd, sd15, params(nd, guidance_mode=mode))
+    assert on.shape == off.shape and torch.isfinite(on).all()
+    assert not torch.equal(on, off)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_official_noise_level_and_step_count(family, nd, K, comfy_root, tmp_path_factory):
+    """Defaults: the first high-resolution step is at t = 281 (sigma(281) of the scaled-linear schedule), and
+    the stage runs 15 steps (cond + uncond rows each)."""
+    import comfy.patcher_extension
+    from sampling_helpers import get_setup
+    s = get_setup(family, tmp_path_factory)
+    sigmas, rows = [], []
+
+    def apply_model(executor, x, t, *args, **kwargs):
+        sigmas.append(float(t.flatten()[0]))
+        rows.append(x.shape[0])
+        return executor(x, t, *args, **kwargs)
+
+    m = s.model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.dh.sigmas", apply_model)
+    p = nd.DEFAULTS.replace(guidance_steps=0, vae_tile_size=0)
+    stage(nd, s, p, size=(64, 64), model=m)
+    assert len(sigmas) == 15 and set(rows) == {2}
+    assert sigmas[0] == pytest.approx(K.sd_scaled_linear_sigma(K.OFFICIAL_TIMESTEP), rel=1e-4)
+    ms = s.model.get_model_object("model_sampling")
+    assert [round(float(ms.timestep(torch.tensor(x)))) for x in sigmas] == K.leading_timesteps(50, 15)
+
+
+def test_sdxl_official_size_conditioning(nd, comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    s = get_setup("sdxl", tmp_path_factory)
+    family = nd.check_run(s.model, nd.DEFAULTS, nd.NODE)
+    cond = nd.size_conditioned(s.positive, family, nd.DEFAULTS)
+    d = cond[0][1]
+    assert (d["width"], d["height"], d["target_width"], d["target_height"]) == (1024, 1024, 1024, 1024)
+    assert "width" not in s.positive[0][1], "the input conditioning must not be modified"
+    assert nd.size_conditioned(s.positive, family, nd.DEFAULTS.replace(size_conditioning="conditioning")) \
+        is s.positive
+
+
+# ------------------------------------------------------------------------------------------------
+# The guidance
+# ------------------------------------------------------------------------------------------------
+def test_latent_guidance_sets_the_low_band_on_guided_steps(setup, nd):
+    """Latent mode: on each guided step the low band of the denoised prediction (ComfyUI's x0 for every model
+    type, flow models included) is the reference latent's; after them it is not."""
+    vae = vae_of(setup)
+    p = params(nd, guidance_mode="latent")
+    rec = Recorder()
+    stage(nd, setup, p, progress=rec)
+    assert len(rec.x0) == STEPS
+    with torch.inference_mode():
+        _, latent, _ = nd.prepare_stage(vae, image(), (128, 96), p, 3, 0)
+    lf = setup.model.get_model_object("latent_format")
+    ref_low = nd.K.reference_low_band(lf.process_in(latent.float()))
+    for i, x0 in enumerate(rec.x0):
+        low = nd.K.wavelets.low_band(x0)
+        err = float((inner(low) - inner(ref_low)).abs().max())
+        if i < GUIDED:
+            assert err < 1e-4 * max(1.0, float(ref_low.abs().max())), (i, err)
+        else:
+            assert err > 1e-3, (i, err)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_image_guidance_sets_the_low_band_in_pixel_space(family, nd, monkeypatch, comfy_root, tmp_path_factory):
+    """Image mode: per guided step one decode of x0 and one encode of iDWT(LL*, HF(x0)); the encoded image's low
+    band is the sharpened upsampled reference's, and that encoding is the step's x0."""
+    from sampling_helpers import get_setup
+    s = get_setup(family, tmp_path_factory)
+    vae = vae_of(s)
+    encoded, decoded = [], []
+    real_encode, real_decode = vae.encode, vae.decode
+
+    def encode(pixels):
+        out = real_encode(pixels)
+        encoded.append((pixels.detach().float().cpu().clone(), out.detach().float().cpu().clone()))
+        return out
+
+    def decode(latent, *a, **k):
+        decoded.append(latent.shape)
+        return real_decode(latent, *a, **k)
+
+    monkeypatch.setattr(vae, "encode", encode)
+    monkeypatch.setattr(vae, "decode", decode)
+    rec = Recorder()
+    stage(nd, s, params(nd, guidance_mode="image"), progress=rec)
+    assert len(encoded) == 1 + GUIDED and len(decoded) == GUIDED + 1
+    reference = encoded[0][0].movedim(-1, 1)
+    ref_low = nd.K.reference_low_band(reference)
+    lf = s.model.get_model_object("latent_format")
+    for i in range(GUIDED):
+        pixels, latent = encoded[1 + i]
+        low = nd.K.wavelets.low_band(pixels.movedim(-1, 1))
+        assert float((inner(low) - inner(ref_low)).abs().max()) < 1e-4
+        torch.testing.assert_close(rec.x0[i], lf.process_in(latent), atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_chains_with_other_post_cfg_functions(sd15, nd):
+    """The guide is appended to the post-CFG list: a function installed before it still runs, and still sees
+    the unguided prediction."""
+    seen = []
+
+    def before(args):
+        seen.append(args["denoised"].shape)
+        return args["denoised"]
+
+    m = sd15.model.clone()
+    m.set_model_sampler_post_cfg_function(before)
+    stage(nd, sd15, params(nd), model=m)
+    assert len(seen) == STEPS
+
+
+def test_guidance_patch_node_in_a_ksampler_graph_equals_the_stage(sd15, nd, K):
+    """TFG_DiffuseHighGuidance + KSamplerAdvanced on the upscaled, encoded image = the stage node (no
+    sharpening, so the reference is the plain upscale)."""
+    import nodes
+    vae = vae_of(sd15)
+    p = params(nd, sharpen_alpha=0.0, guidance_mode="latent")
+    _, out_latent = stage(nd, sd15, p, seed=5)
+    family = nd.check_run(sd15.model, p, nd.NODE)
+    with torch.inference_mode():
+        up = K.upsample(image().movedim(-1, 1), (96, 128)).movedim(1, -1)
+        patched = nd.DiffuseHighGuidance.execute(model=sd15.model, vae=vae, reference=up, guidance_steps=GUIDED,
+                                                 guidance_mode="latent", guidance_factor=1.0, fadeout=0.0,
+                                                 wavelet="db4", dwt_levels=1, vae_tile_size=0).args[0]
+        latent = vae.encode(up)
+        ref = nodes.KSamplerAdvanced().sample(
+            patched, "enable", 5, SCHEDULE, p.cfg, p.sampler_name, p.scheduler,
+            nd.size_conditioned(sd15.positive, family, p), nd.size_conditioned(sd15.negative, family, p),
+            {"samples": latent}, SCHEDULE - STEPS, SCHEDULE, "disable")[0]["samples"]
+    assert torch.equal(out_latent, ref)
+
+
+def test_partial_blend_and_fadeout_move_less(sd15, nd):
+    off, _ = stage(nd, sd15, params(nd, guidance_steps=0))
+    full, _ = stage(nd, sd15, params(nd))
+    half, _ = stage(nd, sd15, params(nd, guidance_factor=0.5, fadeout=1.0))
+    assert not torch.equal(half, full) and not torch.equal(half, off)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nodes: sources, shapes, stages, progress, interrupts, memory
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_one_stage_node_non_square_from_image_and_latent(family, nd, comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    s = get_setup(family, tmp_path_factory)
+    vae = vae_of(s)
+    kw = node_kwargs(nd)
+    with torch.inference_mode():
+        out = nd.DiffuseHigh.execute(model=s.model, positive=s.positive, negative=s.negative, vae=vae, width=0,
+                                     height=0, scale_by=2.0, image=image(40, 64), **kw).args
+        assert out[0].shape == (1, 80, 128, 3) and out[1]["samples"].shape == (1, s.latent_channels, 10, 16)
+        low = vae.encode(image(40, 64))
+        out2 = nd.DiffuseHigh.execute(model=s.model, positive=s.positive, negative=s.negative, vae=vae, width=96,
+                                      height=0, scale_by=2.0, latent={"samples": low}, **kw).args
+    assert out2[0].shape == (1, 64, 96, 3) and torch.isfinite(out2[0]).all()
+
+
+def test_progressive_stages_one_progress_bar(sd15, nd):
+    import comfy.utils
+    updates = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        with torch.inference_mode():
+            out = nd.DiffuseHighProgressive.execute(model=sd15.model, positive=sd15.positive,
+                                                    negative=sd15.negative, vae=vae_of(sd15), stages="x1.5, 96x128",
+                                                    image=image(32, 48), **node_kwargs(nd)).args
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert out[0].shape == (1, 128, 96, 3)
+    totals = {t for _, t in updates}
+    assert 2 * STEPS in totals
+    assert (2 * STEPS, 2 * STEPS) in updates
+    ours = [v for v, t in updates if t == 2 * STEPS]
+    assert ours == sorted(ours) and ours[-1] == 2 * STEPS
+
+
+def test_interrupt_stops_the_stages(sd15, nd):
+    import comfy.model_management
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if len(calls) == 2:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            with torch.inference_mode():
+                nd.DiffuseHighProgressive.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative,
+                                                  vae=vae_of(sd15), stages="x2, x2", image=image(32, 32),
+                                                  **node_kwargs(nd))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    assert len(calls) < 2 * STEPS
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("mode", ["image", "latent"])
+def test_memory_bounded_at_4x_area_with_tiled_vae(sd15, nd, monkeypatch, mode):
+    """One stage at 4x the base area (64x64 -> 128x128) with VAE tiles of 64 px: every VAE call at the stage size
+    is tiled, and the process's peak resident memory during the stage stays small (reported in the log)."""
+    vae = vae_of(sd15)
+    tiled = {"encode": 0, "decode": 0}
+    real_enc, real_dec = vae.encode_tiled, vae.decode_tiled
+
+    def enc(*a, **k):
+        tiled["encode"] += 1
+        return real_enc(*a, **k)
+
+    def dec(*a, **k):
+        tiled["decode"] += 1
+        return real_dec(*a, **k)
+
+    monkeypatch.setattr(vae, "encode_tiled", enc)
+    monkeypatch.setattr(vae, "decode_tiled", dec)
+    base = _rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample_rss():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample_rss, daemon=True)
+    t.start()
+    try:
+        out, _ = stage(nd, sd15, params(nd, guidance_mode=mode, vae_tile_size=64), img=image(64, 64),
+                       size=(128, 128))
+    finally:
+        done.set()
+        t.join()
+    guided = GUIDED if mode == "image" else 0
+    assert tiled == {"encode": 1 + guided, "decode": 1 + guided}
+    assert out.shape == (1, 128, 128, 3)
+    grown = (peak[0] - base) / 2 ** 20
+    LOG.warning("DiffuseHigh %s mode, 64x64 -> 128x128 (4x area), tiny SD1.5: peak RSS growth during the stage "
+                "%.1f MiB", mode, grown)
+    assert grown < 512
+
+
+def test_validation_and_errors(sd15, nd):
+    assert nd.DiffuseHigh.validate_inputs(cfg=10.0, schedule_steps=50, steps=15, guidance_steps=5,
+                                          guidance_factor=1.0, fadeout=0.0, dwt_levels=1, sharpen_alpha=1.0,
+                                          sharpen_sigma=0.0, vae_tile_size=1024, scale_by=2.0) is True
+    bad = nd.DiffuseHigh.validate_inputs(cfg=10.0, schedule_steps=50, steps=15, guidance_steps=20,
+                                         guidance_factor=1.0, fadeout=0.0, dwt_levels=1, sharpen_alpha=1.0,
+                                         sharpen_sigma=0.0, vae_tile_size=1024, scale_by=2.0)
+    assert isinstance(bad, str) and "guidance_steps" in bad
+    bad_stages = nd.DiffuseHighProgressive.validate_inputs(stages="big", cfg=10.0, schedule_steps=50, steps=15,
+                                                           guidance_steps=5, guidance_factor=1.0, fadeout=0.0,
+                                                           dwt_levels=1, sharpen_alpha=1.0, sharpen_sigma=0.0,
+                                                           vae_tile_size=0)
+    assert isinstance(bad_stages, str) and "stages" in bad_stages
+    with pytest.raises(ValueError, match=r"TFG DiffuseHigh \[model family: SD1.x\].*neither an image"):
+        with torch.inference_mode():
+            nd.DiffuseHigh.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative,
+                                   vae=vae_of(sd15), width=0, height=0, scale_by=2.0, **node_kwargs(nd))
+
+
+def test_reference_size_mismatch_is_a_loud_error(sd15, nd):
+    """The MODEL patch with a reference of another size than the sampled latent raises, naming the fix."""
+    import nodes
+    vae = vae_of(sd15)
+    with torch.inference_mode():
+        patched = nd.DiffuseHighGuidance.execute(model=sd15.model, vae=vae, reference=image(64, 64),
+                                                 guidance_steps=GUIDED, guidance_mode="latent", guidance_factor=1.0,
+                                                 fadeout=0.0, wavelet="db4", dwt_levels=1, vae_tile_size=0).args[0]
+        with pytest.raises(ValueError, match="reference image of the size being sampled"):
+            nodes.KSamplerAdvanced().sample(patched, "enable", 1, SCHEDULE, 5.0, "euler", "ddim_uniform",
+                                            sd15.positive, sd15.negative, {"samples": vae.encode(image(96, 96))},
+                                            SCHEDULE - STEPS, SCHEDULE, "disable")
