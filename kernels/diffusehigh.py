@@ -111,8 +111,8 @@ class DiffuseHighParams:
             problems.append("dwt_levels must be 1-4")
         if self.schedule_steps < 1 or not 1 <= self.steps <= self.schedule_steps:
             problems.append(f"steps ({self.steps}) must be between 1 and schedule_steps ({self.schedule_steps})")
-        if not 0 <= self.guidance_steps <= max(self.steps, 0):
-            problems.append(f"guidance_steps ({self.guidance_steps}) must be between 0 and steps ({self.steps})")
+        if self.guidance_steps < 0:
+            problems.append("guidance_steps must be >= 0 (more than `steps` guides every step)")
         if not (math.isfinite(self.guidance_factor) and 0.0 <= self.guidance_factor <= 1.0):
             problems.append("guidance_factor must be in [0, 1]")
         if not (math.isfinite(self.fadeout) and 0.0 <= self.fadeout <= 1.0):

@@ -76,7 +76,8 @@ def _guidance_inputs() -> list:
     return [
         io.Int.Input("guidance_steps", default=DEFAULTS.guidance_steps, min=0, max=1000,
                      tooltip="Steps (from the first of the stage) whose predicted x0 gets the reference's low "
-                             "band. Neutral: 0 (plain img2img, bit-identical). Official: 5 of 15."),
+                             "band (more than `steps` = every step). Neutral: 0 (plain img2img, bit-identical). "
+                             "Official: 5 of 15."),
         io.Combo.Input("guidance_mode", options=list(K.GUIDANCE_MODES), default=DEFAULTS.guidance_mode,
                        tooltip="image: DWT of the decoded x0 in pixel space, re-encoded (official; a VAE decode + "
                                "encode at the target size per guided step). latent: DWT of the latent x0 against "
@@ -343,6 +344,10 @@ def check_run(model, params: K.DiffuseHighParams, node: str) -> adapters.ModelFa
     if problems:
         raise adapters.node_error(node, family, "; ".join(problems), "correct the inputs.")
     family = adapters.require_family(node, model, SUPPORTED)
+    if params.guidance_steps > params.steps:
+        adapters.logger.warning("%s %s [model family: %s]: guidance_steps (%d) exceeds steps (%d): every step is "
+                                "guided, so the result keeps the reference's low band exactly (official: 5 of 15).",
+                                adapters.PACK_NAME, node, family.name, params.guidance_steps, params.steps)
     if family.key == "flux" and params.cfg != 1.0:
         adapters.warn_once(f"diffusehigh.fluxcfg.{params.cfg}",
                            f"{adapters.PACK_NAME} {node} [model family: Flux]: cfg is {params.cfg}; Flux-dev is "

@@ -144,9 +144,11 @@ def test_official_defaults_and_validation():
             p.sharpen_kernel, p.guidance_mode, p.sampler_name) == (10.0, 50, 15, 5, "db4", 1, 1.0, 3, "image",
                                                                     "euler")
     assert p.start_step == 35 and p.validate() == []
-    bad = p.replace(guidance_mode="x", steps=60, guidance_factor=2.0, sharpen_kernel=4, vae_tile_size=10)
+    bad = p.replace(guidance_mode="x", steps=60, guidance_factor=2.0, sharpen_kernel=4, vae_tile_size=10,
+                    guidance_steps=-1)
     problems = " ".join(bad.validate())
-    for word in ("guidance_mode", "steps", "guidance_factor", "sharpen_kernel", "vae_tile_size"):
+    for word in ("guidance_mode", "steps (60)", "guidance_factor", "sharpen_kernel", "vae_tile_size",
+                 "guidance_steps"):
         assert word in problems
 
 

@@ -370,7 +370,7 @@ def test_validation_and_errors(sd15, nd):
     assert nd.DiffuseHigh.validate_inputs(cfg=10.0, schedule_steps=50, steps=15, guidance_steps=5,
                                           guidance_factor=1.0, fadeout=0.0, dwt_levels=1, sharpen_alpha=1.0,
                                           sharpen_sigma=0.0, vae_tile_size=1024, scale_by=2.0) is True
-    bad = nd.DiffuseHigh.validate_inputs(cfg=10.0, schedule_steps=50, steps=15, guidance_steps=20,
+    bad = nd.DiffuseHigh.validate_inputs(cfg=10.0, schedule_steps=50, steps=15, guidance_steps=-1,
                                          guidance_factor=1.0, fadeout=0.0, dwt_levels=1, sharpen_alpha=1.0,
                                          sharpen_sigma=0.0, vae_tile_size=1024, scale_by=2.0)
     assert isinstance(bad, str) and "guidance_steps" in bad
