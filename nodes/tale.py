@@ -228,6 +228,10 @@ def make_placement(background, foreground, object_mask, placement, placement_mas
     canvas_c = K.crop_to_multiple(canvas.movedim(1, -1), factor, 1, 2)
     mask_c = K.crop_to_multiple(canvas_m[0, 0], factor, 0, 1)
     box = K.mask_bbox(mask_c)
+    if box is not None and float(mask_c.sum()) < float(canvas_m.sum()):
+        adapters.warn_once(f"tale.cropped.{H0}x{W0}", f"{adapters.PACK_NAME} {NODE}: the background is {W0}x{H0}, "
+                                                      f"not a multiple of {factor}; like VAE Encode the border rows/"
+                                                      "columns are cropped, and part of the placed object with them.")
     if box is None:
         raise adapters.node_error(NODE, family, "the placed object lies entirely in the border rows/columns VAE "
                                                 f"encoding crops away (the background is {W0}x{H0}, not a multiple of "

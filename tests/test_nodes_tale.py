@@ -1,0 +1,287 @@
+"""TALE composition node, in-process on the real ComfyUI with the tiny random-weight models.
+
+Behaviour: with tau = 0 and no energy the node is exactly "paste the inverted object at T', then sample" with
+ComfyUI's own sampler (bit for bit); no composite is denoised before T'; the background outside the object is
+the background's latent on every normalisation step; the energy decreases over the inner gradient steps (latent
+energy and CLIP energy with a tiny CLIP vision model) with finite gradients; the style term's gradient is kept
+or, as in the released code, detached; placement at borders of non-square images; loud errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import host
+
+STEPS, T_PRIME = 4, 1
+SMALL = dict(steps=STEPS, t_prime=T_PRIME, tau=2, inner_steps=2, cfg=4.0)
+
+
+@pytest.fixture(scope="module")
+def tn(comfy_root):
+    return host.pack_module("nodes.tale")
+
+
+@pytest.fixture(scope="module")
+def K(comfy_root):
+    return host.pack_module("kernels.tale")
+
+
+@pytest.fixture(scope="module")
+def sd(comfy_root, tmp_path_factory):
+    """Tiny SD1.5 with its VAE and an empty negative prompt."""
+    import comfy.sd
+    import nodes
+    import tiny_models
+    path = tiny_models.write_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tale") / "tiny_sd15.safetensors")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    with torch.inference_mode():
+        positive = nodes.CLIPTextEncode().encode(clip, "an oil painting of a sheep, Van Gogh style")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    return model, vae, positive, negative
+
+
+def _images(bg_hw=(48, 80), fg_hw=(40, 32), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bg = torch.rand(1, *bg_hw, 3, generator=g)
+    fg = torch.rand(1, *fg_hw, 3, generator=g)
+    mask = torch.zeros(1, *fg_hw)
+    mask[:, 4:36, 6:28] = 1.0
+    return bg, fg, mask
+
+
+def _run(tn, K, sd, trace=True, images=None, **changes):
+    model, vae, positive, negative = sd
+    values = dict(SMALL, energy="none")
+    place = {k: changes.pop(k) for k in ("placement", "placement_mask", "box_x", "box_y", "box_scale",
+                                         "clip_vision", "energy_text") if k in changes}
+    place.setdefault("box_scale", 0.75)
+    values.update(changes)
+    bg, fg, mask = images or _images()
+    with torch.inference_mode():
+        return tn.run_tale(model, vae, positive, negative, bg, fg, mask, K.TALEParams(**values), trace=trace, **place)
+
+
+# ------------------------------------------------------------------------------------------------
+class _PasteThenSample:
+    """The explicit construction: paste the inverted foreground into the inverted background at T' with
+    torch.where, then ComfyUI's own k-diffusion sampler over the rest of the schedule."""
+
+    def __init__(self, bg_t, fg_t, mask, t_prime, function):
+        self.bg_t, self.fg_t, self.mask, self.t_prime, self.function = bg_t, fg_t, mask, t_prime, function
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        import comfy.samplers
+        m = self.mask[None, None].expand_as(self.bg_t).to(noise.device)
+        x = torch.where(m, self.fg_t.to(noise.device), self.bg_t.to(noise.device))
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        return self.function(model_k, x, sigmas[self.t_prime:], extra_args={**extra_args, "denoise_mask": None},
+                             disable=True)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "euler"])
+def test_tau_zero_without_energy_is_paste_at_t_prime_then_sampling_bit_for_bit(tn, K, sd, solver):
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers
+    latent, _, _, report = _run(tn, K, sd, tau=0, solver=solver, t_prime=2)
+    model, _, positive, negative = sd
+    bg_t, fg_t = report.background[2], report.foreground[2]
+    place_mask = _placement_mask(tn, sd)
+    function = kds.sample_dpmpp_2m if solver == "dpmpp_2m" else kds.sample_euler
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(SMALL["cfg"])
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).float()
+    zeros = torch.zeros_like(bg_t)
+    with torch.inference_mode():
+        expected = guider.sample(zeros, zeros, _PasteThenSample(bg_t, fg_t, place_mask, 2, function), sigmas,
+                                 disable_pbar=True, seed=0)
+    assert torch.equal(latent["samples"], expected.cpu())
+    # no wasted denoising before T': the composite gets exactly one CFG pass per step from T' on
+    assert report.passes["cfg"] == STEPS - 2 and report.passes["grad"] == 0
+
+
+def _placement_mask(tn, sd):
+    bg, fg, mask = _images()
+    place = tn.make_placement(bg, fg, mask, "box", None, 0.5, 0.5, 0.75, 8)
+    return place.latent_mask
+
+
+def test_inverted_latents_are_noisier_toward_t_prime(tn, K, sd):
+    _, _, _, report = _run(tn, K, sd, tau=2)
+    bg_t = report.background
+    assert set(bg_t) == {1, 2, 3}
+    # inversion adds noise: the state at T' (higher sigma) differs from the later ones
+    assert not torch.equal(bg_t[1], bg_t[2]) and all(torch.isfinite(t).all() for t in bg_t.values())
+
+
+@pytest.mark.parametrize("energy", ["none", "latent"])
+def test_background_outside_the_object_is_the_background_on_every_normalisation_step(tn, K, sd, energy):
+    latent, _, _, report = _run(tn, K, sd, energy=energy, style_weight=0.05)
+    m = _placement_mask(tn, sd)
+    assert sorted(report.composites) == [2, 3]
+    for i in (2, 3):
+        for stage in (report.composites[i], report.optimised[i]):
+            assert torch.equal(stage[..., ~m], report.background[i][..., ~m]), (energy, i)
+        # normalisation (and optimisation) did change the object region
+        assert not torch.equal(report.composites[i][..., m], report.background[i][..., m])
+    if energy == "latent":
+        assert any(not torch.equal(report.composites[i], report.optimised[i]) for i in (2, 3))
+    assert torch.isfinite(latent["samples"]).all()
+
+
+def test_latent_energy_decreases_over_inner_steps_with_finite_gradients(tn, K, sd):
+    _, _, _, report = _run(tn, K, sd, energy="latent", style_weight=0.02, inner_steps=3, tau=1)
+    assert report.passes["grad"] == 3
+    energies = report.energies[2]
+    assert len(energies) == 3 and all(torch.isfinite(torch.tensor(energies)))
+    assert all(b < a for a, b in zip(energies, energies[1:])), energies
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_vision(comfy_root):
+    from testing_pack import tale_testing
+    return tale_testing.tiny_clip_vision("sd15")
+
+
+def test_clip_energy_decreases_and_the_style_gradient_is_kept_or_detached(tn, K, sd, tiny_clip_vision):
+    common = dict(energy="clip", text_weight=0.0, style_weight=0.002, inner_steps=2, tau=1,
+                  clip_vision=tiny_clip_vision)
+    _, _, _, kept = _run(tn, K, sd, style_gradient="kept", **common)
+    energies = kept.energies[2]
+    assert all(b < a for a, b in zip(energies, energies[1:])), energies
+    assert not torch.equal(kept.composites[2], kept.optimised[2])
+    # the released code's bug: the style term is detached, so with text_weight 0 nothing moves
+    _, _, _, detached = _run(tn, K, sd, style_gradient="detached", **common)
+    assert torch.equal(detached.composites[2], detached.optimised[2])
+    assert detached.energies[2][0] == pytest.approx(energies[0])
+
+
+def test_clip_energy_text_term_with_the_prompt_pooled_output(tn, K, sd, tiny_clip_vision):
+    latent, _, _, report = _run(tn, K, sd, energy="clip", text_weight=1.0, style_weight=0.0, inner_steps=2, tau=1,
+                                clip_vision=tiny_clip_vision)
+    texts = [t for t, _ in report.terms[2]]
+    assert all(0.0 <= t <= 2.0 for t in texts) and texts[1] < texts[0], texts
+    assert torch.isfinite(latent["samples"]).all()
+
+
+def test_history_reblend_and_replay_trajectories(tn, K, sd):
+    base, _, _, r0 = _run(tn, K, sd, tau=1, t_prime=1)
+    reblend, _, _, r1 = _run(tn, K, sd, tau=1, t_prime=1, history="reblend")
+    assert r1.passes["cfg"] == r0.passes["cfg"] + 2 and not torch.equal(base["samples"], reblend["samples"])
+    replay, _, _, r2 = _run(tn, K, sd, tau=1, t_prime=1, trajectories="replay")
+    # replay inverts to the first step (4 steps x 2 images) and denoises both again up to T'+tau (2 x 2)
+    assert r2.passes["inversion"] == 2 * STEPS + 2 * 2 and r0.passes["inversion"] == 2 * (STEPS - 1)
+    assert torch.isfinite(replay["samples"]).all() and not torch.equal(replay["samples"], base["samples"])
+
+
+# ------------------------------------------------------------------------------------------------ placement
+def test_placement_with_a_mask_flush_with_the_bottom_right_of_a_non_square_background(tn):
+    bg, fg, mask = _images(bg_hw=(40, 72), fg_hw=(40, 32))
+    pm = torch.zeros(1, 40, 72)
+    pm[:, 24:40, 56:72] = 1.0
+    place = tn.make_placement(bg, fg, mask, "mask", pm, 0.5, 0.5, 1.0, 8)
+    # object 32x22 (h x w) fitted into 16x16, aspect kept: 16 x 11, centred in the box
+    assert (place.box.height, place.box.width) == (16, 11)
+    assert place.box.bottom == 40 and place.box.top == 24
+    assert place.latent_mask.shape == (5, 9) and bool(place.latent_mask[4].any())
+    assert torch.equal(place.preview()[0][place.pixel_mask < 0.5], bg[0][place.pixel_mask < 0.5])
+
+
+def test_placement_box_at_the_right_border_and_cropping_to_multiples_of_eight(tn):
+    bg, fg, mask = _images(bg_hw=(45, 70), fg_hw=(40, 32))
+    # object 32x22 at scale 0.5 -> 16x11, centred so that it ends exactly at the right border (columns 59..69)
+    place = tn.make_placement(bg, fg, mask, "box", None, (70 - 5.5) / 70, 0.5, 0.5, 8)
+    assert place.background.shape[1:3] == (40, 64)      # cropped like VAE Encode: row offset 2, column offset 3
+    assert torch.equal(place.background, bg[:, 2:42, 3:67])
+    # in cropped coordinates the object spans columns 56..66; VAE Encode's crop keeps 56..63
+    assert (place.box.left, place.box.right) == (56, 64)
+    assert place.latent_mask.shape == (5, 8) and bool(place.latent_mask[:, 7].any())
+    assert not bool(place.latent_mask[:, :7].any())
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty_object", "object_mask is empty"),
+    ("object_mask_size", "object_mask is 20x20 but the foreground image is 32x40"),
+    ("no_placement_mask", "no placement_mask is connected"),
+    ("empty_placement", "placement_mask is empty"),
+    ("placement_mask_size", "placement_mask is 40x40 but the background is 80x48"),
+    ("outside", "beyond the right border"),
+    ("too_large", "larger than the background"),
+    ("too_small", "latent pixel"),
+])
+def test_placement_errors_are_clear(tn, case, match):
+    bg, fg, mask = _images()
+    args = dict(placement="box", placement_mask=None, box_x=0.5, box_y=0.5, box_scale=0.75)
+    if case == "empty_object":
+        mask = torch.zeros_like(mask)
+    elif case == "object_mask_size":
+        mask = torch.ones(1, 20, 20)
+    elif case == "no_placement_mask":
+        args["placement"] = "mask"
+    elif case == "empty_placement":
+        args.update(placement="mask", placement_mask=torch.zeros(1, 48, 80))
+    elif case == "placement_mask_size":
+        args.update(placement="mask", placement_mask=torch.ones(1, 40, 40))
+    elif case == "outside":
+        args.update(box_x=1.0)
+    elif case == "too_large":
+        args.update(box_scale=2.0)
+    elif case == "too_small":
+        args.update(box_scale=0.05)
+    with pytest.raises(ValueError, match=match) as info:
+        tn.make_placement(bg, fg, mask, factor=8, **args)
+    assert "TFG TALE Composite" in str(info.value) and "Fix:" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ node
+def test_validate_inputs(tn):
+    ok = dict(steps=20, t_prime=12, tau=5, cfg=10.0, inner_steps=3, text_weight=15.0, style_weight=0.15,
+              adain_max=0.5, box_x=0.5, box_y=0.5, box_scale=1.0)
+    assert tn.TALEComposite.validate_inputs(**ok) is True
+    for changes, word in ((dict(t_prime=20), "t_prime"), (dict(tau=8), "t_prime + tau"),
+                          (dict(box_scale=0.0), "box_scale"), (dict(adain_max=2.0), "adain_max")):
+        result = tn.TALEComposite.validate_inputs(**{**ok, **changes})
+        assert isinstance(result, str) and word in result and "TALE Composite" in result, (changes, result)
+
+
+def test_clip_energy_without_a_clip_vision_model_is_an_error(tn, K, sd):
+    with pytest.raises(ValueError, match="no clip_vision model is connected"):
+        _run(tn, K, sd, energy="clip")
+
+
+def test_execute_outputs_and_interrupt(tn, K, sd):
+    import comfy.model_management
+    model, vae, positive, negative = sd
+    bg, fg, mask = _images()
+    values = dict(model=model, positive=positive, negative=negative, vae=vae, background=bg, foreground=fg,
+                  object_mask=mask, placement="box", box_x=0.5, box_y=0.5, box_scale=0.75, steps=STEPS, t_prime=1,
+                  tau=1, cfg=4.0, solver="dpmpp_2m", scheduler="normal", energy="none", text_weight=15.0,
+                  style_weight=0.15, inner_steps=3, adain_max=0.5, style_gradient="kept", history="reset",
+                  trajectories="inverted")
+    with torch.inference_mode():
+        out = tn.TALEComposite.execute(**values).args
+    assert out[0]["samples"].shape == (1, 4, 6, 10) and out[1].shape == (1, 48, 80, 3) and out[2].shape == (1, 48, 80)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+            tn.TALEComposite.execute(**values)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+
+
+def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    import tiny_models
+    s = get_setup("sdxl", tmp_path_factory)
+    vae = tiny_models.build_tiny_vae("sdxl")
+    bg, fg, mask = _images()
+    with torch.inference_mode():
+        latent, _, _, report = tn.run_tale(s.model, vae, s.positive, s.negative, bg, fg, mask,
+                                           K.TALEParams(**dict(SMALL, energy="latent", style_weight=0.01)),
+                                           box_scale=0.75)
+    assert latent["samples"].shape == (1, 4, 6, 10) and report.passes["grad"] == 4
+    flux = get_setup("flux", tmp_path_factory)
+    with pytest.raises(ValueError, match=r"\[model family: Flux\].*not supported"), torch.inference_mode():
+        tn.run_tale(flux.model, tiny_models.build_tiny_vae("flux"), flux.positive, flux.negative, bg, fg, mask,
+                    K.TALEParams(**SMALL), box_scale=0.75)
