@@ -110,6 +110,16 @@ class TALEParams:
             problems.append(f"style_layer must be >= 0, got {self.style_layer}")
         return problems
 
+    @property
+    def t_prime_percent(self) -> float:
+        """T' as a fraction of the schedule (reference 12/20 = 0.6)."""
+        return self.t_prime / self.steps
+
+    @property
+    def tau_percent(self) -> float:
+        """tau as a fraction of the schedule (reference 5/20 = 0.25)."""
+        return self.tau / self.steps
+
     def replace(self, **changes) -> "TALEParams":
         return dataclasses.replace(self, **changes)
 
@@ -122,6 +132,16 @@ class TALEParams:
     def window(self) -> range:
         """Step indices with normalisation (and optimisation): T'+1 .. T'+tau."""
         return range(self.t_prime + 1, self.t_prime + self.tau + 1)
+
+
+def schedule_steps(steps: int, t_prime_percent: float, tau_percent: float) -> tuple[int, int]:
+    """(T', tau) in steps from fractions of the schedule: round(fraction * steps), tau at least 1 step when its
+    fraction is > 0 (20 steps, 0.6, 0.25 -> 12, 5: the reference)."""
+    t_prime = int(round(t_prime_percent * steps))
+    tau = int(round(tau_percent * steps))
+    if tau_percent > 0 and tau == 0:
+        tau = 1
+    return t_prime, tau
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,12 +75,15 @@ def _inputs() -> list:
                                "(1 = same pixels). The object must fit inside the background."),
         io.Int.Input("steps", default=d.steps, min=1, max=200,
                      tooltip="Steps of the whole schedule. Reference: 20."),
-        io.Int.Input("t_prime", default=d.t_prime, min=0, max=199,
-                     tooltip="T': the step at which the object is pasted (later = more of the background's layout and "
-                             "of the object's identity kept). Reference: 12 of 20 (about t=400)."),
-        io.Int.Input("tau", default=d.tau, min=0, max=199,
-                     tooltip="Number of normalisation + optimisation steps after T'. 0 = paste only (then the node is "
-                             "'paste at T' and sample'). Reference: 5. t_prime + tau must be below steps."),
+        io.Float.Input("t_prime_percent", default=d.t_prime_percent, min=0.0, max=1.0, step=0.01,
+                       tooltip="T' as a fraction of the schedule: the object is pasted at step round(T' x steps) "
+                               "(later = more of the background's layout kept, less reshaping of the object). "
+                               "Reference: 0.6 (step 12 of 20, about t=400)."),
+        io.Float.Input("tau_percent", default=d.tau_percent, min=0.0, max=1.0, step=0.01,
+                       tooltip="tau as a fraction of the schedule: the number of normalisation + optimisation steps "
+                               "after T' is round(tau x steps) (at least 1 when > 0). 0 = paste only (the node is then "
+                               "'paste at T' and sample'). Reference: 0.25 (5 of 20 steps). T' + tau must end "
+                               "before the last step."),
         io.Float.Input("cfg", default=d.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="CFG scale of the composite. Reference: 10 (cross-domain)."),
         io.Combo.Input("solver", options=list(K.SOLVERS), default=d.solver,
@@ -126,8 +129,9 @@ def _inputs() -> list:
     ]
 
 
-def _params(steps, t_prime, tau, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps, adain_max,
+def _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps, adain_max,
             style_gradient, history, trajectories) -> TALEParams:
+    t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
     return TALEParams(steps=steps, t_prime=t_prime, tau=tau, cfg=cfg, solver=solver, scheduler=scheduler,
                       energy=energy, text_weight=text_weight, style_weight=style_weight, inner_steps=inner_steps,
                       adain_max=adain_max, style_gradient=style_gradient, history=history, trajectories=trajectories)
@@ -615,11 +619,14 @@ class TALEComposite(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, t_prime, tau, cfg, inner_steps, text_weight, style_weight, adain_max,
-                        box_x, box_y, box_scale) -> bool | str:
+    def validate_inputs(cls, steps, t_prime_percent, tau_percent, cfg, inner_steps, text_weight, style_weight,
+                        adain_max, box_x, box_y, box_scale) -> bool | str:
+        t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
         params = TALEParams(steps=steps, t_prime=t_prime, tau=tau, cfg=cfg, inner_steps=inner_steps,
                             text_weight=text_weight, style_weight=style_weight, adain_max=adain_max)
-        problems = params.validate()
+        problems = [f"{p} (t_prime_percent {t_prime_percent} and tau_percent {tau_percent} give T'={t_prime}, "
+                    f"tau={tau} at {steps} steps)" if ("t_prime" in p or "tau" in p) else p
+                    for p in params.validate()]
         if not 0.0 <= box_x <= 1.0 or not 0.0 <= box_y <= 1.0:
             problems.append(f"box_x and box_y must be in [0, 1] (fractions of the background), got {box_x}, {box_y}")
         if not box_scale > 0:
@@ -630,10 +637,10 @@ class TALEComposite(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, background, foreground, object_mask, placement, box_x, box_y,
-                box_scale, steps, t_prime, tau, cfg, solver, scheduler, energy, text_weight, style_weight,
+                box_scale, steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight,
                 inner_steps, adain_max, style_gradient, history, trajectories, placement_mask=None,
                 clip_vision=None, energy_text=None) -> io.NodeOutput:
-        params = _params(steps, t_prime, tau, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps,
+        params = _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps,
                          adain_max, style_gradient, history, trajectories)
         latent, preview, mask, _ = run_tale(model, vae, positive, negative, background, foreground, object_mask,
                                             params, placement, placement_mask, box_x, box_y, box_scale, clip_vision,

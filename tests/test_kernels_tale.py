@@ -29,6 +29,14 @@ def test_invalid_params_are_named(changes, word):
     assert word in problems, problems
 
 
+def test_schedule_fractions_give_the_reference_steps():
+    p = K.TALEParams()
+    assert K.schedule_steps(20, p.t_prime_percent, p.tau_percent) == (12, 5)
+    assert K.schedule_steps(4, 0.6, 0.25) == (2, 1)
+    assert K.schedule_steps(10, 0.6, 0.01) == (6, 1)   # a positive tau is at least one step
+    assert K.schedule_steps(10, 0.6, 0.0) == (6, 0)
+
+
 def test_optimising_needs_energy_steps_and_weights():
     assert K.TALEParams().optimising
     for changes in (dict(energy="none"), dict(inner_steps=0), dict(tau=0), dict(text_weight=0.0, style_weight=0.0)):

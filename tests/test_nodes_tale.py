@@ -236,10 +236,11 @@ def test_placement_errors_are_clear(tn, case, match):
 
 # ------------------------------------------------------------------------------------------------ node
 def test_validate_inputs(tn):
-    ok = dict(steps=20, t_prime=12, tau=5, cfg=10.0, inner_steps=3, text_weight=15.0, style_weight=0.15,
+    ok = dict(steps=20, t_prime_percent=0.6, tau_percent=0.25, cfg=10.0, inner_steps=3, text_weight=15.0, style_weight=0.15,
               adain_max=0.5, box_x=0.5, box_y=0.5, box_scale=1.0)
     assert tn.TALEComposite.validate_inputs(**ok) is True
-    for changes, word in ((dict(t_prime=20), "t_prime"), (dict(tau=8), "t_prime + tau"),
+    for changes, word in ((dict(t_prime_percent=1.0), "t_prime"), (dict(tau_percent=0.4), "t_prime + tau"),
+                          (dict(steps=3), "at 3 steps"),
                           (dict(box_scale=0.0), "box_scale"), (dict(adain_max=2.0), "adain_max")):
         result = tn.TALEComposite.validate_inputs(**{**ok, **changes})
         assert isinstance(result, str) and word in result and "TALE Composite" in result, (changes, result)
@@ -255,8 +256,8 @@ def test_execute_outputs_and_interrupt(tn, K, sd):
     model, vae, positive, negative = sd
     bg, fg, mask = _images()
     values = dict(model=model, positive=positive, negative=negative, vae=vae, background=bg, foreground=fg,
-                  object_mask=mask, placement="box", box_x=0.5, box_y=0.5, box_scale=0.75, steps=STEPS, t_prime=1,
-                  tau=1, cfg=4.0, solver="dpmpp_2m", scheduler="normal", energy="none", text_weight=15.0,
+                  object_mask=mask, placement="box", box_x=0.5, box_y=0.5, box_scale=0.75, steps=STEPS,
+                  t_prime_percent=0.25, tau_percent=0.25, cfg=4.0, solver="dpmpp_2m", scheduler="normal", energy="none", text_weight=15.0,
                   style_weight=0.15, inner_steps=3, adain_max=0.5, style_gradient="kept", history="reset",
                   trajectories="inverted")
     with torch.inference_mode():
