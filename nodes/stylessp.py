@@ -1,2 +1,245 @@
-"""Placeholder: filled by the issue that adds this technique (no nodes yet)."""
-NODES: list = []
+"""StyleSSP nodes: the frequency manipulation of an inverted latent and the sampling start point (inverted latent
+x frequency manipulation + the reference's hidden noised-content term), handed to the user's own sampler with the
+sigmas to continue from, so style adapters and ControlNets are attached as usual. The inversion itself is
+Inversion (TFG) (nodes/inversion.py) with a negative conditioning at cfg 1.5."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..kernels.inversion import inversion_schedule
+from ..kernels.stylessp import MODES, StyleSSPParams, manipulate, start_point
+from . import adapters
+from .inversion import StartNoise, model_input_scale
+
+DEFAULTS = StyleSSPParams()
+CATEGORY = "TFG/editing"
+NODE = "StyleSSP Start Point"
+FREQ_NODE = "StyleSSP Frequency"
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+
+_PAPER = ("StyleSSP (Xu et al., arXiv 2501.11319, CVPR 2025): training-free style transfer improves the sampling "
+          "start point")
+_FM = ("Frequency manipulation, mode faithful (the official code): a 3-D FFT over channels and space of the "
+       "inverted latent, spectral gain alpha*M + (1-M) with the reference's Gaussian band mask M (d_s 0.3, d_t 0.9; "
+       "gain 0.70 at the zero frequency, about 0.9 at mid spatial frequencies), plus Gaussian noise scaled to the "
+       "latent's range times noise_strength (0.3). Mode improved (ours): per-channel 2-D low-frequency reduction "
+       "(gain 1 - strength at the zero frequency, Gaussian radius) plus std-matched noise.")
+_FAMILIES = "Works on SD1.x, SD2.x, SDXL, SD3 and Flux latents (the official code is SDXL only)."
+
+
+def _seed_noise(seed: int, shape, count: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    return [torch.randn(tuple(shape), generator=g) for _ in range(count)]
+
+
+def frequency_inputs() -> list:
+    return [
+        io.Combo.Input("mode", options=list(MODES), default=DEFAULTS.mode,
+                       tooltip="faithful: the official freq_exp (3-D FFT over channels and space, band mask, "
+                               "range-matched noise). improved: per-channel 2-D low-frequency reduction with "
+                               "radius/strength and std-matched noise (ours)."),
+        io.Float.Input("alpha", default=DEFAULTS.alpha, min=0.0, max=2.0, step=0.01,
+                       tooltip="faithful: spectral gain alpha*M + (1-M). Neutral: 1. Official: 0.7 (DC gain 0.70)."),
+        io.Float.Input("d_s", default=DEFAULTS.d_s, min=0.0, max=4.0, step=0.01,
+                       tooltip="faithful: low-pass stop frequency of the band mask (normalised, 1 = Nyquist). "
+                               "Official: 0.3. 0 disables the mask (gain 1)."),
+        io.Float.Input("d_t", default=DEFAULTS.d_t, min=0.0, max=4.0, step=0.01,
+                       tooltip="faithful: high-pass stop frequency of the band mask (normalised). Official: 0.9."),
+        io.Float.Input("radius", default=DEFAULTS.radius, min=0.0, max=4.0, step=0.01,
+                       tooltip="improved: Gaussian radius of the reduced low-frequency band (normalised frequency, "
+                               "1 = Nyquist). Neutral: 0. Default 0.3 (like d_s)."),
+        io.Float.Input("strength", default=DEFAULTS.strength, min=-1.0, max=1.0, step=0.01,
+                       tooltip="improved: attenuation at the zero frequency (gain 1 - strength). Neutral: 0. "
+                               "Default 0.3 = the faithful DC gain 0.70."),
+        io.Float.Input("noise_strength", default=DEFAULTS.noise_strength, min=0.0, max=4.0, step=0.01,
+                       tooltip="Added Gaussian noise relative to the latent (faithful: range-matched, official "
+                               "1 - alpha = 0.3; improved: std-matched per channel). Neutral: 0."),
+    ]
+
+
+def _params(mode, alpha, d_s, d_t, radius, strength, noise_strength, **extra) -> StyleSSPParams:
+    return DEFAULTS.replace(mode=mode, alpha=alpha, d_s=d_s, d_t=d_t, radius=radius, strength=strength,
+                            noise_strength=noise_strength, **extra)
+
+
+def _check(params: StyleSSPParams) -> bool | str:
+    problems = params.validate()
+    return "; ".join(problems) if problems else True
+
+
+def _model_space(model, latent: dict, what: str, node: str, family) -> torch.Tensor:
+    samples = latent["samples"]
+    if samples.dim() != 4:
+        raise adapters.node_error(node, family, f"the {what} latent is {samples.dim()}-D; StyleSSP handles image "
+                                  "latents (B, C, H, W).", "use an image model.")
+    base = getattr(model, "model", model)
+    channels = model.get_model_object("latent_format").latent_channels
+    if samples.shape[1] != channels:
+        raise adapters.node_error(node, family, f"the {what} latent has {samples.shape[1]} channels, the model "
+                                  f"uses {channels}.", "use latents made with this model's VAE.")
+    return base.process_latent_in(samples.detach().to("cpu", torch.float32))
+
+
+class StyleSSPFrequency(io.ComfyNode):
+    """LATENT -> LATENT: StyleSSP's frequency manipulation alone."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_StyleSSPFrequency",
+            display_name="StyleSSP Frequency (TFG)",
+            category=CATEGORY,
+            description=(f"{_PAPER}. {_FM} Applied to the latent in the model's space (the model input gives its "
+                         f"latent format). {_FAMILIES} Cost: two FFTs of the latent, no model pass. For the full "
+                         "start point (with the sigmas to sample from), use StyleSSP Start Point (TFG)."),
+            inputs=[io.Model.Input("model", tooltip="The model whose latents these are (for the latent format)."),
+                    io.Latent.Input("latent", tooltip="The latent to manipulate, normally Inversion (TFG)'s inverted "
+                                                      "output."),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                                 tooltip="Seed of the added noise.")] + frequency_inputs(),
+            outputs=[io.Latent.Output(tooltip="The manipulated latent.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength) -> bool | str:
+        return _check(_params(mode, alpha, d_s, d_t, radius, strength, noise_strength))
+
+    @classmethod
+    def execute(cls, model, latent, seed, mode, alpha, d_s, d_t, radius, strength, noise_strength) -> io.NodeOutput:
+        params = _params(mode, alpha, d_s, d_t, radius, strength, noise_strength)
+        family = adapters.require_family(FREQ_NODE, model, SUPPORTED)
+        x = _model_space(model, latent, "input", FREQ_NODE, family)
+        noise, = _seed_noise(seed, x.shape, 1)
+        out = manipulate(x, noise, params)
+        base = getattr(model, "model", model)
+        result = {k: v for k, v in latent.items() if k != "samples"}
+        result["samples"] = base.process_latent_out(out).to(latent["samples"].dtype)
+        return io.NodeOutput(result)
+
+
+class StyleSSPStartPoint(io.ComfyNode):
+    """Inverted latent -> StyleSSP start point: LATENT + SIGMAS (+ NOISE) for the user's sampler."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TFG_StyleSSPStartPoint",
+            display_name="StyleSSP Start Point (TFG)",
+            category=CATEGORY,
+            description=(
+                f"{_PAPER}. Builds the start point from the content image's inverted latent (Inversion (TFG) with "
+                "the style image's content as the negative, cfg 1.5, ReNoise 1): "
+                f"{_FM} The sampling then starts skip_steps into the schedule (official: 1 step, strength 0.9999; "
+                "the manipulated latent is reused there at the same network-input scale, as the reference does), "
+                "plus the reference's hidden extra term content_weight (0.2) x the content latent noised to that "
+                "sigma. Outputs: the start LATENT for a sampler with add_noise disabled (SamplerCustomAdvanced + "
+                "DisableNoise, or KSamplerAdvanced with add_noise disable, start_at_step = skip_steps, same steps "
+                "and scheduler), the SIGMAS to sample along, and a NOISE that starts SamplerCustomAdvanced exactly "
+                "there with any latent of the same size (needed for flow models when skip_steps is 0). Attach "
+                f"your style adapter (IPAdapter style transfer) and ControlNets to that sampler. {_FAMILIES} "
+                "Cost: FFTs only, no model pass."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model that inverted the latent and will sample."),
+                io.Latent.Input("inverted", tooltip="Inversion (TFG)'s inverted output (the content image inverted "
+                                                    "along sigmas)."),
+                io.Latent.Input("content", tooltip="The clean content latent (VAE Encode of the content image), for "
+                                                   "the hidden extra term."),
+                io.Sigmas.Input("sigmas", tooltip="The schedule the inversion used (descending; official: "
+                                                  "ddim_uniform, 50 steps). Sampling continues along it."),
+                io.Int.Input("seed", default=1234, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the frequency-manipulation noise and of the content term's noise "
+                                     "(official seed 1234; its noise streams differ from diffusers')."),
+            ] + frequency_inputs() + [
+                io.Float.Input("content_weight", default=DEFAULTS.content_weight, min=0.0, max=4.0, step=0.01,
+                               tooltip="Weight of the reference's hidden extra term: + weight x (content latent "
+                                       "noised to the start sigma). Neutral: 0. Official: 0.2."),
+                io.Int.Input("skip_steps", default=DEFAULTS.skip_steps, min=0, max=1000,
+                             tooltip="Start sampling this many steps into the schedule (official: 1, from strength "
+                                     "0.9999). Neutral: 0 (start where the inversion ended)."),
+            ],
+            outputs=[
+                io.Latent.Output("latent", tooltip="The start latent for a sampler with add_noise disabled (starts "
+                                                   "at the first of the output sigmas)."),
+                io.Sigmas.Output("sigmas", tooltip="The sigmas to sample along (the schedule from skip_steps on)."),
+                io.Noise.Output("noise", tooltip="For SamplerCustomAdvanced: starts exactly at the start point "
+                                                 "with the output sigmas, whatever latent of the same size is "
+                                                 "connected."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight,
+                        skip_steps) -> bool | str:
+        return _check(_params(mode, alpha, d_s, d_t, radius, strength, noise_strength,
+                              content_weight=content_weight, skip_steps=skip_steps))
+
+    @classmethod
+    def execute(cls, model, inverted, content, sigmas, seed, mode, alpha, d_s, d_t, radius, strength,
+                noise_strength, content_weight, skip_steps) -> io.NodeOutput:
+        params = _params(mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight=content_weight,
+                         skip_steps=skip_steps)
+        start = build_start_point(model, inverted, content, sigmas, seed, params)
+        return io.NodeOutput(start.latent, start.sigmas, start.noise)
+
+
+class StartPoint:
+    """What build_start_point returns: the model-space state, its sigma, and the three node outputs."""
+
+    def __init__(self, state: torch.Tensor, sigma: float, latent: dict, sigmas: torch.Tensor, noise: StartNoise):
+        self.state, self.sigma, self.latent, self.sigmas, self.noise = state, sigma, latent, sigmas, noise
+
+
+def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor, seed: int,
+                      params: StyleSSPParams = DEFAULTS, node: str = NODE) -> StartPoint:
+    """The StyleSSP start point (Python API of the node)."""
+    problems = params.validate()
+    if problems:
+        raise adapters.node_error(node, None, "; ".join(problems), "correct the inputs.")
+    family = adapters.require_family(node, model, SUPPORTED)
+    try:
+        schedule = inversion_schedule(sigmas).flip(0)  # descending
+    except ValueError as e:
+        raise adapters.node_error(node, family, f"unusable sigmas: {e}.",
+                                  "connect the sigmas the inversion used.") from None
+    steps = len(schedule) - 1
+    if params.skip_steps >= steps:
+        raise adapters.node_error(node, family, f"skip_steps is {params.skip_steps} but the schedule has only "
+                                  f"{steps} steps.", f"use skip_steps below {steps} (official: 1 of 50).")
+    x = _model_space(model, inverted, "inverted", node, family)
+    x0 = _model_space(model, content, "content", node, family)
+    if x0.shape[0] == 1 and x.shape[0] > 1:
+        x0 = x0.expand(x.shape[0], -1, -1, -1)
+    if x0.shape != x.shape:
+        raise adapters.node_error(node, family, f"the content latent is {tuple(x0.shape)} but the inverted latent "
+                                  f"is {tuple(x.shape)}.", "connect the latent that was inverted as content.")
+    fm_noise, content_noise = _seed_noise(seed, x.shape, 2)
+    manipulated = manipulate(x, fm_noise, params)
+    ms = model.get_model_object("model_sampling")
+    sigma_end, sigma_start = float(schedule[0]), float(schedule[params.skip_steps])
+    scale = model_input_scale(ms)(sigma_end, sigma_start)
+    s = torch.tensor([sigma_start])
+    noise_gain = float(ms.noise_scaling(s, torch.ones(1), torch.zeros(1), False)[0])
+    latent_gain = float(ms.noise_scaling(s, torch.zeros(1), torch.ones(1), False)[0])
+    state = start_point(manipulated, x0, content_noise, scale, noise_gain, latent_gain, params.content_weight)
+    base = getattr(model, "model", model)
+    if latent_gain != 0.0:
+        latent_samples = base.process_latent_out(state / latent_gain)
+    else:
+        adapters.warn_once(
+            f"stylessp.latent_at_one.{family.key}",
+            f"{adapters.PACK_NAME} {node} [model family: {family.name}]: sampling starts at sigma {sigma_start:g}, "
+            "where a flow model's sampler multiplies the latent by 1 - sigma = 0, so the LATENT output cannot start "
+            "there with add_noise disabled (it holds the raw start state). Use the NOISE output with "
+            "SamplerCustomAdvanced, or skip_steps >= 1.")
+        latent_samples = base.process_latent_out(state)
+    latent = {k: v for k, v in inverted.items() if k not in ("samples", "noise_mask")}
+    latent["samples"] = latent_samples
+    adapters.logger.info("%s %s [%s]: mode=%s, start sigma %.4g (step %d of %d, inverted at %.4g), content term %g",
+                         adapters.PACK_NAME, node, family.name, params.mode, sigma_start, params.skip_steps, steps,
+                         sigma_end, params.content_weight)
+    return StartPoint(state, sigma_start, latent, schedule[params.skip_steps:].to(torch.float32),
+                      StartNoise(state, sigma_start, model, int(seed)))
+
+
+NODES = [StyleSSPFrequency, StyleSSPStartPoint]

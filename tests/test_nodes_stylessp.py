@@ -1,0 +1,190 @@
+"""StyleSSP nodes, in-process on the real ComfyUI with tiny random-weight models of each family.
+
+Behaviour: the start point is the documented combination (identity at neutral settings, the content term exactly
+linear), its LATENT (add_noise disabled) and NOISE outputs start a sampler at the same state, the sigmas continue
+the inversion's schedule, the full pipeline (negative-guidance inversion -> start point -> sampling) runs and
+differs from plain img2img, and errors are loud."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import host
+from sampling_helpers import Setup
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def ssp(comfy_root):
+    return host.pack_module("nodes.stylessp")
+
+
+@pytest.fixture(scope="module")
+def inv(comfy_root):
+    return host.pack_module("nodes.inversion")
+
+
+def content(s: Setup, batch=1, seed=0):
+    return {"samples": torch.randn(batch, s.latent_channels, 8, 8, generator=torch.Generator().manual_seed(seed))}
+
+
+def sigmas_for(s: Setup, steps=STEPS, scheduler="ddim_uniform"):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(s.model.get_model_object("model_sampling"), scheduler, steps)
+
+
+def inverted(inv, s: Setup, lat, cfg=1.5, scheduler="ddim_uniform"):
+    with torch.inference_mode():
+        return inv.InvertNode.execute(model=s.model, positive=s.positive, latent=lat,
+                                      sigmas=sigmas_for(s, scheduler=scheduler), cfg=cfg,
+                                      renoise_steps=1, renoise_average="reference", negative=s.negative).args
+
+
+BASE = dict(seed=1234, mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3, strength=0.3, noise_strength=0.3,
+            content_weight=0.2, skip_steps=1)
+
+
+def start(ssp, s: Setup, inv_latent, lat, sigmas, **overrides):
+    values = dict(BASE)
+    values.update(overrides)
+    with torch.inference_mode():
+        return ssp.StyleSSPStartPoint.execute(model=s.model, inverted=inv_latent, content=lat, sigmas=sigmas,
+                                              **values).args
+
+
+def sample(s: Setup, noise, sigmas, latent, cfg=3.0):
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as ncs
+    guider = comfy.samplers.CFGGuider(s.model)
+    guider.set_conds(s.positive, s.negative)
+    guider.set_cfg(cfg)
+    with torch.inference_mode():
+        return ncs.SamplerCustomAdvanced().sample(noise, guider, comfy.samplers.sampler_object("euler"), sigmas,
+                                                  latent)[0]["samples"].clone()
+
+
+def state_of(ssp, s, inv_latent, lat, sigmas, **overrides):
+    values = dict(BASE)
+    values.update(overrides)
+    seed = values.pop("seed")
+    params = ssp.DEFAULTS.replace(**values)
+    with torch.inference_mode():
+        return ssp.build_start_point(s.model, inv_latent, lat, sigmas, seed, params)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_full_pipeline_runs_and_differs_from_img2img(setup, ssp, inv):
+    """Negative-guidance inversion -> start point -> sampling along the returned sigmas (any family)."""
+    lat = content(setup)
+    inv_latent, _, sigmas, _ = inverted(inv, setup, lat)
+    latent, out_sigmas, noise = start(ssp, setup, inv_latent, lat, sigmas)
+    assert torch.equal(out_sigmas, sigmas[1:].float())
+    assert latent["samples"].shape == lat["samples"].shape and torch.isfinite(latent["samples"]).all()
+    from comfy_extras import nodes_custom_sampler as ncs
+    styled = sample(setup, ncs.Noise_EmptyNoise(), out_sigmas, latent)
+    img2img = sample(setup, ncs.Noise_RandomNoise(1234), out_sigmas, lat)
+    assert torch.isfinite(styled).all() and not torch.allclose(styled, img2img, atol=1e-3)
+
+
+def test_latent_and_noise_outputs_start_at_the_same_state(setup, ssp, inv):
+    from comfy_extras import nodes_custom_sampler as ncs
+    lat = content(setup)
+    inv_latent, _, sigmas, _ = inverted(inv, setup, lat)
+    sp = state_of(ssp, setup, inv_latent, lat, sigmas)
+    ms = setup.model.get_model_object("model_sampling")
+    # the NOISE lands on the state: noise_scaling(sigma, n, latent_in) == state (any same-size latent)
+    n = sp.noise.generate_noise(lat)
+    latent_in = setup.model.model.process_latent_in(lat["samples"])
+    md = sp.sigma >= float(ms.sigma_max) * (1 - 1e-5)
+    landed = ms.noise_scaling(torch.tensor([sp.sigma]), n, latent_in, md)
+    assert torch.allclose(landed, sp.state, atol=1e-4 * float(sp.state.abs().max()))
+    via_latent = sample(setup, ncs.Noise_EmptyNoise(), sp.sigmas, sp.latent)
+    via_noise = sample(setup, sp.noise, sp.sigmas, lat)
+    assert torch.allclose(via_latent, via_noise, atol=1e-3 * float(via_noise.abs().max()) + 1e-5)
+
+
+def test_neutral_settings_return_the_inverted_state(setup, ssp, inv):
+    lat = content(setup)
+    inv_latent, _, sigmas, _ = inverted(inv, setup, lat)
+    sp = state_of(ssp, setup, inv_latent, lat, sigmas, alpha=1.0, noise_strength=0.0, content_weight=0.0,
+                  skip_steps=0)
+    x = setup.model.model.process_latent_in(inv_latent["samples"])
+    assert torch.allclose(sp.state, x, atol=1e-5 * float(x.abs().max()))
+    assert sp.sigma == pytest.approx(float(sigmas[0]))
+
+
+def test_content_term_is_the_noised_content_latent(sd15, ssp, inv):
+    """state(w) - state(0) == w * (content noised to the start sigma): eps models x0 + sigma * n."""
+    s = sd15
+    lat = content(s)
+    inv_latent, _, sigmas, _ = inverted(inv, s, lat)
+    a = state_of(ssp, s, inv_latent, lat, sigmas, content_weight=0.2)
+    b = state_of(ssp, s, inv_latent, lat, sigmas, content_weight=0.0)
+    x0 = s.model.model.process_latent_in(lat["samples"])
+    term = (a.state - b.state) / 0.2
+    resid = term - x0  # must be sigma_start * standard Gaussian noise
+    assert a.sigma == pytest.approx(float(sigmas[1]))
+    assert float(resid.std() / a.sigma) == pytest.approx(1.0, abs=0.2)
+
+
+def test_faithful_and_improved_modes_and_seeds(sd15, ssp, inv):
+    s = sd15
+    lat = content(s)
+    inv_latent, _, sigmas, _ = inverted(inv, s, lat)
+    faithful = start(ssp, s, inv_latent, lat, sigmas)[0]["samples"]
+    assert torch.equal(faithful, start(ssp, s, inv_latent, lat, sigmas)[0]["samples"])
+    assert not torch.equal(faithful, start(ssp, s, inv_latent, lat, sigmas, seed=5)[0]["samples"])
+    improved = start(ssp, s, inv_latent, lat, sigmas, mode="improved")[0]["samples"]
+    assert not torch.allclose(faithful, improved, atol=1e-3)
+
+
+def test_frequency_node(setup, ssp):
+    lat = content(setup)
+    lat16 = {"samples": lat["samples"].half()}
+    with torch.inference_mode():
+        out = ssp.StyleSSPFrequency.execute(model=setup.model, latent=lat16, seed=0, mode="faithful", alpha=0.7,
+                                            d_s=0.3, d_t=0.9, radius=0.3, strength=0.3, noise_strength=0.0).args[0]
+        neutral = ssp.StyleSSPFrequency.execute(model=setup.model, latent=lat, seed=0, mode="improved",
+                                                alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3, strength=0.0,
+                                                noise_strength=0.0).args[0]
+    assert out["samples"].dtype == torch.float16 and out["samples"].shape == lat["samples"].shape
+    assert not torch.allclose(out["samples"].float(), lat["samples"], atol=1e-2)
+    assert torch.allclose(neutral["samples"], lat["samples"], atol=1e-4)
+
+
+def test_flow_start_at_sigma_one_warns_and_noise_still_works(setup, ssp, inv, caplog):
+    if setup.family not in ("sd3", "flux"):
+        pytest.skip("flow models only")
+    lat = content(setup)
+    inv_latent, _, sigmas, _ = inverted(inv, setup, lat, scheduler="simple")
+    with caplog.at_level(logging.WARNING):
+        sp = state_of(ssp, setup, inv_latent, lat, sigmas, skip_steps=0)
+    assert sp.sigma == pytest.approx(1.0)
+    adapters = host.pack_module("nodes.adapters")
+    assert any("NOISE output" in r.getMessage() for r in caplog.records) or \
+        any(k.startswith("stylessp.latent_at_one") for k in adapters._warned)
+    ms = setup.model.get_model_object("model_sampling")
+    landed = ms.noise_scaling(torch.tensor([1.0]), sp.noise.generate_noise(lat),
+                              setup.model.model.process_latent_in(lat["samples"]), True)
+    assert torch.allclose(landed, sp.state, atol=1e-5 * float(sp.state.abs().max()))
+
+
+def test_errors(sd15, ssp, inv):
+    s = sd15
+    lat = content(s)
+    inv_latent, _, sigmas, _ = inverted(inv, s, lat)
+    with pytest.raises(ValueError, match="skip_steps"):
+        start(ssp, s, inv_latent, lat, sigmas, skip_steps=STEPS)
+    with pytest.raises(ValueError, match="content latent"):
+        start(ssp, s, inv_latent, {"samples": torch.zeros(1, 4, 16, 16)}, sigmas)
+    with pytest.raises(ValueError, match="channels"):
+        start(ssp, s, {"samples": torch.zeros(1, 16, 8, 8)}, lat, sigmas)
+    assert ssp.StyleSSPStartPoint.validate_inputs(mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3,
+                                                  strength=0.3, noise_strength=0.3, content_weight=0.2,
+                                                  skip_steps=1) is True
+    assert "mode" in ssp.StyleSSPStartPoint.validate_inputs(mode="x", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3,
+                                                            strength=0.3, noise_strength=0.3, content_weight=0.2,
+                                                            skip_steps=1)
