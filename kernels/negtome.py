@@ -18,10 +18,12 @@ Three matchings (`MATCHINGS`):
 * ``all_others`` (our improvement, not in the paper): each token of every image (image 0 included) is pushed
   away from its best match over the union of all *other* images' tokens, so every pair of images repels.
 
-The similarity matrix never materialises whole: it is computed in blocks of at most `budget_bytes` fp32
-values (at least one row/column of the reference, see `similarity_peak_bytes`). Norms and similarities are
-computed in fp32; the extrapolated tokens are cast back to the input dtype; unmatched tokens are returned
-bit-identical. Pure torch; device and dtype follow the inputs; inputs are never modified.
+The similarity matrix never materialises whole: it is computed in blocks of at most `budget_bytes` (at least
+one row/column of the reference, see `similarity_peak_bytes`); the source images of a CFG chunk share one block
+when they fit. Norms and similarities are computed in fp32 (or, `similarity="model"`, in the features' dtype as
+the released code does); the extrapolation is computed in fp32 and cast back to the input dtype; unmatched tokens
+are returned bit-identical. The hot path (`merge_batch`) never synchronises with the host: the merged-token count
+stays a device tensor. Pure torch; device and dtype follow the inputs; inputs are never modified.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 MATCHINGS = ("official", "best_match", "all_others")
 WINDOWS = ("paper", "custom")
 BLOCK_PRESETS = ("paper", "all", "custom")
+SIMILARITIES = ("fp32", "model")
 
 # Official active windows (pipeline timestep units): SDXL DDPM t in [800, 1000]; Flux t = sigma * 1000 in
 # [900, 1000]. SD1.5/SD3 have no official setting; we use the same as SDXL/Flux respectively.
@@ -73,7 +76,10 @@ class NegToMeParams:
     """Comma-separated list for blocks=custom, e.g. `output.3-5, middle.0` (UNets), `double.0-18, single.0-37`
     (Flux), `joint.0-23` (SD3)."""
     budget_mb: float = DEFAULT_BUDGET_MB
-    """Largest similarity block computed at once, in MiB of fp32 values."""
+    """Largest similarity block computed at once, in MiB (fp32 values, or the model dtype's)."""
+    similarity: str = "fp32"
+    """One of SIMILARITIES: `fp32` norms and cosine similarities (our default: exact matching in half-precision
+    models), or `model`: in the features' own dtype (bf16/fp16), as the released code does (faster on GPUs)."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -98,6 +104,8 @@ class NegToMeParams:
                     problems.append("blocks=custom needs a non-empty custom_blocks list, e.g. 'output.3-5'")
             except ValueError as e:
                 problems.append(str(e))
+        if self.similarity not in SIMILARITIES:
+            problems.append(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if not self.budget_mb > 0:
             problems.append(f"budget_mb must be > 0, got {self.budget_mb}")
         return problems
@@ -138,33 +146,72 @@ def parse_block_list(text: str) -> frozenset[tuple[str, int]]:
 # ----------------------------------------------------------------------------------------------
 # Memory plan
 # ----------------------------------------------------------------------------------------------
-def block_rows(n_other: int, budget_bytes: int) -> int:
+def similarity_dtype(x_dtype: torch.dtype, similarity: str = "fp32") -> torch.dtype:
+    """The dtype norms and similarities are computed in: fp32, or the features' own dtype for `model`."""
+    if similarity == "fp32":
+        return torch.float32
+    if similarity == "model":
+        return x_dtype if x_dtype.is_floating_point else torch.float32
+    raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+
+
+def block_rows(n_other: int, budget_bytes: int, element_size: int = 4) -> int:
     """Rows of a similarity block against `n_other` tokens that fit in the budget (at least 1)."""
-    return max(1, int(budget_bytes) // (4 * max(1, n_other)))
+    return max(1, int(budget_bytes) // (element_size * max(1, n_other)))
 
 
-def similarity_peak_bytes(n_tokens: int, n_ref: int, budget_bytes: int, matching: str = "official") -> int:
-    """Peak bytes of one fp32 similarity block for groups of `n_tokens` image tokens matched against `n_ref`
-    reference tokens (per other image for `all_others`, so n_ref = n_tokens there). Never more than
-    max(budget_bytes, 4 * n_tokens) for `official` (blocks of reference columns x all source tokens), or
-    max(budget_bytes, 4 * n_ref) otherwise (blocks of source rows x all reference tokens)."""
-    if matching == "official":
-        cols = min(n_ref, block_rows(n_tokens, budget_bytes))
-        return 4 * n_tokens * cols
-    rows = min(n_tokens, block_rows(n_ref, budget_bytes))
-    return 4 * rows * n_ref
+def images_per_block(n_tokens: int, n_ref: int, budget_bytes: int, n_sources: int, element_size: int = 4) -> int:
+    """Source images (of `n_tokens` tokens each) whose similarity blocks against `n_ref` reference tokens are
+    computed together: as many as fit in the budget, at least 1, at most `n_sources`."""
+    return max(1, min(n_sources, int(budget_bytes) // (element_size * max(1, n_tokens * n_ref))))
+
+
+def _all_others_joint(n_images: int, n_tokens: int, budget_bytes: int, element_size: int = 4) -> bool:
+    """all_others compares rows of source tokens with every token of the group at once when one such row fits."""
+    return element_size * n_images * n_tokens <= budget_bytes
+
+
+def similarity_peak_bytes(n_tokens: int, n_ref: int, budget_bytes: int, matching: str = "official",
+                          element_size: int = 4, n_images: int | None = None) -> int:
+    """Upper bound on the bytes of one similarity block for groups of `n_tokens`-token images matched against
+    `n_ref` reference tokens (per other image for `all_others`, so n_ref = n_tokens there): never more than
+    max(budget_bytes, one line), where a line is one reference column (`official`: element_size * n_tokens) or one
+    source row (otherwise: element_size * n_ref). Several images share a block when they fit in the budget. With
+    `n_images` (images per group) the bound is also capped by the whole group's similarity."""
+    line = element_size * (n_tokens if matching == "official" else n_ref)
+    peak = max(int(budget_bytes), line)
+    if n_images is not None:
+        if matching == "all_others":
+            whole = element_size * (n_images * n_tokens) ** 2 if _all_others_joint(
+                n_images, n_tokens, budget_bytes, element_size) else element_size * n_tokens * n_ref
+        else:
+            whole = element_size * max(1, n_images - 1) * n_tokens * n_ref
+        peak = min(peak, whole)
+    return peak
+
+
+def _piece_images(n_tokens: int, dim: int, budget_bytes: int) -> int:
+    """Images per extrapolation piece: their fp32 temporaries fit in the budget (at least one image)."""
+    return max(1, int(budget_bytes) // (4 * max(1, n_tokens * dim)))
 
 
 def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, matching: str = "official",
-                     element_size: int = 4) -> int:
-    """Upper bound on the extra memory of one `merge_group` call: fp32 normalised copies of two images at a time
-    (the reference or other image, and the current one), the per-image best-match values and indices, one
-    similarity block with its max/argmax, the gathered and extrapolated tokens (fp32) and the output (in the
-    input's element size). Only the output grows with the number of images; nothing grows with n_tokens^2."""
-    normalised = 4 * 2 * n_tokens * dim
-    best = (4 + 8) * 2 * n_tokens
-    sim = similarity_peak_bytes(n_tokens, n_tokens, budget_bytes, matching)
-    gathered = 4 * n_tokens * dim * 2
+                     element_size: int = 4, similarity_size: int = 4) -> int:
+    """Upper bound on the extra memory of one group (CFG chunk): normalised copies (image-0 modes: the reference
+    and one block of source images; all_others: the whole group when a row against all its tokens fits the budget,
+    else two images), one similarity block with its max/argmax, the gathered and extrapolated tokens of one
+    extrapolation piece (fp32, at least one image) and the output (in the input's element size). Only the output
+    (and all_others' normalised group) grows with the number of images; nothing grows with n_tokens^2."""
+    sources = max(1, n_images - 1)
+    if matching == "all_others":
+        norm_images = n_images if _all_others_joint(n_images, n_tokens, budget_bytes, similarity_size) else 2
+    else:
+        norm_images = 1 + images_per_block(n_tokens, n_tokens, budget_bytes, sources, similarity_size)
+    normalised = similarity_size * norm_images * n_tokens * dim
+    best = (4 + 8) * n_images * n_tokens
+    sim = similarity_peak_bytes(n_tokens, n_tokens, budget_bytes, matching, similarity_size, n_images)
+    piece = min(n_images, _piece_images(n_tokens, dim, budget_bytes))
+    gathered = (4 * 2 + element_size) * piece * n_tokens * dim
     output = element_size * n_images * n_tokens * dim
     return normalised + best + sim + gathered + output
 
@@ -172,44 +219,59 @@ def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, 
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
+# No step below reads a value back to the host: the number of merged tokens stays a device tensor, so a patched
+# layer never stalls the GPU queue. Images are processed in blocks (as many as the budget allows), so small token
+# grids take one similarity product per CFG chunk, and large ones fall back to column/row blocks of one image.
+
 def _similarity_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fp32 cosine block a @ b^T of already-normalised rows (module-level so tests can observe its size)."""
+    """Cosine block a @ b^T of already-normalised rows (module-level so tests can observe its size)."""
     return a @ b.transpose(-1, -2)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1)
+def _normalise(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.to(dtype), dim=-1)
 
 
 def _best_over_sources(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Tensor | None,
-                       budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official reduction: for each reference token j, max_i cos(src_i, ref_j) and its argmax i."""
-    n_src, n_ref = src_n.shape[0], ref_n.shape[0]
-    cols = block_rows(n_src, budget_bytes)
-    vals = torch.empty(n_ref, dtype=torch.float32, device=src_n.device)
-    idx = torch.empty(n_ref, dtype=torch.long, device=src_n.device)
-    for start in range(0, n_ref, cols):
-        block = _similarity_block(src_n, ref_n[start:start + cols])  # (n_src, c)
-        v, i = block.max(dim=0)
-        vals[start:start + cols] = v
-        idx[start:start + cols] = i
-        del block
+                       budget_bytes: int, n_images: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official reduction for `n_images` source images stacked in src_n (n_images * N, D): for each image and
+    reference token j, max_i cos(src_i, ref_j) and its argmax i. Returns (n_images, n_ref) values and indices."""
+    n_rows, n_ref = src_n.shape[0], ref_n.shape[0]
+    n_src = n_rows // n_images
+    cols = block_rows(n_rows, budget_bytes, src_n.element_size())
+    if cols >= n_ref:
+        vals, idx = _similarity_block(src_n, ref_n).view(n_images, n_src, n_ref).max(dim=1)
+    else:
+        vals = torch.empty(n_images, n_ref, dtype=src_n.dtype, device=src_n.device)
+        idx = torch.empty(n_images, n_ref, dtype=torch.long, device=src_n.device)
+        for start in range(0, n_ref, cols):
+            block = _similarity_block(src_n, ref_n[start:start + cols])  # (n_images * n_src, c)
+            v, i = block.view(n_images, n_src, -1).max(dim=1)
+            vals[:, start:start + cols] = v
+            idx[:, start:start + cols] = i
+            del block
     if ref_mask is not None:
-        vals = vals.masked_fill(~ref_mask, float("-inf"))
+        vals = vals.masked_fill(~ref_mask.view(1, -1), float("-inf"))
     return vals, idx
 
 
 def _best_over_refs(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Tensor | None,
                     budget_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-match reduction: for each source token i, max_j cos(src_i, ref_j) and its argmax j."""
+    """Best-match reduction: for each source row i, max_j cos(src_i, ref_j) and its argmax j."""
     n_src, n_ref = src_n.shape[0], ref_n.shape[0]
-    rows = block_rows(n_ref, budget_bytes)
-    vals = torch.empty(n_src, dtype=torch.float32, device=src_n.device)
+    rows = block_rows(n_ref, budget_bytes, src_n.element_size())
+    off = None if ref_mask is None else ~ref_mask.view(1, -1)
+    if rows >= n_src:
+        block = _similarity_block(src_n, ref_n)
+        if off is not None:
+            block.masked_fill_(off, float("-inf"))
+        return block.max(dim=1)
+    vals = torch.empty(n_src, dtype=src_n.dtype, device=src_n.device)
     idx = torch.empty(n_src, dtype=torch.long, device=src_n.device)
     for start in range(0, n_src, rows):
         block = _similarity_block(src_n[start:start + rows], ref_n)  # (r, n_ref)
-        if ref_mask is not None:
-            block = block.masked_fill(~ref_mask.view(1, -1), float("-inf"))
+        if off is not None:
+            block.masked_fill_(off, float("-inf"))
         v, i = block.max(dim=1)
         vals[start:start + rows] = v
         idx[start:start + rows] = i
@@ -217,82 +279,167 @@ def _best_over_refs(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Te
     return vals, idx
 
 
-def _extrapolate(x: torch.Tensor, matched: torch.Tensor, merge: torch.Tensor, alpha: float) -> torch.Tensor:
-    """where(merge, (1 + alpha) x - alpha matched, x): fp32 arithmetic, input dtype out, x kept bit-exact."""
-    pushed = ((1.0 + alpha) * x.float() - alpha * matched.float()).to(x.dtype)
-    return torch.where(merge.unsqueeze(-1), pushed, x)
+def _extrapolate(x: torch.Tensor, matched: torch.Tensor, merge: torch.Tensor, alpha: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """where(merge, (1 + alpha) x - alpha matched, x): fp32 arithmetic, input dtype out, x kept bit-exact.
+    `matched` is a temporary of the caller (it may be scaled in place); `out` receives the result."""
+    pushed = x.float() * (1.0 + alpha)  # a new tensor even for fp32 x
+    pushed.sub_(matched.float().mul_(alpha))
+    return torch.where(merge.unsqueeze(-1), pushed.to(x.dtype), x, out=out)
+
+
+def _push(src: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, merge: torch.Tensor, alpha: float,
+          out: torch.Tensor, budget_bytes: int) -> None:
+    """out[k] = extrapolate(src[k], table[idx[k]], merge[k]) for src (K, N, D), in pieces of whole images."""
+    n_src, n_tokens, dim = src.shape
+    piece = _piece_images(n_tokens, dim, budget_bytes)
+    for p0 in range(0, n_src, piece):
+        p1 = min(n_src, p0 + piece)
+        matched = table.index_select(0, idx[p0:p1].reshape(-1)).view(p1 - p0, n_tokens, dim)
+        _extrapolate(src[p0:p1], matched, merge[p0:p1], alpha, out=out[p0:p1])
+
+
+def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, matching: str,
+                      ref_mask: torch.Tensor | None, budget_bytes: int, sim_dtype: torch.dtype) -> torch.Tensor:
+    """`official` / `best_match` on one group x (F, N, D) into out; returns the merged-token count (device)."""
+    n_images, n_tokens, dim = x.shape
+    ref = x[0]
+    out[0].copy_(ref)
+    ref_n = _normalise(ref, sim_dtype)
+    size = ref_n.element_size()
+    k = images_per_block(n_tokens, n_tokens, budget_bytes, n_images - 1, size)
+    count = None
+    for f0 in range(1, n_images, k):
+        f1 = min(n_images, f0 + k)
+        src = x[f0:f1]
+        src_n = _normalise(src, sim_dtype).reshape(-1, dim)  # only this block of images, never the whole group
+        if matching == "official":
+            vals, idx = _best_over_sources(src_n, ref_n, ref_mask, budget_bytes, f1 - f0)
+        else:
+            vals, idx = _best_over_refs(src_n, ref_n, ref_mask, budget_bytes)
+        del src_n
+        merge = (vals > threshold).view(f1 - f0, n_tokens)
+        _push(src, ref, idx.view(f1 - f0, n_tokens), merge, alpha, out[f0:f1], budget_bytes)
+        merged = merge.sum()
+        count = merged if count is None else count + merged
+    return count
+
+
+def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, budget_bytes: int,
+                      sim_dtype: torch.dtype) -> torch.Tensor:
+    """`all_others` on one group x (F, N, D) into out; returns the merged-token count (device). Ties go to the
+    lowest other image, then the lowest token (the order of a running strict maximum over images)."""
+    n_images, n_tokens, dim = x.shape
+    total = n_images * n_tokens
+    size = torch.empty((), dtype=sim_dtype).element_size()
+    table = x.reshape(total, dim)  # a view for contiguous groups
+    if _all_others_joint(n_images, n_tokens, budget_bytes, size):
+        xn = _normalise(x, sim_dtype).reshape(total, dim)
+        rows = block_rows(total, budget_bytes, size)
+        image_of = torch.arange(total, device=x.device) // n_tokens
+        vals = torch.empty(total, dtype=xn.dtype, device=x.device) if rows < total else None
+        idx = torch.empty(total, dtype=torch.long, device=x.device) if rows < total else None
+        for start in range(0, total, rows):
+            block = _similarity_block(xn[start:start + rows], xn)  # (r, F * N): own image masked out
+            block.masked_fill_(image_of[start:start + rows, None] == image_of[None, :], float("-inf"))
+            v, i = block.max(dim=1)
+            del block
+            if vals is None:
+                vals, idx = v, i
+            else:
+                vals[start:start + rows] = v
+                idx[start:start + rows] = i
+        del xn
+    else:  # a row against every token does not fit: one pair of images at a time, running best over the others
+        vals = torch.empty(n_images, n_tokens, dtype=sim_dtype, device=x.device)
+        idx = torch.empty(n_images, n_tokens, dtype=torch.long, device=x.device)
+        for f in range(n_images):
+            src_n = _normalise(x[f], sim_dtype)
+            best = torch.full((n_tokens,), float("-inf"), dtype=sim_dtype, device=x.device)
+            where = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
+            for g in range(n_images):
+                if g == f:
+                    continue
+                v, i = _best_over_refs(src_n, _normalise(x[g], sim_dtype), None, budget_bytes)
+                better = v > best
+                best = torch.where(better, v, best)
+                where = torch.where(better, i + g * n_tokens, where)
+            vals[f], idx[f] = best, where
+    merge = (vals > threshold).view(n_images, n_tokens)
+    _push(x, table, idx.view(n_images, n_tokens), merge, alpha, out, budget_bytes)
+    return merge.sum()
+
+
+def _check_args(x: torch.Tensor, matching: str, ref_mask: torch.Tensor | None,
+                similarity: str) -> torch.Tensor | None:
+    if matching not in MATCHINGS:
+        raise ValueError(f"unknown matching {matching!r}; expected one of {MATCHINGS}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+    if x.dim() != 3:
+        raise ValueError(f"expected (images, tokens, features), got shape {tuple(x.shape)}")
+    if ref_mask is None:
+        return None
+    if matching == "all_others":
+        raise ValueError("a reference-token mask needs a single reference image (matching official or "
+                         "best_match), not all_others")
+    ref_mask = ref_mask.to(device=x.device, dtype=torch.bool).reshape(-1)
+    if ref_mask.numel() != x.shape[1]:
+        raise ValueError(f"ref_mask has {ref_mask.numel()} entries for {x.shape[1]} tokens")
+    return ref_mask
+
+
+def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, matching: str = "official",
+                ref_mask: torch.Tensor | None = None, budget_bytes: int = int(DEFAULT_BUDGET_MB * 2 ** 20),
+                similarity: str = "fp32", out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NegToMe on each of `n_chunks` equal batch chunks of x (B, N, D) (ComfyUI's cond/uncond chunks),
+    independently, without any host synchronisation: returns (result, merged-token count as a 0-dim int64
+    tensor on x's device). Image 0 of each chunk is the reference for `official` and `best_match`; `ref_mask`
+    (N,) bool marks the reference tokens that may be matched (image-0 modes). `out` (optional, x's shape and
+    dtype, e.g. a slice of a larger buffer) receives the result. With alpha == 0 or chunks of one image, x itself
+    is returned (out untouched) and the count is 0. x is never modified; unmatched tokens are copied bit-exact."""
+    ref_mask = _check_args(x, matching, ref_mask, similarity)
+    if n_chunks < 1 or x.shape[0] % n_chunks:
+        raise ValueError(f"batch of {x.shape[0]} does not split into {n_chunks} chunks")
+    per_chunk = x.shape[0] // n_chunks
+    if alpha == 0.0 or per_chunk < 2:
+        return x, torch.zeros((), dtype=torch.long, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
+    sim_dtype = similarity_dtype(x.dtype, similarity)
+    count = None
+    for c in range(n_chunks):
+        rows = slice(c * per_chunk, (c + 1) * per_chunk)
+        if matching == "all_others":
+            merged = _all_others_group(x[rows], out[rows], alpha, threshold, budget_bytes, sim_dtype)
+        else:
+            merged = _image_zero_group(x[rows], out[rows], alpha, threshold, matching, ref_mask, budget_bytes,
+                                       sim_dtype)
+        count = merged if count is None else count + merged
+    return out, count
 
 
 def merge_group(x: torch.Tensor, alpha: float, threshold: float, matching: str = "official",
                 ref_mask: torch.Tensor | None = None, budget_bytes: int = int(DEFAULT_BUDGET_MB * 2 ** 20),
-                ) -> tuple[torch.Tensor, int]:
+                similarity: str = "fp32") -> tuple[torch.Tensor, int]:
     """NegToMe on one group of images (one CFG chunk): x is (F, N, D), image 0 the reference for `official`
-    and `best_match`. `ref_mask` (N,) bool marks the reference tokens that may be matched (image-0 modes).
-    Returns (new tensor, number of merged tokens). x is not modified; with alpha == 0, F < 2 or nothing
-    matched, x itself is returned."""
-    if matching not in MATCHINGS:
-        raise ValueError(f"unknown matching {matching!r}; expected one of {MATCHINGS}")
-    if x.dim() != 3:
-        raise ValueError(f"expected (images, tokens, features), got shape {tuple(x.shape)}")
-    n_images, n_tokens, _ = x.shape
-    if alpha == 0.0 or n_images < 2:
-        return x, 0
-    if ref_mask is not None:
-        if matching == "all_others":
-            raise ValueError("a reference-token mask needs a single reference image (matching official or "
-                             "best_match), not all_others")
-        ref_mask = ref_mask.to(device=x.device, dtype=torch.bool).reshape(-1)
-        if ref_mask.numel() != n_tokens:
-            raise ValueError(f"ref_mask has {ref_mask.numel()} entries for {n_tokens} tokens")
-        if not bool(ref_mask.any()):
-            return x, 0
-    ref_n = _normalise(x[0]) if matching != "all_others" else None
-    rows = [x[0]]
-    merged_total = 0
-    first = 1 if matching in ("official", "best_match") else 0
-    if first == 0:
-        rows = []
-    for f in range(first, n_images):
-        src_n = _normalise(x[f])  # one image at a time: never the whole group in fp32
-        if matching == "official":
-            vals, idx = _best_over_sources(src_n, ref_n, ref_mask, budget_bytes)
-            matched = x[0].index_select(0, idx)
-        elif matching == "best_match":
-            vals, idx = _best_over_refs(src_n, ref_n, ref_mask, budget_bytes)
-            matched = x[0].index_select(0, idx)
-        else:  # all_others: running best over each other image, one image at a time
-            vals = torch.full((n_tokens,), float("-inf"), dtype=torch.float32, device=x.device)
-            matched = torch.zeros_like(x[f])
-            for g in range(n_images):
-                if g == f:
-                    continue
-                v, i = _best_over_refs(src_n, _normalise(x[g]), None, budget_bytes)
-                better = v > vals
-                vals = torch.where(better, v, vals)
-                matched = torch.where(better.unsqueeze(-1), x[g].index_select(0, i), matched)
-        merge = vals > threshold
-        count = int(merge.sum())
-        merged_total += count
-        rows.append(_extrapolate(x[f], matched, merge, alpha) if count else x[f])
-    if merged_total == 0:
-        return x, 0
-    return torch.stack(rows, dim=0), merged_total
+    and `best_match`. Returns (new tensor, number of merged tokens); reads the count back once (use
+    `merge_batch` on hot paths). x is not modified; with alpha == 0, F < 2 or nothing matched, x itself is
+    returned."""
+    return merge_chunks(x, 1, alpha, threshold, matching, ref_mask, budget_bytes, similarity)
 
 
 def merge_chunks(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, matching: str = "official",
                  ref_mask: torch.Tensor | None = None, budget_bytes: int = int(DEFAULT_BUDGET_MB * 2 ** 20),
-                 ) -> tuple[torch.Tensor, int]:
-    """merge_group on each of `n_chunks` equal batch chunks (ComfyUI's cond/uncond chunks), independently."""
-    if n_chunks < 1 or x.shape[0] % n_chunks:
-        raise ValueError(f"batch of {x.shape[0]} does not split into {n_chunks} chunks")
-    outs, total = [], 0
-    for chunk in x.chunk(n_chunks, dim=0):
-        out, count = merge_group(chunk, alpha, threshold, matching, ref_mask, budget_bytes)
-        outs.append(out)
-        total += count
-    if total == 0:
+                 similarity: str = "fp32") -> tuple[torch.Tensor, int]:
+    """merge_batch with the count read back once: x itself (and 0) when nothing merged."""
+    out, count = merge_batch(x, n_chunks, alpha, threshold, matching, ref_mask, budget_bytes, similarity)
+    merged = int(count)
+    if merged == 0:
         return x, 0
-    return torch.cat(outs, dim=0), total
+    return out, merged
 
 
 def reference_negtome(x: torch.Tensor, alpha: float, threshold: float, matching: str = "official",

@@ -22,7 +22,7 @@ import comfy.model_sampling
 import comfy.patcher_extension
 
 from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, PAPER_UNET_MIN_GRID,
-                               PAPER_UNET_MIN_TIMESTEP, WINDOWS, NegToMeParams, mask_to_tokens, merge_chunks,
+                               PAPER_UNET_MIN_TIMESTEP, WINDOWS, NegToMeParams, mask_to_tokens, merge_batch,
                                parse_block_list, token_grid)
 from . import adapters
 
@@ -100,15 +100,42 @@ def _params(alpha, threshold, matching, window, start_percent, end_percent, bloc
 class NegToMeRunState:
     sigma_high: float
     sigma_low: float
+    schedule: torch.Tensor | None = None
+    """The run's sigma schedule on the CPU (step indices without reading the GPU)."""
     layers_by_step: dict = field(default_factory=lambda: defaultdict(int))
-    """Step index -> number of layer applications that merged at least one token."""
+    """Step index -> number of layer applications that merged at least one token (filled by `settle`)."""
     tokens_by_step: dict = field(default_factory=lambda: defaultdict(int))
+    """Step index -> tokens merged (filled by `settle`)."""
     evaluated_in_window: int = 0
     evaluations: int = 0
+    pending: list = field(default_factory=list)
+    """(step, merged-token count as a device tensor) per layer application, not yet read back: the hot path never
+    synchronises with the GPU; `settle` reads them all at once when the run ends."""
 
     def active(self, sigma: float) -> bool:
         tol = 1e-5 * max(1.0, abs(sigma))
         return self.sigma_low - tol <= sigma <= self.sigma_high + tol
+
+    def record(self, step: int, merged: torch.Tensor) -> None:
+        self.pending.append((step, merged))
+
+    def settle(self) -> None:
+        """Read the pending counts back (one transfer per device) into layers_by_step / tokens_by_step."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        by_device: dict = defaultdict(list)
+        for n, (_, merged) in enumerate(pending):
+            by_device[merged.device].append(n)
+        counts = [0] * len(pending)
+        for positions in by_device.values():
+            values = torch.stack([pending[n][1].reshape(()) for n in positions]).tolist()
+            for n, v in zip(positions, values):
+                counts[n] = int(v)
+        for (step, _), merged in zip(pending, counts):
+            if merged:
+                self.layers_by_step[step] += 1
+                self.tokens_by_step[step] += merged
 
     def summary(self) -> str:
         steps = " ".join(f"{s}:{n}" for s, n in sorted(self.layers_by_step.items())) or "none"
@@ -231,9 +258,10 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
 
     def make_state(guider, run: adapters.RunInfo) -> NegToMeRunState:
         high, low = _sigma_window(guider.model_patcher, family, params)
-        return NegToMeRunState(high, low)
+        return NegToMeRunState(high, low, schedule=run.sigmas)
 
     def finish(state: NegToMeRunState, guider) -> None:
+        state.settle()  # the only read-back of the merged-token counts
         LAST_RUN[key] = state
         while len(LAST_RUN) > LAST_RUN_KEEP:  # keep the newest runs only
             LAST_RUN.pop(next(iter(LAST_RUN)))
@@ -250,7 +278,9 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                 f"{PAPER_UNET_MIN_GRID} on SD1.x/SDXL, i.e. 256px latents and up), or lower threshold.")
 
     def merge(tokens: torch.Tensor, cond_or_uncond: list, state: NegToMeRunState, step: int,
-              grid: tuple[int, int] | None) -> torch.Tensor:
+              grid: tuple[int, int] | None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """NegToMe on one layer's image tokens (B, N, D), cond/uncond chunks apart; the result goes to `into`
+        when given. No host synchronisation: the count is recorded as a device tensor."""
         n_chunks = max(1, len(cond_or_uncond))
         per_chunk = tokens.shape[0] // n_chunks
         if per_chunk < 2 and reference is None:
@@ -266,11 +296,10 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                 raise adapters.node_error(node_name, family, f"cannot map {tokens.shape[1]} tokens to a grid to "
                                                              "resize the mask.", "report this with the latent size.")
             ref_mask = reference.token_mask(grid, tokens.device)
-        out, merged = merge_chunks(tokens, n_chunks, params.alpha, params.threshold, params.matching, ref_mask,
-                                   budget)
-        if merged:
-            state.layers_by_step[step] += 1
-            state.tokens_by_step[step] += merged
+        out, merged = merge_batch(tokens, n_chunks, params.alpha, params.threshold, params.matching, ref_mask,
+                                  budget, params.similarity, out=into)
+        if out is not tokens and state is not None:
+            state.record(step, merged)
         return out
 
     # ------------------------------------------------------------------ per network call
@@ -278,12 +307,14 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                     **kwargs):
         transformer_options = {} if transformer_options is None else transformer_options
         state = adapters.run_state({"transformer_options": transformer_options}, key)
-        sigma = float(t.flatten()[0])
+        sigma = float(t.flatten()[0])  # the one read-back per model call (the window decides the call's layout)
         active = state is not None and state.active(sigma) and params.alpha != 0.0
         if state is not None:
             state.evaluations += 1
             state.evaluated_in_window += int(state.active(sigma))
-        info = {"active": active, "step": adapters.step_index(t, transformer_options.get("sample_sigmas")),
+        schedule = state.schedule if state is not None and state.schedule is not None else \
+            transformer_options.get("sample_sigmas")
+        info = {"active": active, "step": adapters.step_index(sigma, schedule),
                 "height": x.shape[-2], "width": x.shape[-1],
                 "txt_len": None if c_crossattn is None else c_crossattn.shape[1]}
         options = {**transformer_options, CALL_INFO + key: info}
@@ -363,10 +394,14 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                         or start + n_main > out.shape[1]:
                     return out  # e.g. SD3.5's extra image self-attention: not a joint attention output
                 img = out[:, start:start + n_main]
-                merged = merge(img, to.get("cond_or_uncond", [0]), state, info["step"], grid)
+                result = torch.empty_like(out, memory_format=torch.contiguous_format)
+                merged = merge(img, to.get("cond_or_uncond", [0]), state, info["step"], grid,
+                               into=result[:, start:start + n_main])  # written in place: no concatenation copy
                 if merged is img:
                     return out
-                return torch.cat([out[:, :start], merged, out[:, start + n_main:]], dim=1)
+                result[:, :start] = out[:, :start]
+                result[:, start + n_main:] = out[:, start + n_main:]
+                return result
 
             new_args = {**args, "transformer_options": {**to, "optimized_attention_override": override}}
             result = call(new_args, extra)

@@ -202,3 +202,184 @@ def test_mask_to_tokens():
     mask[:, :8] = 1
     tokens = K.mask_to_tokens(mask, (4, 4)).view(4, 4)
     assert tokens[:, :2].all() and not tokens[:, 2:].any()
+
+
+# ------------------------------------------------------------------------------------------------
+# The vectorised, sync-free path against the previous per-image implementation
+# ------------------------------------------------------------------------------------------------
+def _per_image_reference(x, alpha, tau, matching="official", ref_mask=None, budget=64 * 2 ** 20):
+    """The previous merge_group, kept here as the reference: one image at a time, fp32 normalised copies,
+    column/row blocks of at most `budget` bytes, a running strict maximum over other images for all_others,
+    rows stacked at the end. Returns (out, count)."""
+    def norm(t):
+        return torch.nn.functional.normalize(t.float(), dim=-1)
+
+    def over_sources(src_n, ref_n):
+        cols = max(1, budget // (4 * src_n.shape[0]))
+        parts = [(src_n @ ref_n[s:s + cols].T).max(dim=0) for s in range(0, ref_n.shape[0], cols)]
+        v, i = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return (v if ref_mask is None else v.masked_fill(~ref_mask, float("-inf"))), i
+
+    def over_refs(src_n, ref_n, mask):
+        rows = max(1, budget // (4 * ref_n.shape[0]))
+        vs, is_ = [], []
+        for s in range(0, src_n.shape[0], rows):
+            block = src_n[s:s + rows] @ ref_n.T
+            if mask is not None:
+                block = block.masked_fill(~mask.view(1, -1), float("-inf"))
+            v, i = block.max(dim=1)
+            vs.append(v)
+            is_.append(i)
+        return torch.cat(vs), torch.cat(is_)
+
+    n_images, n_tokens, _ = x.shape
+    rows, total = ([x[0]], 0) if matching != "all_others" else ([], 0)
+    ref_n = norm(x[0])
+    for f in range(0 if matching == "all_others" else 1, n_images):
+        src_n = norm(x[f])
+        if matching == "official":
+            vals, idx = over_sources(src_n, ref_n)
+            matched = x[0].index_select(0, idx)
+        elif matching == "best_match":
+            vals, idx = over_refs(src_n, ref_n, ref_mask)
+            matched = x[0].index_select(0, idx)
+        else:
+            vals = torch.full((n_tokens,), float("-inf"))
+            matched = torch.zeros_like(x[f])
+            for g in range(n_images):
+                if g != f:
+                    v, i = over_refs(src_n, norm(x[g]), None)
+                    better = v > vals
+                    vals = torch.where(better, v, vals)
+                    matched = torch.where(better.unsqueeze(-1), x[g].index_select(0, i), matched)
+        merge = vals > tau
+        total += int(merge.sum())
+        pushed = ((1.0 + alpha) * x[f].float() - alpha * matched.float()).to(x.dtype)
+        rows.append(torch.where(merge.unsqueeze(-1), pushed, x[f]))
+    return torch.stack(rows), total
+
+
+# budgets: a single value per block; part of one image; exactly one image; two of three source images; all
+_BUDGETS = [4, 4 * 37 * 5, 4 * 37 * 37, 4 * 37 * 37 * 2, 4 * (4 * 37) ** 2, 10 ** 9]
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+@pytest.mark.parametrize("budget", _BUDGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_path_matches_per_image_reference(matching, budget, dtype):
+    x = _group(images=4, tokens=37, dim=24, seed=7, dtype=dtype)
+    tau = 0.6 if matching == "all_others" else 0.35  # some tokens merge, some do not
+    out, count = K.merge_group(x, 1.3, tau, matching, budget_bytes=budget)
+    ref, ref_count = _per_image_reference(x, 1.3, tau, matching, budget=budget)
+    assert 0 < count < 4 * 37 and count == ref_count
+    assert out.dtype == dtype
+    # same normalisation and reductions; only the matmul's blocking differs (fp32 rounding, never an argmax here)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("matching", ["official", "best_match"])
+@pytest.mark.parametrize("budget", [4 * 30 * 2, 4 * 30 * 30 * 2, 10 ** 9])
+def test_fast_path_with_mask_matches_per_image_reference(matching, budget):
+    x = _group(images=3, tokens=30, dim=8, seed=4)
+    mask = torch.arange(30) % 3 == 0
+    out, count = K.merge_group(x, 1.5, 0.2, matching, ref_mask=mask, budget_bytes=budget)
+    ref, ref_count = _per_image_reference(x, 1.5, 0.2, matching, ref_mask=mask, budget=budget)
+    assert count == ref_count > 0
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_merge_batch_chunks_match_per_image_reference_per_chunk(matching):
+    a, b = _group(seed=1, dtype=torch.bfloat16), _group(seed=2, dtype=torch.bfloat16)
+    out, count = K.merge_batch(torch.cat([a, b]), 2, 0.9, 0.3, matching)
+    ra, ca = _per_image_reference(a, 0.9, 0.3, matching)
+    rb, cb = _per_image_reference(b, 0.9, 0.3, matching)
+    assert isinstance(count, torch.Tensor) and count.dim() == 0 and int(count) == ca + cb
+    assert torch.equal(out, torch.cat([ra, rb]))
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_merge_batch_reads_nothing_back_to_the_host(matching, monkeypatch):
+    """The hot path must not synchronise: no Python-level read of a tensor value inside merge_batch."""
+    x = _group(images=4, tokens=37, dim=16)
+    mask = None if matching == "all_others" else torch.arange(37) % 2 == 0
+
+    def forbidden(*a, **k):
+        raise AssertionError("host read-back on the hot path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for budget in (4 * 37, 10 ** 9):
+        out, count = K.merge_batch(x, 2, 0.9, 0.1, matching, ref_mask=mask, budget_bytes=budget)
+    monkeypatch.undo()
+    ref, ref_count = K.merge_chunks(x, 2, 0.9, 0.1, matching, ref_mask=mask)
+    assert int(count) == ref_count > 0 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_merge_batch_into_a_slice_of_a_strided_buffer(matching):
+    """The DiT path passes a token slice of the attention output and writes into a slice of a new buffer."""
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(4, 5 + 37, 16, generator=g)
+    full[:, 5:] += 2 * torch.randn(1, 37, 16, generator=g)
+    before = full.clone()
+    img = full[:, 5:]
+    buffer = torch.full((4, 42, 16), 7.0)
+    out, count = K.merge_batch(img, 2, 0.9, 0.2, matching, out=buffer[:, 5:])
+    assert out.data_ptr() == buffer[:, 5:].data_ptr()
+    expected, _ = K.merge_chunks(img.contiguous(), 2, 0.9, 0.2, matching)
+    assert int(count) > 0
+    assert torch.equal(buffer[:, 5:], expected)
+    assert torch.equal(buffer[:, :5], torch.full((4, 5, 16), 7.0))
+    assert torch.equal(full, before)
+
+
+def test_merge_batch_static_noops_and_errors():
+    x = _group()
+    for alpha, chunks in ((0.0, 1), (0.9, 4)):
+        out, count = K.merge_batch(x, chunks, alpha, 0.1)
+        assert out is x and int(count) == 0
+    with pytest.raises(ValueError, match="does not split"):
+        K.merge_batch(x, 3, 0.9, 0.1)
+    with pytest.raises(ValueError, match="out must have"):
+        K.merge_batch(x, 1, 0.9, 0.1, out=torch.empty(4, 37, 15))
+    with pytest.raises(ValueError, match="similarity"):
+        K.merge_batch(x, 1, 0.9, 0.1, similarity="fp64")
+
+
+def test_model_dtype_similarity_is_fp32_on_fp32_and_the_released_maths_on_bf16():
+    x = _group(images=3, tokens=29, dim=8)
+    fp32, _ = K.merge_group(x, 0.9, 0.3, "official")
+    same, _ = K.merge_group(x, 0.9, 0.3, "official", similarity="model")
+    assert torch.equal(fp32, same)
+    xb = x.to(torch.bfloat16)
+    out, count = K.merge_group(xb, 0.9, 0.3, "official", similarity="model", budget_bytes=2 * 29 * 29)
+    xn = torch.nn.functional.normalize(xb, dim=-1)  # the released code: bf16 norms and similarities
+    v, i = (xn @ xn[0].T).max(dim=-2)
+    merge = v > 0.3
+    merge[0] = False
+    expected = torch.where(merge.unsqueeze(-1), ((1.9 * xb.float()) - 0.9 * xb[0][i].float()).to(torch.bfloat16), xb)
+    assert count == int(merge.sum()) > 0
+    assert torch.equal(out, expected)
+    assert K.NegToMeParams(similarity="bf16").validate()
+
+
+def test_peak_bound_with_several_images_per_block(monkeypatch):
+    seen = []
+    original = K._similarity_block
+
+    def spy(a, b):
+        out = original(a, b)
+        seen.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(K, "_similarity_block", spy)
+    tokens, budget = 20, 4 * 20 * 20 * 2  # two of the three source images per block
+    for matching in MATCHINGS:
+        seen.clear()
+        K.merge_group(_group(tokens=tokens), 0.9, 0.3, matching, budget_bytes=budget)
+        peak = K.similarity_peak_bytes(tokens, tokens, budget, matching, n_images=4)
+        assert seen and max(seen) <= peak <= budget
+    seen.clear()
+    K.merge_group(_group(tokens=tokens), 0.9, 0.3, "official", budget_bytes=budget)
+    assert len(seen) == 2  # images 1-2 together, then image 3
