@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default 20 (3 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="scaled-down configs on any device (tests)")
     parser.add_argument("--write", action="store_true", help="rewrite the GPU section of BENCHMARKS.md")
+    parser.add_argument("--only", default="", help="comma list of ag,linear_ag,negtome: time only these against "
+                        "CFG; with --write the rows go to their own section (results:gpu:<list>)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny and args.write:
@@ -266,13 +268,19 @@ def main(argv=None) -> int:
     resolution = args.resolution or (64 if args.tiny else 1024)
     steps = args.steps or (3 if args.tiny else 20)
     half = 0.5
-    methods = [("CFG", None), (f"AG, latch at {int(half * 100)}% of the schedule", half),
-               ("AG, latch at 30% of the schedule", 0.3)]
+    only = {k.strip() for k in args.only.split(",") if k.strip()}
+    unknown = only - {"ag", "linear_ag", "negtome"}
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}")
+    wanted = (lambda key: not only or key in only)
+    methods = [("CFG", None)]
+    if wanted("ag"):
+        methods += [(f"AG, latch at {int(half * 100)}% of the schedule", half), ("AG, latch at 30% of the schedule", 0.3)]
     linear = linear_ag_timing_params()
-    if linear is not None:
+    if linear is not None and wanted("linear_ag"):
         methods.append(("LinearAG hold_delta, paper schedule", linear))
     negtome = negtome_params()
-    if negtome is not None:
+    if negtome is not None and wanted("negtome"):
         methods.append(("CFG + NegToMe (diversity mode, pack defaults)", negtome))
     t0 = time.perf_counter()
     results = {}
@@ -295,7 +303,11 @@ def main(argv=None) -> int:
                 logger.warning("%s: %d parameters, expected about %.3g", family, res["params"], expected)
     sys.stdout.write(markdown + "\n")
     if args.write:
-        _host.write_results_section(markdown, START, END, BENCHMARKS_MD)
+        start, end = START, END
+        if only:
+            tag = ",".join(sorted(only))
+            start, end = f"<!-- results:gpu:{tag}:start -->", f"<!-- results:gpu:{tag}:end -->"
+        _host.write_results_section(markdown, start, end, BENCHMARKS_MD)
     return 0
 
 
