@@ -4,7 +4,8 @@ Guidance", arXiv 2412.06163) on its CutDiffusion base (Lin et al., arXiv 2404.15
 There is no official ASGDiffusion code. What follows is the paper's method on CutDiffusion's released sampler;
 every choice the paper leaves open is marked [choice] here and listed in the README.
 
-Target latent (B, C, s_h*h, s_w*w), native size (h, w), K = s_h*s_w patches; the schedule is split at
+Target latent (B, C, s_h*h, s_w*w), native size (h, w), K = s_h*s_w patches (s_h, s_w are the integer scale
+factors, inputs of the node; the target size is the latent's); the schedule is split at
 `structure_fraction` (paper: 25 + 25 of 50 steps).
 
 Structure stage (`StructureDenoiser`), every model evaluation:
@@ -53,19 +54,19 @@ from . import patches as P
 MASKS = ("cross_attention", "none")
 BLENDS = P.BLENDS
 LATENT_DOWNSCALE = 8
-"""Pixels per latent pixel of every supported family (SD1.x, SDXL, SD3, Flux VAEs)."""
+"""Pixels per latent pixel of every supported family (SD1.x, SDXL, SD3, Flux VAEs), for messages."""
+MAX_SCALE = 8
+"""Largest patch grid side (the paper reports a collapse at 4x4 already)."""
 
 
 @dataclass(frozen=True)
 class ASGParams:
     """Single source of defaults for the ASGDiffusion kernel and node."""
 
-    width: int = 2048
-    """Target width in pixels (paper's main setting: 2048x2048 from SDXL's 1024)."""
-    height: int = 2048
-    base_width: int = 1024
-    """Native width in pixels of the model (SDXL 1024, SD1.5 512); width / base_width must be an integer."""
-    base_height: int = 1024
+    scale_width: int = 2
+    """Patches across: target width / native width (paper's main setting 2048 from SDXL's 1024: 2)."""
+    scale_height: int = 2
+    """Patches down: target height / native height."""
     structure_fraction: float = 0.5
     """Share of the steps in the structure stage (paper and CutDiffusion: 25 of 50 steps)."""
     guidance_scale: float = 0.5
@@ -90,20 +91,15 @@ class ASGParams:
         return dataclasses.replace(self, **changes)
 
     def scales(self) -> tuple[int, int]:
-        """(s_h, s_w); raises ValueError when the target is not an integer multiple of the base."""
-        return scale_factors(self.height, self.width, self.base_height, self.base_width)
+        return self.scale_height, self.scale_width
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("width", "height", "base_width", "base_height"):
+        for name in ("scale_width", "scale_height"):
             value = getattr(self, name)
-            if value < LATENT_DOWNSCALE or value % LATENT_DOWNSCALE:
-                problems.append(f"{name} must be a positive multiple of {LATENT_DOWNSCALE}, got {value}")
-        if not problems:
-            try:
-                self.scales()
-            except ValueError as e:
-                problems.append(str(e))
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SCALE:
+                problems.append(f"{name} must be a whole number from 1 to {MAX_SCALE} (the dilated patch layout "
+                                f"interleaves whole native-size patches), got {value!r}")
         if not 0.0 <= self.structure_fraction <= 1.0:
             problems.append(f"structure_fraction must be in [0, 1], got {self.structure_fraction}")
         if not math.isfinite(self.guidance_scale) or not 0.0 <= self.guidance_scale <= 1.0:
@@ -119,19 +115,20 @@ class ASGParams:
         return problems
 
 
-def scale_factors(height: int, width: int, base_height: int, base_width: int) -> tuple[int, int]:
-    """Integer (s_h, s_w) with height = s_h * base_height and width = s_w * base_width, else ValueError: the
-    dilated patch layout interleaves whole patches, so only integer factors exist."""
+def patch_size(height: int, width: int, scale_h: int, scale_w: int) -> tuple[int, int]:
+    """Native (h, w) patch size in latent pixels of a (height, width) latent split into scale_h x scale_w patches;
+    ValueError unless the latent divides into whole patches (the dilated layout interleaves whole patches)."""
     bad = []
-    if base_height <= 0 or height % base_height or height < base_height:
-        bad.append(f"height {height} / base_height {base_height} = {height / max(base_height, 1):.4g}")
-    if base_width <= 0 or width % base_width or width < base_width:
-        bad.append(f"width {width} / base_width {base_width} = {width / max(base_width, 1):.4g}")
+    if height % scale_h:
+        bad.append(f"height {height * LATENT_DOWNSCALE} px / {scale_h} = {height * LATENT_DOWNSCALE / scale_h:.6g} px")
+    if width % scale_w:
+        bad.append(f"width {width * LATENT_DOWNSCALE} px / {scale_w} = {width * LATENT_DOWNSCALE / scale_w:.6g} px")
     if bad:
-        raise ValueError("ASGDiffusion needs integer scale factors >= 1 (its dilated patches interleave whole "
-                         f"native-size patches), got {' and '.join(bad)}; use a target that is a whole multiple "
-                         "of the base size (e.g. 2048x2048 or 2048x1024 from 1024x1024)")
-    return height // base_height, width // base_width
+        raise ValueError("ASGDiffusion needs integer scale factors (the target must be a whole number of native-size "
+                         f"patches of whole latent pixels), got {' and '.join(bad)}; use a target whose width is a "
+                         f"multiple of {LATENT_DOWNSCALE * scale_w} px and height a multiple of "
+                         f"{LATENT_DOWNSCALE * scale_h} px (e.g. 2048x2048 with scale 2x2 for SDXL's 1024x1024)")
+    return height // scale_h, width // scale_w
 
 
 def split_steps(steps: int, structure_fraction: float) -> int:

@@ -26,8 +26,8 @@ import comfy.sample
 import comfy.samplers
 
 from ..kernels import patches as P
-from ..kernels.asg import (LATENT_DOWNSCALE, MASKS, ASGParams, DetailDenoiser, StructureDenoiser,
-                           heat_from_attention, resize_map, scale_factors, split_steps)
+from ..kernels.asg import (MASKS, MAX_SCALE, ASGParams, DetailDenoiser, StructureDenoiser, heat_from_attention,
+                           patch_size, resize_map, split_steps)
 from . import adapters
 
 DEFAULTS = ASGParams()
@@ -41,8 +41,8 @@ _REFUSED_COND_KEYS = {"area": "area conditioning", "mask": "masked conditioning"
 _DESCRIPTION = (
     "ASGDiffusion (Li et al., arXiv 2412.06163) on its CutDiffusion base (Lin et al., arXiv 2404.15141): "
     "text-to-image at an integer multiple of the model's native size without repeated objects. Structure stage "
-    "(first structure_fraction of the steps): the target latent is read as K = (width/base_width) x "
-    "(height/base_height) dilated native-size patches, all denoised in ONE batched model call per evaluation, "
+    "(first structure_fraction of the steps): the target latent is read as K = scale_width x scale_height "
+    "dilated native-size patches, all denoised in ONE batched model call per evaluation, "
     "with CutDiffusion's pixel interaction, and every patch's noise is pulled toward the key patch's (patch 0) "
     "noise where the patch's own cross-attention map (UNet up blocks) is high, using the key prediction of the "
     "previous evaluation (asynchronous, as the paper). Detail stage: overlapping native-size windows averaged "
@@ -206,11 +206,10 @@ def asg_ksampler(params: ASGParams, sampler_name: str, family: adapters.ModelFam
             raise adapters.node_error(NODE, family, "a noise mask (inpainting) is set; ASGDiffusion generates the "
                                                     "whole image.", "remove the noise mask.")
         b, _c, height, width = x.shape
-        if height % scale_h or width % scale_w:
-            raise adapters.node_error(NODE, family, f"the latent is {width}x{height}, not a multiple of the "
-                                                    f"{scale_w}x{scale_h} patch grid.",
-                                      "use a target size that is an integer multiple of the base size.")
-        h, w = height // scale_h, width // scale_w
+        try:
+            h, w = patch_size(height, width, scale_h, scale_w)
+        except ValueError as e:
+            raise adapters.node_error(NODE, family, str(e), "resize the latent or change scale_width/scale_height.")
         steps = len(sigmas) - 1
         n1 = split_steps(steps, params.structure_fraction)
         seed = int(extra_args.get("seed", 0) or 0)
@@ -268,50 +267,58 @@ def asg_ksampler(params: ASGParams, sampler_name: str, family: adapters.ModelFam
 
 
 def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
-               params: ASGParams, batch_size: int = 1) -> tuple[dict[str, Any], RunStats]:
-    """Sample a (batch_size, C, height/8, width/8) latent with ASGDiffusion. Returns (LATENT, stats)."""
-    problems = params.validate()
+               params: ASGParams, latent: dict) -> tuple[dict[str, Any], RunStats]:
+    """Sample the target-size `latent` (a LATENT dict, normally empty) with ASGDiffusion, drawing the noise as
+    KSampler does. Returns (LATENT, stats). Every check runs before the first model call."""
     family = adapters.detect_family(model)
+    problems = params.validate()
     if problems:
         raise adapters.node_error(NODE, family, "; ".join(problems), "correct the inputs.")
     family = resolve_family(model, params)
     refuse_conditioning(positive, family)
     refuse_conditioning(negative, family)
+    if latent.get("noise_mask") is not None:
+        raise adapters.node_error(NODE, family, "the latent has a noise mask (inpainting); ASGDiffusion generates "
+                                                "the whole image.", "connect an empty latent of the target size.")
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if latent_image.dim() != 4:
+        raise adapters.node_error(NODE, family, f"the latent is {latent_image.dim()}-D; ASGDiffusion works on "
+                                                "image latents.", "connect an image latent.")
+    try:
+        patch_size(latent_image.shape[2], latent_image.shape[3], *params.scales())
+    except ValueError as e:
+        raise adapters.node_error(NODE, family, str(e), "resize the latent or change scale_width/scale_height.")
     layers = cross_attention_layers(model) if family.key in CROSS_ATTENTION_FAMILIES else []
     if params.mask == "cross_attention" and params.guidance_scale != 0.0 and params.scales() != (1, 1) \
             and not layers:
         raise adapters.node_error(NODE, family, "the UNet has no cross-attention layers in its output blocks.",
                                   "set mask to none.")
-    latent_format = model.get_model_object("latent_format")
-    latent = torch.zeros([batch_size, latent_format.latent_channels, params.height // LATENT_DOWNSCALE,
-                          params.width // LATENT_DOWNSCALE], device=comfy.model_management.intermediate_device())
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                      scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
     stats = RunStats()
     sampler = asg_ksampler(params, sampler_name, family, layers, stats)
-    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
                                          noise_mask=None, callback=None, disable_pbar=True, seed=seed)
     adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, NODE, family.name, stats.summary())
-    return {"samples": samples}, stats
+    out = latent.copy()
+    out.pop("downscale_ratio_spacial", None)
+    out["samples"] = samples
+    return out, stats
 
 
 # ----------------------------------------------------------------------------------------------
 # Node
 # ----------------------------------------------------------------------------------------------
-def validate_sizes(width, height, base_width, base_height) -> bool | str:
-    """Before the run: sizes are multiples of 8 and the target is an integer multiple of the base."""
-    values = {"width": width, "height": height, "base_width": base_width, "base_height": base_height}
-    if any(v is None for v in values.values()):
-        return True  # linked inputs are checked when the node runs
-    for name, value in values.items():
-        if value < LATENT_DOWNSCALE or value % LATENT_DOWNSCALE:
-            return f"{name} must be a positive multiple of {LATENT_DOWNSCALE}, got {value}"
-    try:
-        scale_factors(height, width, base_height, base_width)
-    except ValueError as e:
-        return str(e)
+def validate_scales(scale_width, scale_height) -> bool | str:
+    """Before the run: whole-number scale factors in range (the target size itself is checked when the latent
+    arrives, before the first model call)."""
+    for name, value in (("scale_width", scale_width), ("scale_height", scale_height)):
+        if value is None:
+            continue  # linked: checked when the node runs
+        if isinstance(value, bool) or not float(value).is_integer() or not 1 <= value <= MAX_SCALE:
+            return (f"{name} must be a whole number from 1 to {MAX_SCALE} (ASGDiffusion's dilated patches interleave "
+                    f"whole native-size patches, so only integer scale factors exist), got {value}")
     return True
 
 
@@ -340,17 +347,16 @@ class ASGDiffusion(io.ComfyNode):
                                        "samplers lose their history there). CutDiffusion: Euler (SDXL default)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="Noise schedule over all steps."),
-                io.Int.Input("width", default=d.width, min=64, max=16384, step=8,
-                             tooltip="Target width in pixels; must be an integer multiple of base_width. Paper: "
-                                     "2048-4096 from SDXL's 1024 (quality drops at 16x the pixels)."),
-                io.Int.Input("height", default=d.height, min=64, max=16384, step=8,
-                             tooltip="Target height in pixels; must be an integer multiple of base_height."),
-                io.Int.Input("base_width", default=d.base_width, min=64, max=4096, step=8,
-                             tooltip="The model's native width (SDXL 1024, SD1.5 512): patch and window width. "
-                                     "width = base_width gives plain sampling (neutral)."),
-                io.Int.Input("base_height", default=d.base_height, min=64, max=4096, step=8,
-                             tooltip="The model's native height (SDXL 1024, SD1.5 512)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run."),
+                io.Latent.Input("latent_image",
+                                tooltip="The target-size latent, normally an Empty Latent Image (e.g. 2048x2048 for "
+                                        "SDXL). Its size divided by the scale factors is the native patch size."),
+                io.Int.Input("scale_width", default=d.scale_width, min=1, max=MAX_SCALE,
+                             tooltip="Integer scale factor across: target width / the model's native width (SDXL "
+                                     "2048 from 1024: 2). 1 with scale_height 1 = plain sampling (neutral). Paper: "
+                                     "2-4 (quality collapses at 16x the pixels)."),
+                io.Int.Input("scale_height", default=d.scale_height, min=1, max=MAX_SCALE,
+                             tooltip="Integer scale factor down: target height / the model's native height. "
+                                     "Non-square grids (e.g. 3x1) are allowed."),
                 io.Float.Input("structure_fraction", default=d.structure_fraction, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the steps in the structure stage (patches); the rest is the "
                                        "detail stage (windows). Paper/CutDiffusion: 0.5. 0 = windows only "
@@ -393,19 +399,19 @@ class ASGDiffusion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, base_width, base_height) -> bool | str:
-        return validate_sizes(width, height, base_width, base_height)
+    def validate_inputs(cls, scale_width, scale_height) -> bool | str:
+        return validate_scales(scale_width, scale_height)
 
     @classmethod
-    def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height,
-                base_width, base_height, batch_size, structure_fraction, guidance_scale, mask, asynchronous,
+    def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, latent_image,
+                scale_width, scale_height, structure_fraction, guidance_scale, mask, asynchronous,
                 pixel_interaction, window_overlap, jitter, blend, window_batch) -> io.NodeOutput:
-        params = ASGParams(width=width, height=height, base_width=base_width, base_height=base_height,
+        params = ASGParams(scale_width=scale_width, scale_height=scale_height,
                            structure_fraction=structure_fraction, guidance_scale=guidance_scale, mask=mask,
                            asynchronous=asynchronous, pixel_interaction=pixel_interaction,
                            window_overlap=window_overlap, jitter=jitter, blend=blend, window_batch=window_batch)
         latent, _stats = sample_asg(model, positive, negative, seed, steps, cfg, sampler_name, scheduler, params,
-                                    batch_size)
+                                    latent_image)
         return io.NodeOutput(latent)
 
 

@@ -25,19 +25,23 @@ def test_defaults_validate():
     assert A.ASGParams().scales() == (2, 2)
 
 
-@pytest.mark.parametrize("size", [(1536, 2048), (2048, 1000), (512, 1024)])
-def test_non_integer_or_downscaling_factor_rejected(size):
-    width, height = size
-    problems = " ".join(A.ASGParams(width=width, height=height).validate())
-    assert "integer scale factors" in problems or "multiple of 8" in problems
-    if width % 8 == 0 and height % 8 == 0:
-        with pytest.raises(ValueError, match="integer scale factors"):
-            A.scale_factors(height, width, 1024, 1024)
+@pytest.mark.parametrize("scale", [0, 9, 1.5, True])
+def test_non_integer_or_out_of_range_scale_rejected(scale):
+    problems = " ".join(A.ASGParams(scale_width=scale).validate())
+    assert "scale_width must be a whole number" in problems
 
 
-def test_non_square_factors():
-    assert A.scale_factors(1024, 3072, 1024, 1024) == (1, 3)
-    assert A.ASGParams(width=1024, height=2048, base_width=512, base_height=1024).scales() == (2, 2)
+@pytest.mark.parametrize("latent", [(255, 256), (256, 250)])
+def test_latent_not_divisible_into_whole_patches_rejected(latent):
+    height, width = latent
+    with pytest.raises(ValueError, match="integer scale factors.*px"):
+        A.patch_size(height, width, 2, 4)
+
+
+def test_non_square_patch_sizes():
+    assert A.patch_size(128, 384, 1, 3) == (128, 128)
+    assert A.patch_size(256, 128, 2, 1) == (128, 128)
+    assert A.patch_size(96, 64, 3, 2) == (32, 32)
 
 
 def test_bad_values_are_named():

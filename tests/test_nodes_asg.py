@@ -1,5 +1,5 @@
 """ASGDiffusion node, in-process on the real ComfyUI with tiny random-weight models of each family (native
-latent 8x8 = 64 px, so base 64 and targets 128-192 px).
+latent 8x8 = 64 px; targets 16x16 latents and non-square ones).
 
 Behaviour: scale 1 equals ComfyUI's KSampler bit for bit, non-square shapes, one batched model call per
 structure step, the guidance's and the mask's effect against a seeded baseline, loud errors before the run, and
@@ -15,7 +15,8 @@ import torch
 import host
 from sampling_helpers import STEPS, ksample, with_counter
 
-BASE = 64
+N = 8
+"""The tiny models' native latent side."""
 
 
 @pytest.fixture(scope="module")
@@ -24,53 +25,56 @@ def asg(comfy_root):
 
 
 def params(asg, setup, **overrides):
-    values = dict(width=2 * BASE, height=2 * BASE, base_width=BASE, base_height=BASE, window_batch=16)
+    values = dict(scale_width=2, scale_height=2, window_batch=16)
     if setup.family in ("sd3", "flux"):
         values["mask"] = "none"
     values.update(overrides)
     return asg.ASGParams(**values)
 
 
-def run(asg, setup, model=None, seed=7, steps=STEPS, cfg=5.0, sampler="euler", batch=1, **overrides):
+def run(asg, setup, model=None, seed=7, steps=STEPS, cfg=5.0, sampler="euler", batch=1, latent=None, **overrides):
     p = params(asg, setup, **overrides)
+    if latent is None:
+        sh, sw = p.scales()
+        latent = torch.zeros(batch, setup.latent_channels, N * sh, N * sw)
     with torch.inference_mode():
-        latent, stats = asg.sample_asg(model or setup.model, setup.positive, setup.negative, seed, steps, cfg,
-                                       sampler, "normal", p, batch)
-    return latent["samples"].clone(), stats
+        out, stats = asg.sample_asg(model or setup.model, setup.positive, setup.negative, seed, steps, cfg,
+                                    sampler, "normal", p, {"samples": latent})
+    return out["samples"].clone(), stats
 
 
 # ------------------------------------------------------------------------------------------------
 def test_scale_one_equals_ksampler_bit_for_bit(setup, asg):
     """One patch and one window: both stages run, and the result is ComfyUI's own KSampler result."""
-    out, stats = run(asg, setup, width=BASE, height=BASE)
+    out, stats = run(asg, setup, scale_width=1, scale_height=1)
     assert stats.structure_steps == STEPS // 2 and stats.detail_steps == STEPS - STEPS // 2 and stats.patches == 1
     assert torch.equal(out, ksample(setup, setup.model, cfg=5.0, seed=7))
 
 
 def test_scale_one_equals_ksampler_with_a_batch(sd15, asg):
-    out, _ = run(asg, sd15, width=BASE, height=BASE, batch=2)
+    out, _ = run(asg, sd15, scale_width=1, scale_height=1, batch=2)
     assert torch.equal(out, ksample(sd15, sd15.model, cfg=5.0, seed=7, batch=2))
 
 
-@pytest.mark.parametrize("size", [(2 * BASE, BASE), (3 * BASE, 2 * BASE), (BASE, 3 * BASE)])
-def test_non_square_targets(setup, asg, size):
-    width, height = size
-    out, stats = run(asg, setup, width=width, height=height)
-    assert out.shape == (1, setup.latent_channels, height // 8, width // 8)
+@pytest.mark.parametrize("scales", [(2, 1), (3, 2), (1, 3)])
+def test_non_square_targets(setup, asg, scales):
+    sw, sh = scales
+    out, stats = run(asg, setup, scale_width=sw, scale_height=sh)
+    assert out.shape == (1, setup.latent_channels, N * sh, N * sw)
     assert bool(torch.isfinite(out).all())
-    assert stats.patches == (width // BASE) * (height // BASE)
+    assert stats.patches == sw * sh
 
 
 def test_structure_stage_batches_all_patches_in_one_model_call(sd15, asg):
     model, counts = with_counter(sd15.model)
-    _, stats = run(asg, sd15, model=model, width=2 * BASE, height=2 * BASE, window_batch=16)
+    _, stats = run(asg, sd15, model=model, window_batch=16)
     # 2 structure steps x 1 call of 4 patches (cond + uncond in the same call); 2 detail steps x 1 call of the
     # 3x3 windows (window 8, stride 4 on a 16x16 latent).
     assert stats.windows == 9
     assert counts["calls"] == STEPS, counts
     assert counts["cond"] == counts["uncond"] == 2 * 4 + 2 * 9
     model, counts = with_counter(sd15.model)
-    run(asg, sd15, model=model, width=2 * BASE, height=2 * BASE, window_batch=4)
+    run(asg, sd15, model=model, window_batch=4)
     assert counts["calls"] == 2 + 2 * 3, "windows in batches of 4: 3 calls per detail step"
 
 
@@ -109,15 +113,18 @@ def test_pixel_interaction_changes_the_result(sd15, asg):
 
 
 def test_invalid_scale_rejected_before_the_run(sd15, asg):
-    msg = asg.ASGDiffusion.validate_inputs(width=1536, height=2048, base_width=1024, base_height=1024)
-    assert isinstance(msg, str) and "integer scale factors" in msg and "1.5" in msg
-    assert "multiple of 8" in asg.ASGDiffusion.validate_inputs(width=2050, height=2048, base_width=1024,
-                                                                base_height=1024)
-    assert asg.ASGDiffusion.validate_inputs(width=3072, height=1024, base_width=1024, base_height=1024) is True
-    assert asg.ASGDiffusion.validate_inputs(width=None, height=2048, base_width=1024, base_height=1024) is True
+    for bad in (0, 9, 1.5):
+        msg = asg.ASGDiffusion.validate_inputs(scale_width=bad, scale_height=2)
+        assert isinstance(msg, str) and "scale_width must be a whole number" in msg, msg
+    assert asg.ASGDiffusion.validate_inputs(scale_width=3, scale_height=1) is True
+    assert asg.ASGDiffusion.validate_inputs(scale_width=None, scale_height=2) is True
+    # a latent that does not split into whole patches: refused before the first model call
     model, counts = with_counter(sd15.model)
-    with pytest.raises(ValueError, match="TFG ASGDiffusion .*integer scale factors"):
-        run(asg, sd15, model=model, width=3 * BASE // 2, height=2 * BASE)
+    with pytest.raises(ValueError, match=r"TFG ASGDiffusion \[model family: SD1.x\].*integer scale factors.*"
+                                         r"width 120 px / 2 = 60 px"):
+        run(asg, sd15, model=model, latent=torch.zeros(1, 4, 16, 15))
+    with pytest.raises(ValueError, match="scale_height must be a whole number"):
+        run(asg, sd15, model=model, scale_height=0)
     assert counts["calls"] == 0
 
 
@@ -136,7 +143,7 @@ def test_regional_conditioning_is_refused(sd15, asg):
     with pytest.raises(ValueError, match="area conditioning"):
         with torch.inference_mode():
             asg.sample_asg(sd15.model, positive, sd15.negative, 1, STEPS, 5.0, "euler", "normal",
-                           params(asg, sd15))
+                           params(asg, sd15), {"samples": torch.zeros(1, 4, 16, 16)})
 
 
 def test_interrupt_stops_the_run(sd15, asg):
@@ -181,13 +188,15 @@ def _peak_rss_during(fn) -> tuple[int, int]:
 
 
 def test_memory_stays_bounded_at_four_times_the_base_area(comfy_root, asg, tmp_path_factory, capsys):
-    """4x the base area (2x2 patches) on tiny SDXL: the largest model call holds max(K, window_batch) native
-    rows per CFG half, never the whole target; the RSS peak is reported next to a direct target-size KSampler
-    run."""
+    """4x the base area (2x2 patches of a 16x16 native latent) on tiny SDXL: every model call holds at most
+    max(K, window_batch) native-size rows per CFG half, never the whole target; the RSS peak is reported next to
+    a direct target-size KSampler run (the tiny model's weights are a few MiB, so activations dominate)."""
     from sampling_helpers import get_setup
-    s = get_setup("sdxl", tmp_path_factory)
-    rows = []
     import comfy.patcher_extension
+    import nodes
+    s = get_setup("sdxl", tmp_path_factory)
+    native = 16
+    rows = []
 
     def apply_model(executor, x, t, *args, **kwargs):
         rows.append(tuple(x.shape))
@@ -195,18 +204,18 @@ def test_memory_stays_bounded_at_four_times_the_base_area(comfy_root, asg, tmp_p
 
     m = s.model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.rows", apply_model)
-    base, peak = _peak_rss_during(lambda: run(asg, s, model=m, window_batch=4))
-    assert max(r[0] for r in rows) <= 2 * 4
-    assert all(r[2:] == (8, 8) for r in rows), "every call is native size"
-
-    import nodes
-    latent = {"samples": torch.zeros(1, s.latent_channels, 16, 16)}
+    target = torch.zeros(1, s.latent_channels, 2 * native, 2 * native)
+    base, peak = _peak_rss_during(lambda: run(asg, s, model=m, window_batch=4, latent=target))
+    assert max(r[0] for r in rows) <= 2 * 4, rows
+    assert all(r[2:] == (native, native) for r in rows), "every call is native size"
 
     def direct():
         with torch.inference_mode():
-            nodes.common_ksampler(s.model, 7, STEPS, 5.0, "euler", "normal", s.positive, s.negative, latent)
+            nodes.common_ksampler(s.model, 7, STEPS, 5.0, "euler", "normal", s.positive, s.negative,
+                                  {"samples": target.clone()})
 
     dbase, dpeak = _peak_rss_during(direct)
     with capsys.disabled():
-        print(f"\n[ASG memory, tiny SDXL, 4x base area] ASG peak RSS +{(peak - base) / 2**20:.1f} MiB "
-              f"(largest call {max(rows)}); direct 16x16 KSampler +{(dpeak - dbase) / 2**20:.1f} MiB")
+        print(f"\n[ASG memory, tiny SDXL, native 16x16 latent, target 32x32 (4x area)] ASG peak RSS "
+              f"+{(peak - base) / 2**20:.1f} MiB (largest call {max(rows)}); direct 32x32 KSampler "
+              f"+{(dpeak - dbase) / 2**20:.1f} MiB")
