@@ -235,21 +235,24 @@ def _normalise(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
 def _best_over_sources(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Tensor | None,
                        budget_bytes: int, n_images: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Official reduction for `n_images` source images stacked in src_n (n_images * N, D): for each image and
-    reference token j, max_i cos(src_i, ref_j) and its argmax i. Returns (n_images, n_ref) values and indices."""
+    reference token j, max_i cos(src_i, ref_j) and its argmax i (the first on ties). Returns (n_images, n_ref)
+    values and indices. Blocks are (reference columns) x (source rows), so the reduction runs along the
+    innermost dimension."""
     n_rows, n_ref = src_n.shape[0], ref_n.shape[0]
     n_src = n_rows // n_images
     cols = block_rows(n_rows, budget_bytes, src_n.element_size())
     if cols >= n_ref:
-        vals, idx = _similarity_block(src_n, ref_n).view(n_images, n_src, n_ref).max(dim=1)
+        vals, idx = _similarity_block(ref_n, src_n).view(n_ref, n_images, n_src).max(dim=2)
     else:
-        vals = torch.empty(n_images, n_ref, dtype=src_n.dtype, device=src_n.device)
-        idx = torch.empty(n_images, n_ref, dtype=torch.long, device=src_n.device)
+        vals = torch.empty(n_ref, n_images, dtype=src_n.dtype, device=src_n.device)
+        idx = torch.empty(n_ref, n_images, dtype=torch.long, device=src_n.device)
         for start in range(0, n_ref, cols):
-            block = _similarity_block(src_n, ref_n[start:start + cols])  # (n_images * n_src, c)
-            v, i = block.view(n_images, n_src, -1).max(dim=1)
-            vals[:, start:start + cols] = v
-            idx[:, start:start + cols] = i
+            block = _similarity_block(ref_n[start:start + cols], src_n)  # (c, n_images * n_src)
+            v, i = block.view(block.shape[0], n_images, n_src).max(dim=2)
+            vals[start:start + cols] = v
+            idx[start:start + cols] = i
             del block
+    vals, idx = vals.t(), idx.t()
     if ref_mask is not None:
         vals = vals.masked_fill(~ref_mask.view(1, -1), float("-inf"))
     return vals, idx
@@ -318,8 +321,8 @@ def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
         else:
             vals, idx = _best_over_refs(src_n, ref_n, ref_mask, budget_bytes)
         del src_n
-        merge = (vals > threshold).view(f1 - f0, n_tokens)
-        _push(src, ref, idx.view(f1 - f0, n_tokens), merge, alpha, out[f0:f1], budget_bytes)
+        merge = (vals > threshold).reshape(f1 - f0, n_tokens)
+        _push(src, ref, idx.reshape(f1 - f0, n_tokens), merge, alpha, out[f0:f1], budget_bytes)
         merged = merge.sum()
         count = merged if count is None else count + merged
     return count
