@@ -111,8 +111,8 @@ def test_guidance_off_is_plain_img2img_bit_for_bit(setup, nd):
 
 @pytest.mark.parametrize("mode", ["latent", "image"])
 def test_guidance_changes_the_result(sd15, nd, mode):
-    off, _ = stage(nd, sd15, params(nd, guidance_steps=0))
-    on, _ = stage(nd, sd15, params(nd, guidance_mode=mode))
+    off, _ = stage(nd, sd15, params(nd, guidance_steps=0), img=image(24, 32), size=(64, 48))
+    on, _ = stage(nd, sd15, params(nd, guidance_mode=mode), img=image(24, 32), size=(64, 48))
     assert on.shape == off.shape and torch.isfinite(on).all()
     assert not torch.equal(on, off)
 
@@ -134,7 +134,7 @@ def test_official_noise_level_and_step_count(family, nd, K, comfy_root, tmp_path
     m = s.model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.dh.sigmas", apply_model)
     p = nd.DEFAULTS.replace(guidance_steps=0, vae_tile_size=0)
-    stage(nd, s, p, size=(64, 64), model=m)
+    stage(nd, s, p, img=image(16, 16), size=(32, 32), model=m)
     assert len(sigmas) == 15 and set(rows) == {2}
     assert sigmas[0] == pytest.approx(K.sd_scaled_linear_sigma(K.OFFICIAL_TIMESTEP), rel=1e-4)
     ms = s.model.get_model_object("model_sampling")
@@ -222,7 +222,7 @@ def test_guidance_chains_with_other_post_cfg_functions(sd15, nd):
 
     m = sd15.model.clone()
     m.set_model_sampler_post_cfg_function(before)
-    stage(nd, sd15, params(nd), model=m)
+    stage(nd, sd15, params(nd), model=m, img=image(24, 32), size=(64, 48))
     assert len(seen) == STEPS
 
 
@@ -232,10 +232,10 @@ def test_guidance_patch_node_in_a_ksampler_graph_equals_the_stage(sd15, nd, K):
     import nodes
     vae = vae_of(sd15)
     p = params(nd, sharpen_alpha=0.0, guidance_mode="latent")
-    _, out_latent = stage(nd, sd15, p, seed=5)
+    _, out_latent = stage(nd, sd15, p, seed=5, img=image(24, 32), size=(64, 48))
     family = nd.check_run(sd15.model, p, nd.NODE)
     with torch.inference_mode():
-        up = K.upsample(image().movedim(-1, 1), (96, 128)).movedim(1, -1)
+        up = K.upsample(image(24, 32).movedim(-1, 1), (48, 64)).movedim(1, -1)
         patched = nd.DiffuseHighGuidance.execute(model=sd15.model, vae=vae, reference=up, guidance_steps=GUIDED,
                                                  guidance_mode="latent", guidance_factor=1.0, fadeout=0.0,
                                                  wavelet="db4", dwt_levels=1, vae_tile_size=0).args[0]
@@ -248,9 +248,10 @@ def test_guidance_patch_node_in_a_ksampler_graph_equals_the_stage(sd15, nd, K):
 
 
 def test_partial_blend_and_fadeout_move_less(sd15, nd):
-    off, _ = stage(nd, sd15, params(nd, guidance_steps=0))
-    full, _ = stage(nd, sd15, params(nd))
-    half, _ = stage(nd, sd15, params(nd, guidance_factor=0.5, fadeout=1.0))
+    small = dict(img=image(24, 32), size=(64, 48))
+    off, _ = stage(nd, sd15, params(nd, guidance_steps=0), **small)
+    full, _ = stage(nd, sd15, params(nd), **small)
+    half, _ = stage(nd, sd15, params(nd, guidance_factor=0.5, fadeout=1.0), **small)
     assert not torch.equal(half, full) and not torch.equal(half, off)
 
 
@@ -265,12 +266,12 @@ def test_one_stage_node_non_square_from_image_and_latent(family, nd, comfy_root,
     kw = node_kwargs(nd)
     with torch.inference_mode():
         out = nd.DiffuseHigh.execute(model=s.model, positive=s.positive, negative=s.negative, vae=vae, width=0,
-                                     height=0, scale_by=2.0, image=image(40, 64), **kw).args
-        assert out[0].shape == (1, 80, 128, 3) and out[1]["samples"].shape == (1, s.latent_channels, 10, 16)
-        low = vae.encode(image(40, 64))
-        out2 = nd.DiffuseHigh.execute(model=s.model, positive=s.positive, negative=s.negative, vae=vae, width=96,
+                                     height=0, scale_by=2.0, image=image(24, 40), **kw).args
+        assert out[0].shape == (1, 48, 80, 3) and out[1]["samples"].shape == (1, s.latent_channels, 6, 10)
+        low = vae.encode(image(24, 40))
+        out2 = nd.DiffuseHigh.execute(model=s.model, positive=s.positive, negative=s.negative, vae=vae, width=64,
                                       height=0, scale_by=2.0, latent={"samples": low}, **kw).args
-    assert out2[0].shape == (1, 64, 96, 3) and torch.isfinite(out2[0]).all()
+    assert out2[0].shape == (1, 40, 64, 3) and torch.isfinite(out2[0]).all()
 
 
 def test_progressive_stages_one_progress_bar(sd15, nd):
@@ -322,10 +323,11 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.parametrize("mode", ["image", "latent"])
-def test_memory_bounded_at_4x_area_with_tiled_vae(sd15, nd, monkeypatch, mode):
-    """One stage at 4x the base area (64x64 -> 128x128) with VAE tiles of 64 px: every VAE call at the stage size
-    is tiled, and the process's peak resident memory during the stage stays small (reported in the log)."""
+def test_memory_bounded_at_4x_area_with_tiled_vae(sd15, nd, monkeypatch):
+    """One image-mode stage at 4x the base area (48x48 -> 96x96) with VAE tiles of 64 px: every VAE call at the
+    stage size (first encode, per guided step a decode and an encode, last decode) is tiled, and the process's
+    peak resident memory during the stage stays small (reported in the log)."""
+    mode = "image"
     vae = vae_of(sd15)
     tiled = {"encode": 0, "decode": 0}
     real_enc, real_dec = vae.encode_tiled, vae.decode_tiled
@@ -352,16 +354,15 @@ def test_memory_bounded_at_4x_area_with_tiled_vae(sd15, nd, monkeypatch, mode):
     t = threading.Thread(target=sample_rss, daemon=True)
     t.start()
     try:
-        out, _ = stage(nd, sd15, params(nd, guidance_mode=mode, vae_tile_size=64), img=image(64, 64),
-                       size=(128, 128))
+        out, _ = stage(nd, sd15, params(nd, guidance_mode=mode, vae_tile_size=64), img=image(48, 48),
+                       size=(96, 96))
     finally:
         done.set()
         t.join()
-    guided = GUIDED if mode == "image" else 0
-    assert tiled == {"encode": 1 + guided, "decode": 1 + guided}
-    assert out.shape == (1, 128, 128, 3)
+    assert tiled == {"encode": 1 + GUIDED, "decode": 1 + GUIDED}
+    assert out.shape == (1, 96, 96, 3)
     grown = (peak[0] - base) / 2 ** 20
-    LOG.warning("DiffuseHigh %s mode, 64x64 -> 128x128 (4x area), tiny SD1.5: peak RSS growth during the stage "
+    LOG.warning("DiffuseHigh %s mode, 48x48 -> 96x96 (4x area), tiny SD1.5: peak RSS growth during the stage "
                 "%.1f MiB", mode, grown)
     assert grown < 512
 
