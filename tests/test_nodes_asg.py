@@ -219,3 +219,37 @@ def test_memory_stays_bounded_at_four_times_the_base_area(comfy_root, asg, tmp_p
         print(f"\n[ASG memory, tiny SDXL, native 16x16 latent, target 32x32 (4x area)] ASG peak RSS "
               f"+{(peak - base) / 2**20:.1f} MiB (largest call {max(rows)}); direct 32x32 KSampler "
               f"+{(dpeak - dbase) / 2**20:.1f} MiB")
+
+
+# ------------------------------------------------------------------------------------------------
+# Over HTTP, on the real server
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, 9])
+def test_invalid_scale_is_an_http_400_before_the_run(comfy_server, bad):
+    from headless_server import load_api_workflow
+    prompt = load_api_workflow("asg_sdxl.json", size=64, steps=2)
+    asg_id = next(k for k, n in prompt.items() if n["class_type"] == "TFG_ASGDiffusion")
+    prompt[asg_id]["inputs"]["scale_width"] = bad
+    # keep only the ASG branch: with a valid B branch ComfyUI would queue that one (HTTP 200) and still list
+    # the ASG node's error
+    keep = {asg_id}
+    for node_id, node in prompt.items():
+        if node["class_type"] in ("VAEDecode",) and node["inputs"]["samples"][0] == asg_id:
+            keep.add(node_id)
+    for node_id, node in list(prompt.items()):
+        if node["class_type"] in ("KSampler", "VAEDecode", "SaveImage") and node_id not in keep and not (
+                node["class_type"] == "SaveImage" and node["inputs"]["images"][0] in keep):
+            del prompt[node_id]
+    status, data = comfy_server.post_prompt(prompt)
+    assert status == 400, data
+    assert set(data["node_errors"]) == {asg_id}, data["node_errors"]
+    assert "scale_width must be a whole number" in repr(data["node_errors"][asg_id]["errors"])
+
+
+def test_latent_not_divisible_by_the_scale_fails_naming_node_and_family(comfy_server):
+    from headless_server import load_api_workflow
+    prompt = load_api_workflow("asg_sdxl.json", size=72, steps=2)  # 9x9 latent, 2x2 patches
+    entry = comfy_server.run_prompt(prompt, check=False)
+    assert entry["status"]["status_str"] == "error"
+    message = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "TFG ASGDiffusion [model family: SDXL]" in message and "integer scale factors" in message, message
