@@ -56,6 +56,9 @@ class TALEParams:
     """Weight of the image-text term 1 - cos(CLIP image, prompt)."""
     style_weight: float = 0.15
     """Weight of the Gram style distance (CLIP tokens; with energy=latent: latent patch Gram)."""
+    latent_weight: float = 0.02
+    """energy=latent only: weight of the latent style energy (ours, no reference value; per latent pixel, so the
+    step does not depend on the object's size)."""
     inner_steps: int = 3
     """Gradient steps per normalisation step (reference repeat=3)."""
     adain_max: float = 0.5
@@ -94,12 +97,12 @@ class TALEParams:
                             f"must lie inside the schedule), got {self.t_prime} + {self.tau}")
         if self.inner_steps < 0:
             problems.append(f"inner_steps must be >= 0, got {self.inner_steps}")
-        for name in ("cfg", "text_weight", "style_weight", "adain_max"):
+        for name in ("cfg", "text_weight", "style_weight", "latent_weight", "adain_max"):
             v = getattr(self, name)
             if not math.isfinite(v):
                 problems.append(f"{name} must be finite, got {v}")
-        if self.text_weight < 0 or self.style_weight < 0:
-            problems.append("text_weight and style_weight must be >= 0")
+        if self.text_weight < 0 or self.style_weight < 0 or self.latent_weight < 0:
+            problems.append("text_weight, style_weight and latent_weight must be >= 0")
         if not 0.0 <= self.adain_max <= 1.0:
             problems.append(f"adain_max must be in [0, 1], got {self.adain_max}")
         for name, options in (("energy", ENERGIES), ("style_gradient", STYLE_GRADIENTS), ("history", HISTORIES),
@@ -126,8 +129,11 @@ class TALEParams:
     @property
     def optimising(self) -> bool:
         """True when the window steps take energy gradients."""
-        return self.energy != "none" and self.inner_steps > 0 and self.tau > 0 and \
-            (self.text_weight > 0 or self.style_weight > 0)
+        if self.energy == "none" or self.inner_steps <= 0 or self.tau <= 0:
+            return False
+        if self.energy == "latent":
+            return self.latent_weight > 0
+        return self.text_weight > 0 or self.style_weight > 0
 
     def window(self) -> range:
         """Step indices with normalisation (and optimisation): T'+1 .. T'+tau."""
@@ -310,21 +316,6 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sig
     return x + d * (sigma_next - sigma)
 
 
-def ddim_inversion_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-                        noise_scaling: Callable) -> torch.Tensor:
-    """Deterministic DDIM inversion from sigma to a larger sigma_next: the noise implied by (x, denoised) is
-    kept and the clean estimate re-noised to sigma_next. `noise_scaling(sigma, noise, latent)` is the model's
-    forward noising (x0 + sigma * eps for eps/v models). At sigma = 0, `denoised` must come from sigma_next."""
-    zero = torch.zeros_like(x)
-    if float(sigma) == 0.0:  # x is clean: keep it exactly; the noise comes from the prediction at sigma_next
-        eps = (x - noise_scaling(sigma_next, zero, denoised)) / sigma_next
-        clean_part = x
-    else:
-        eps = (x - noise_scaling(sigma, zero, denoised)) / sigma
-        clean_part = denoised
-    return noise_scaling(sigma_next, eps, clean_part)
-
-
 # ----------------------------------------------------------------------------------------------
 # Energies
 # ----------------------------------------------------------------------------------------------
@@ -419,11 +410,12 @@ def latent_gram(features: torch.Tensor) -> torch.Tensor:
 
 def latent_energy(denoised: torch.Tensor, box: Box, mask: torch.Tensor, reference_gram: torch.Tensor,
                   params: TALEParams) -> EnergyTerms:
-    """Latent-space style energy: style_weight * ||Gram(3x3 patches of the object's predicted clean latent) -
-    Gram(background's clean latent)||_F (no decoder, no CLIP; the text weight has no latent counterpart)."""
+    """Latent-space style energy (ours; no decoder, no CLIP): latent_weight * N * ||Gram(3x3 patches of the object's
+    predicted clean latent) - Gram(background's clean latent)||_F, both Grams averaged over their N resp. all
+    patches; the factor N (object latent pixels) makes the per-pixel step independent of the object's size."""
     feats = latent_patch_features(denoised, box, mask)
     style = torch.linalg.matrix_norm(latent_gram(feats) - reference_gram.float(), ord="fro").mean()
-    term = params.style_weight * style
+    term = params.latent_weight * feats.shape[1] * style
     total = term.detach() if params.style_gradient == "detached" else term
     return EnergyTerms(total, 0.0, float(style.detach()))
 

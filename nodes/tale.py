@@ -19,8 +19,11 @@ import comfy.model_management
 import comfy.samplers
 
 from ..kernels import tale as K
+from ..kernels.inversion import InversionParams
+from ..kernels.inversion import invert as invert_kernel
 from ..kernels.tale import TALEParams
 from . import adapters
+from .inversion import model_input_scale
 
 logger = logging.getLogger("tfg.tale")
 
@@ -93,14 +96,17 @@ def _inputs() -> list:
         io.Combo.Input("energy", options=list(K.ENERGIES), default=d.energy,
                        tooltip="clip: the reference energy (VAE decode + CLIP vision: text similarity + Gram style of "
                                "the object vs the background; needs clip_vision; most memory). latent: a latent-space "
-                               "style energy (Gram of 3x3 latent patches of the object vs the background; no decoder, no "
-                               "CLIP; for large models; text_weight unused). none: no gradients (initiation + "
-                               "normalisation only; little memory)."),
+                               "style energy (Gram of 3x3 latent patches of the object vs the background; no decoder, "
+                               "no CLIP; for large models; uses latent_weight, not text/style_weight). none: no "
+                               "gradients (initiation + normalisation only; little memory)."),
         io.Float.Input("text_weight", default=d.text_weight, min=0.0, max=1000.0, step=0.01,
                        tooltip="Weight of 1 - cos(CLIP image, text). Neutral 0. Reference: 15 (ViT-B/32)."),
         io.Float.Input("style_weight", default=d.style_weight, min=0.0, max=1000.0, step=0.001,
-                       tooltip="Weight of the Gram style distance (energy=latent: of the latent Gram). Neutral 0. "
+                       tooltip="energy=clip: weight of the Gram style distance of CLIP tokens. Neutral 0. "
                                "Reference: 0.15 (ViT-B/32 layer-2 tokens; other encoders have other scales)."),
+        io.Float.Input("latent_weight", default=d.latent_weight, min=0.0, max=100.0, step=0.001,
+                       tooltip="energy=latent only: weight of the latent style energy, per latent pixel (ours; no "
+                               "reference value). Neutral 0. Try 0.005-0.05."),
         io.Int.Input("inner_steps", default=d.inner_steps, min=0, max=50,
                      tooltip="Gradient steps per normalisation step. Neutral 0. Reference: 3."),
         io.Float.Input("adain_max", default=d.adain_max, min=0.0, max=1.0, step=0.01,
@@ -124,16 +130,18 @@ def _inputs() -> list:
                             tooltip="energy=clip: the CLIP vision model (reference: ViT-B/32; its projection must "
                                     "match the text embedding, e.g. CLIP-L vision for SD1.5, CLIP-G for SDXL)."),
         io.Conditioning.Input("energy_text", optional=True,
-                              tooltip="energy=clip: conditioning whose pooled output is the text target (encode the "
-                                      "prompt with the CLIP text model that matches clip_vision); default: positive's."),
+                              tooltip="energy=clip: conditioning whose pooled output is the text target (encode "
+                                      "the prompt with the CLIP text model that matches clip_vision); default: "
+                                      "positive's."),
     ]
 
 
-def _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps, adain_max,
-            style_gradient, history, trajectories) -> TALEParams:
+def _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight,
+            latent_weight, inner_steps, adain_max, style_gradient, history, trajectories) -> TALEParams:
     t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
     return TALEParams(steps=steps, t_prime=t_prime, tau=tau, cfg=cfg, solver=solver, scheduler=scheduler,
-                      energy=energy, text_weight=text_weight, style_weight=style_weight, inner_steps=inner_steps,
+                      energy=energy, text_weight=text_weight, style_weight=style_weight, latent_weight=latent_weight,
+                      inner_steps=inner_steps,
                       adain_max=adain_max, style_gradient=style_gradient, history=history, trajectories=trajectories)
 
 
@@ -243,7 +251,8 @@ def make_placement(background, foreground, object_mask, placement, placement_mas
     lat = K.latent_mask(mask_c, factor)
     if int(lat.sum()) < 2:
         raise adapters.node_error(NODE, family, f"the placed object covers {int(lat.sum())} latent pixel(s) "
-                                                f"({factor}x{factor} image pixels each); normalisation needs at least 2.",
+                                                f"({factor}x{factor} image pixels each); normalisation needs at "
+                                                "least 2.",
                                   "make the object larger (box_scale or a larger placement mask).")
     return Placement(bg_c, canvas_c, mask_c, box, lat)
 
@@ -409,24 +418,26 @@ class TALEReport:
                 f"{self.passes['grad']} with gradients; energy per step: {e or 'none'}")
 
 
-def invert_to(den_inv, latent: torch.Tensor, sigmas: torch.Tensor, stop: int, noise_scaling, progress=None
+def invert_to(den_inv, latent: torch.Tensor, sigmas: torch.Tensor, stop: int, model_sampling, progress=None
               ) -> dict[int, torch.Tensor]:
     """Inversion of a clean latent along the sampling schedule, from sigmas[-1] (= 0) up to sigmas[stop]:
     {index: latent at sigmas[index]} for every index stop..len(sigmas)-1.
 
-    The single place that decides which inversion is used: the pack's own deterministic DDIM inversion with the
-    negative conditioning at cfg 1 (the reference inverts with a null prompt at an inert CFG)."""
-    states = {len(sigmas) - 1: latent}
-    x = latent
-    for i in range(len(sigmas) - 1, stop, -1):
-        sigma, sigma_next = sigmas[i], sigmas[i - 1]
-        eval_sigma = sigma_next if float(sigma) == 0.0 else sigma
-        den = den_inv(x, eval_sigma)
-        x = K.ddim_inversion_step(x, den, sigma.reshape(1), sigma_next.reshape(1), noise_scaling)
-        states[i - 1] = x
+    The single place that decides which inversion is used: the pack's shared DDIM inversion
+    (kernels/inversion.py, no ReNoise), guided by `den_inv` (the negative conditioning at cfg 1; the reference
+    inverts with a null prompt at an inert CFG)."""
+    n = len(sigmas) - 1
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return den_inv(x, torch.full((1,), sigma, device=x.device, dtype=torch.float32))
+
+    def on_step(i, x, d):
         if progress is not None:
             progress.step()
-    return states
+
+    result = invert_kernel(denoise, latent, sigmas[stop:], InversionParams(),
+                           model_input_scale(model_sampling), on_step)
+    return {n - k: state for k, state in enumerate(result.trajectory)}
 
 
 class TALESampler(comfy.samplers.Sampler):
@@ -475,7 +486,7 @@ class TALESampler(comfy.samplers.Sampler):
         with adapters.StepProgress(total) as progress:
             # ---- inversion (+ replay) of background and foreground
             pair = torch.cat([bg0, fg0])
-            states = invert_to(den_inv, pair, sigmas, stop, ms.noise_scaling, progress)
+            states = invert_to(den_inv, pair, sigmas, stop, ms, progress)
             bg_at = {i: s[:1] for i, s in states.items()}
             fg_at = {i: s[1:] for i, s in states.items()}
             if replay:
@@ -568,9 +579,14 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
     if params.energy == "clip" and params.optimising and clip_vision is None:
         raise adapters.node_error(NODE, family, "energy is 'clip' but no clip_vision model is connected.",
                                   "connect a Load CLIP Vision node, or choose energy latent or none.")
-    if params.energy == "latent" and params.text_weight > 0 and params.optimising:
-        adapters.warn_once("tale.latent.text", f"{adapters.PACK_NAME} {NODE}: energy=latent has no text term; "
-                                               "text_weight is unused (the prompt still steers through CFG).")
+    if params.energy == "latent" and params.optimising:
+        adapters.warn_once("tale.latent.text", f"{adapters.PACK_NAME} {NODE}: energy=latent is a style term only "
+                                               "(latent_weight); text_weight and style_weight are for energy=clip (the "
+                                               "prompt still steers through CFG).")
+    if params.energy != "none" and not params.optimising:
+        adapters.warn_once("tale.noopt", f"{adapters.PACK_NAME} {NODE}: energy={params.energy} takes no gradient "
+                                         "step with these settings (inner_steps, tau or the energy's weights are 0); "
+                                         "the run is the no-gradient variant.")
     factor = int(vae.spacial_compression_encode())
     place = make_placement(background, foreground, object_mask, placement, placement_mask, box_x, box_y, box_scale,
                            factor, family)
@@ -620,10 +636,11 @@ class TALEComposite(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, steps, t_prime_percent, tau_percent, cfg, inner_steps, text_weight, style_weight,
-                        adain_max, box_x, box_y, box_scale) -> bool | str:
+                        latent_weight, adain_max, box_x, box_y, box_scale) -> bool | str:
         t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
         params = TALEParams(steps=steps, t_prime=t_prime, tau=tau, cfg=cfg, inner_steps=inner_steps,
-                            text_weight=text_weight, style_weight=style_weight, adain_max=adain_max)
+                            text_weight=text_weight, style_weight=style_weight, latent_weight=latent_weight,
+                            adain_max=adain_max)
         problems = [f"{p} (t_prime_percent {t_prime_percent} and tau_percent {tau_percent} give T'={t_prime}, "
                     f"tau={tau} at {steps} steps)" if ("t_prime" in p or "tau" in p) else p
                     for p in params.validate()]
@@ -637,11 +654,11 @@ class TALEComposite(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, background, foreground, object_mask, placement, box_x, box_y,
-                box_scale, steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight,
-                inner_steps, adain_max, style_gradient, history, trajectories, placement_mask=None,
-                clip_vision=None, energy_text=None) -> io.NodeOutput:
-        params = _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight, inner_steps,
-                         adain_max, style_gradient, history, trajectories)
+                box_scale, steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight,
+                style_weight, latent_weight, inner_steps, adain_max, style_gradient, history, trajectories,
+                placement_mask=None, clip_vision=None, energy_text=None) -> io.NodeOutput:
+        params = _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight,
+                         latent_weight, inner_steps, adain_max, style_gradient, history, trajectories)
         latent, preview, mask, _ = run_tale(model, vae, positive, negative, background, foreground, object_mask,
                                             params, placement, placement_mask, box_x, box_y, box_scale, clip_vision,
                                             energy_text)

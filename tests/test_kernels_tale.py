@@ -39,8 +39,10 @@ def test_schedule_fractions_give_the_reference_steps():
 
 def test_optimising_needs_energy_steps_and_weights():
     assert K.TALEParams().optimising
-    for changes in (dict(energy="none"), dict(inner_steps=0), dict(tau=0), dict(text_weight=0.0, style_weight=0.0)):
+    for changes in (dict(energy="none"), dict(inner_steps=0), dict(tau=0), dict(text_weight=0.0, style_weight=0.0),
+                    dict(energy="latent", latent_weight=0.0)):
         assert not K.TALEParams(**changes).optimising, changes
+    assert K.TALEParams(energy="latent", text_weight=0.0, style_weight=0.0).optimising
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -202,29 +204,6 @@ def test_dpmpp_2m_second_order_uses_history():
     torch.testing.assert_close(second, s_next / s * x - torch.expm1(-h) * d)
 
 
-def test_ddim_inversion_then_euler_reconstructs_a_point_mass():
-    x0 = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(4))
-    sigmas = torch.tensor([9.0, 4.0, 1.5, 0.5, 0.0])
-    ns = lambda sigma, noise, latent: latent + noise * sigma  # noqa: E731  (eps/v models)
-    x = x0 + 0.0
-    states = {4: x}
-    for i in range(4, 0, -1):
-        x = K.ddim_inversion_step(x, x0, sigmas[i], sigmas[i - 1], ns)
-        states[i - 1] = x
-    # a point-mass denoiser implies zero noise from the clean start, so every state is x0
-    for i, s in states.items():
-        torch.testing.assert_close(s, x0)
-    # from the clean start the noise is implied by the prediction at the next sigma: D = x0 - 4b gives eps = 4b/s
-    bias = torch.full_like(x0, 0.1)
-    x = K.ddim_inversion_step(x0, x0 - 4.0 * bias, sigmas[4], sigmas[3], ns)
-    torch.testing.assert_close(x, x0 + 4.0 * bias)
-    # later steps keep the implied noise and re-noise the prediction: x = D + s * eps -> D + s_next * eps
-    eps = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(11))
-    den = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(12))
-    x = K.ddim_inversion_step(den + sigmas[2] * eps, den, sigmas[2], sigmas[1], ns)
-    torch.testing.assert_close(x, den + sigmas[1] * eps)
-
-
 # ------------------------------------------------------------------------------------------------ energies
 def test_gram_distance_zero_at_the_reference_and_positive_elsewhere():
     f = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(5))
@@ -289,7 +268,7 @@ def test_latent_energy_decreases_along_masked_gradient_steps():
     m[2:7, 7:12] = True
     box = K.mask_bbox(m.float())
     ref = K.latent_gram(K.latent_patch_features(bg))
-    params = K.TALEParams(style_weight=0.05)
+    params = K.TALEParams(latent_weight=0.002)
     energies = []
     for _ in range(4):
         xg = x.clone().requires_grad_(True)

@@ -117,7 +117,7 @@ def test_inverted_latents_are_noisier_toward_t_prime(tn, K, sd):
 
 @pytest.mark.parametrize("energy", ["none", "latent"])
 def test_background_outside_the_object_is_the_background_on_every_normalisation_step(tn, K, sd, energy):
-    latent, _, _, report = _run(tn, K, sd, energy=energy, style_weight=0.05)
+    latent, _, _, report = _run(tn, K, sd, energy=energy, latent_weight=0.002)
     m = _placement_mask(tn, sd)
     assert sorted(report.composites) == [2, 3]
     for i in (2, 3):
@@ -131,7 +131,7 @@ def test_background_outside_the_object_is_the_background_on_every_normalisation_
 
 
 def test_latent_energy_decreases_over_inner_steps_with_finite_gradients(tn, K, sd):
-    _, _, _, report = _run(tn, K, sd, energy="latent", style_weight=0.02, inner_steps=3, tau=1)
+    _, _, _, report = _run(tn, K, sd, energy="latent", latent_weight=0.001, inner_steps=3, tau=1)
     assert report.passes["grad"] == 3
     energies = report.energies[2]
     assert len(energies) == 3 and all(torch.isfinite(torch.tensor(energies)))
@@ -236,8 +236,8 @@ def test_placement_errors_are_clear(tn, case, match):
 
 # ------------------------------------------------------------------------------------------------ node
 def test_validate_inputs(tn):
-    ok = dict(steps=20, t_prime_percent=0.6, tau_percent=0.25, cfg=10.0, inner_steps=3, text_weight=15.0, style_weight=0.15,
-              adain_max=0.5, box_x=0.5, box_y=0.5, box_scale=1.0)
+    ok = dict(steps=20, t_prime_percent=0.6, tau_percent=0.25, cfg=10.0, inner_steps=3, text_weight=15.0,
+              style_weight=0.15, latent_weight=0.02, adain_max=0.5, box_x=0.5, box_y=0.5, box_scale=1.0)
     assert tn.TALEComposite.validate_inputs(**ok) is True
     for changes, word in ((dict(t_prime_percent=1.0), "t_prime"), (dict(tau_percent=0.4), "t_prime + tau"),
                           (dict(steps=3), "at 3 steps"),
@@ -257,9 +257,9 @@ def test_execute_outputs_and_interrupt(tn, K, sd):
     bg, fg, mask = _images()
     values = dict(model=model, positive=positive, negative=negative, vae=vae, background=bg, foreground=fg,
                   object_mask=mask, placement="box", box_x=0.5, box_y=0.5, box_scale=0.75, steps=STEPS,
-                  t_prime_percent=0.25, tau_percent=0.25, cfg=4.0, solver="dpmpp_2m", scheduler="normal", energy="none", text_weight=15.0,
-                  style_weight=0.15, inner_steps=3, adain_max=0.5, style_gradient="kept", history="reset",
-                  trajectories="inverted")
+                  t_prime_percent=0.25, tau_percent=0.25, cfg=4.0, solver="dpmpp_2m", scheduler="normal",
+                  energy="none", text_weight=15.0, style_weight=0.15, latent_weight=0.02, inner_steps=3,
+                  adain_max=0.5, style_gradient="kept", history="reset", trajectories="inverted")
     with torch.inference_mode():
         out = tn.TALEComposite.execute(**values).args
     assert out[0]["samples"].shape == (1, 4, 6, 10) and out[1].shape == (1, 48, 80, 3) and out[2].shape == (1, 48, 80)
@@ -279,7 +279,7 @@ def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_facto
     bg, fg, mask = _images()
     with torch.inference_mode():
         latent, _, _, report = tn.run_tale(s.model, vae, s.positive, s.negative, bg, fg, mask,
-                                           K.TALEParams(**dict(SMALL, energy="latent", style_weight=0.01)),
+                                           K.TALEParams(**dict(SMALL, energy="latent", latent_weight=0.001)),
                                            box_scale=0.75)
     assert latent["samples"].shape == (1, 4, 6, 10) and report.passes["grad"] == 4
     flux = get_setup("flux", tmp_path_factory)
