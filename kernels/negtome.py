@@ -328,6 +328,45 @@ def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
     return count
 
 
+def _image_zero_all_chunks(x4: torch.Tensor, out4: torch.Tensor, alpha: float, threshold: float, matching: str,
+                           ref_mask: torch.Tensor | None, sim_dtype: torch.dtype) -> torch.Tensor:
+    """`official` / `best_match` on every chunk of x4 (C, F, N, D) at once (batched over chunks: one normalisation,
+    one batched similarity product, one extrapolation), into out4; the caller checked that it fits the budget."""
+    n_chunks, n_images, n_tokens, dim = x4.shape
+    xn = _normalise(x4, sim_dtype)
+    ref_n = xn[:, 0]  # (C, N, D)
+    src_n = xn[:, 1:].reshape(n_chunks, (n_images - 1) * n_tokens, dim)
+    if matching == "official":  # (C, N_ref, (F-1) * N_src), reduced along the innermost (source) dimension
+        block = _similarity_block(ref_n, src_n)
+        vals, idx = block.view(n_chunks, n_tokens, n_images - 1, n_tokens).max(dim=3)
+        vals, idx = vals.transpose(1, 2), idx.transpose(1, 2)  # (C, F-1, N_ref)
+        if ref_mask is not None:
+            vals = vals.masked_fill(~ref_mask.view(1, 1, -1), float("-inf"))
+    else:  # (C, (F-1) * N_src, N_ref)
+        block = _similarity_block(src_n, ref_n)
+        if ref_mask is not None:
+            block.masked_fill_(~ref_mask.view(1, 1, -1), float("-inf"))
+        vals, idx = block.max(dim=2)
+        vals, idx = vals.view(n_chunks, n_images - 1, n_tokens), idx.view(n_chunks, n_images - 1, n_tokens)
+    del block, xn, ref_n, src_n
+    merge = vals > threshold
+    chunk = torch.arange(n_chunks, device=x4.device).view(n_chunks, 1, 1)
+    matched = x4[:, 0][chunk, idx]  # (C, F-1, N, D): reference token idx of each chunk's image 0
+    out4[:, 0].copy_(x4[:, 0])
+    _extrapolate(x4[:, 1:], matched, merge, alpha, out=out4[:, 1:])
+    return merge.sum()
+
+
+def _fits_all_chunks(n_chunks: int, n_images: int, n_tokens: int, dim: int, budget_bytes: int,
+                     similarity_size: int) -> bool:
+    """Whether a call's chunks go through at once: the similarity block, the normalised copy and the fp32
+    extrapolation temporaries of all chunks each fit in the budget."""
+    sources = n_chunks * (n_images - 1)
+    return (similarity_size * sources * n_tokens * n_tokens <= budget_bytes
+            and similarity_size * n_chunks * n_images * n_tokens * dim <= budget_bytes
+            and 4 * sources * n_tokens * dim <= budget_bytes)
+
+
 def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, budget_bytes: int,
                       sim_dtype: torch.dtype) -> torch.Tensor:
     """`all_others` on one group x (F, N, D) into out; returns the merged-token count (device). Ties go to the
@@ -412,6 +451,13 @@ def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, 
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
     sim_dtype = similarity_dtype(x.dtype, similarity)
+    size = torch.empty((), dtype=sim_dtype).element_size()
+    if matching != "all_others" and _fits_all_chunks(n_chunks, per_chunk, x.shape[1], x.shape[2], budget_bytes,
+                                                      size):
+        shape = (n_chunks, per_chunk) + tuple(x.shape[1:])
+        count = _image_zero_all_chunks(x.view(shape), out.view(shape), alpha, threshold, matching, ref_mask,
+                                       sim_dtype)
+        return out, count
     count = None
     for c in range(n_chunks):
         rows = slice(c * per_chunk, (c + 1) * per_chunk)

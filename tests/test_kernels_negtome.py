@@ -289,11 +289,13 @@ def test_fast_path_with_mask_matches_per_image_reference(matching, budget):
 
 
 @pytest.mark.parametrize("matching", MATCHINGS)
-def test_merge_batch_chunks_match_per_image_reference_per_chunk(matching):
+@pytest.mark.parametrize("budget", [4 * 37 * 37 * 3, 10 ** 9])  # one chunk at a time / both chunks at once
+def test_merge_batch_chunks_match_per_image_reference_per_chunk(matching, budget):
     a, b = _group(seed=1, dtype=torch.bfloat16), _group(seed=2, dtype=torch.bfloat16)
-    out, count = K.merge_batch(torch.cat([a, b]), 2, 0.9, 0.3, matching)
-    ra, ca = _per_image_reference(a, 0.9, 0.3, matching)
-    rb, cb = _per_image_reference(b, 0.9, 0.3, matching)
+    mask = None if matching == "all_others" else torch.arange(37) % 4 != 1
+    out, count = K.merge_batch(torch.cat([a, b]), 2, 0.9, 0.3, matching, ref_mask=mask, budget_bytes=budget)
+    ra, ca = _per_image_reference(a, 0.9, 0.3, matching, ref_mask=mask, budget=budget)
+    rb, cb = _per_image_reference(b, 0.9, 0.3, matching, ref_mask=mask, budget=budget)
     assert isinstance(count, torch.Tensor) and count.dim() == 0 and int(count) == ca + cb
     assert torch.equal(out, torch.cat([ra, rb]))
 
@@ -327,7 +329,8 @@ def test_merge_batch_into_a_slice_of_a_strided_buffer(matching):
     buffer = torch.full((4, 42, 16), 7.0)
     out, count = K.merge_batch(img, 2, 0.9, 0.2, matching, out=buffer[:, 5:])
     assert out.data_ptr() == buffer[:, 5:].data_ptr()
-    expected, _ = K.merge_chunks(img.contiguous(), 2, 0.9, 0.2, matching)
+    expected = torch.cat([_per_image_reference(img[:2].contiguous(), 0.9, 0.2, matching)[0],
+                          _per_image_reference(img[2:].contiguous(), 0.9, 0.2, matching)[0]])
     assert int(count) > 0
     assert torch.equal(buffer[:, 5:], expected)
     assert torch.equal(buffer[:, :5], torch.full((4, 5, 16), 7.0))
