@@ -161,14 +161,17 @@ def merge_windows(tiles: torch.Tensor, windows: Sequence[Window], shape: Sequenc
                   edges: Sequence[Edges] | None = None) -> torch.Tensor:
     """Weighted average of window tiles ((len(windows)*B, C, wh, ww), window-major) into a (B, C, H, W) tensor of
     `shape`. Pixels no window covers are 0. `edges` (for feather; default: from the windows and `shape`) names
-    each window's inner sides. A pixel covered once with weight 1 comes back bit-identical."""
+    each window's inner sides. Sums in fp32 (fp64 for fp64 tiles); the result has the tiles' dtype. A pixel
+    covered once with weight 1 comes back bit-identical."""
     b, c, height, width = shape
     if edges is None:
         edges = window_edges(windows, height, width)
-    value = torch.zeros(b, c, height, width, dtype=tiles.dtype, device=tiles.device)
-    count = torch.zeros(1, 1, height, width, dtype=tiles.dtype, device=tiles.device)
+    # accumulate in fp32 (half-precision sums of several windows lose visible precision), return the input dtype
+    acc = torch.float64 if tiles.dtype == torch.float64 else torch.float32
+    value = torch.zeros(b, c, height, width, dtype=acc, device=tiles.device)
+    count = torch.zeros(1, 1, height, width, dtype=acc, device=tiles.device)
     for j, ((t, bt, l, r), edge) in enumerate(zip(windows, edges)):
-        wgt = window_weights(bt - t, r - l, blend, edge, tiles.dtype, tiles.device)
-        value[:, :, t:bt, l:r] += tiles[j * b:(j + 1) * b] * wgt
+        wgt = window_weights(bt - t, r - l, blend, edge, acc, tiles.device)
+        value[:, :, t:bt, l:r] += tiles[j * b:(j + 1) * b].to(acc) * wgt
         count[:, :, t:bt, l:r] += wgt
-    return torch.where(count > 0, value / count.clamp_min(torch.finfo(tiles.dtype).tiny), value)
+    return torch.where(count > 0, value / count.clamp_min(torch.finfo(acc).tiny), value).to(tiles.dtype)
