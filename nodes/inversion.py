@@ -357,9 +357,9 @@ class InvertNode(io.ComfyNode):
                 io.Latent.Output("inverted", tooltip="The inverted latent (the state at the highest sigma)."),
                 io.Latent.Output("trajectory", tooltip="Every step's latent, from the clean one to the inverted "
                                                        "one, as a batch (step-major)."),
-                io.Sigmas.Output("sigmas", tooltip="The schedule to sample back along (descending)."),
-                io.Noise.Output("noise", tooltip="For SamplerCustomAdvanced: starts sampling exactly at the "
-                                                 "inverted latent with the sigmas output, whatever latent of this "
+                io.Sigmas.Output("sampling_sigmas", tooltip="The schedule to sample back along (descending)."),
+                io.Noise.Output("start_noise", tooltip="For SamplerCustomAdvanced: starts sampling exactly at the "
+                                                 "inverted latent with the sampling_sigmas output, whatever latent of this "
                                                  "size is connected."),
             ],
         )

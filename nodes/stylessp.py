@@ -98,7 +98,7 @@ class StyleSSPFrequency(io.ComfyNode):
                                                       "output."),
                     io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="Seed of the added noise.")] + frequency_inputs(),
-            outputs=[io.Latent.Output(tooltip="The manipulated latent.")],
+            outputs=[io.Latent.Output("manipulated", tooltip="The manipulated latent.")],
         )
 
     @classmethod
@@ -159,10 +159,10 @@ class StyleSSPStartPoint(io.ComfyNode):
                                      "0.9999). Neutral: 0 (start where the inversion ended)."),
             ],
             outputs=[
-                io.Latent.Output("latent", tooltip="The start latent for a sampler with add_noise disabled (starts "
+                io.Latent.Output("start_latent", tooltip="The start latent for a sampler with add_noise disabled (starts "
                                                    "at the first of the output sigmas)."),
-                io.Sigmas.Output("sigmas", tooltip="The sigmas to sample along (the schedule from skip_steps on)."),
-                io.Noise.Output("noise", tooltip="For SamplerCustomAdvanced: starts exactly at the start point "
+                io.Sigmas.Output("start_sigmas", tooltip="The sigmas to sample along (the schedule from skip_steps on)."),
+                io.Noise.Output("start_noise", tooltip="For SamplerCustomAdvanced: starts exactly at the start point "
                                                  "with the output sigmas, whatever latent of the same size is "
                                                  "connected."),
             ],
