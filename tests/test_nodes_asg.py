@@ -253,3 +253,24 @@ def test_latent_not_divisible_by_the_scale_fails_naming_node_and_family(comfy_se
     assert entry["status"]["status_str"] == "error"
     message = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
     assert "TFG ASGDiffusion [model family: SDXL]" in message and "integer scale factors" in message, message
+
+
+def test_mask_patches_chain_an_existing_attn2_replace(sd15, asg):
+    """Another node's attn2 replace on an output block keeps running (our recorder chains to it), and the mask is
+    still recorded."""
+    from comfy.ldm.modules import attention
+    block, index = asg.cross_attention_layers(sd15.model)[0]
+    seen = []
+
+    def other(q, k, v, extra_options):
+        seen.append(q.shape[0])
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                             attn_precision=extra_options.get("attn_precision"),
+                                             transformer_options=extra_options)
+
+    m = sd15.model.clone()
+    m.set_model_attn2_replace(other, "output", block, index)
+    _, stats = run(asg, sd15, model=m, guidance_scale=0.8, mask="cross_attention")
+    assert stats.masked_evaluations == 2
+    assert seen.count(2 * 4) == 2, "structure stage: 4 patches x (cond, uncond) through the other patch"
+    assert len(seen) == 4, "detail stage calls it too (2 steps x 1 window batch)"
