@@ -401,6 +401,7 @@ class TALEReport:
     """What one composition did (for the log and for tests)."""
 
     passes: dict = field(default_factory=lambda: {"cfg": 0, "inversion": 0, "grad": 0})
+    """CFG guider calls (gradient passes included), inversion/trajectory network rows, gradient passes."""
     energies: dict = field(default_factory=dict)
     """Step -> list of energy totals before each inner update."""
     terms: dict = field(default_factory=dict)
@@ -414,8 +415,8 @@ class TALEReport:
 
     def summary(self) -> str:
         e = " ".join(f"{i}:" + ">".join(f"{v:.4g}" for v in vals) for i, vals in sorted(self.energies.items()))
-        return (f"model passes: {self.passes['cfg']} CFG, {self.passes['inversion']} inversion/trajectory, "
-                f"{self.passes['grad']} with gradients; energy per step: {e or 'none'}")
+        return (f"model passes: {self.passes['cfg']} CFG (of which {self.passes['grad']} with gradients), "
+                f"{self.passes['inversion']} inversion/trajectory rows; energy before each inner step: {e or 'none'}")
 
 
 def invert_to(den_inv, latent: torch.Tensor, sigmas: torch.Tensor, stop: int, model_sampling, progress=None
