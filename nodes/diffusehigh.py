@@ -193,29 +193,26 @@ class StructureGuide:
 
     def guide(self, denoised: torch.Tensor, weight: float) -> torch.Tensor:
         p = self.params
-        if self.reference_low.shape[0] not in (1, denoised.shape[0]) and \
-                denoised.shape[0] % self.reference_low.shape[0] != 0:
-            raise adapters.node_error(self.node, self.family, f"the reference has {self.reference_low.shape[0]} "
-                                      f"images but the sampled batch is {denoised.shape[0]}.",
-                                      "use one reference image, or as many as the batch.")
         if p.guidance_mode == "latent":
-            self._check(K.wavelets.low_band(denoised[:1].float(), p.wavelet, p.dwt_levels), "latent")
-            return K.replace_low_band(denoised, self.reference_low, weight, p.wavelet, p.dwt_levels)
+            return self._replace(denoised, weight, "latent")
         latent = self.latent_format.process_out(denoised.float())
         with torch.no_grad():
             image = vae_decode(self.vae, latent, p.vae_tile_size)
             pixels = image.movedim(-1, 1).to(device=denoised.device, dtype=torch.float32)
-            self._check(K.wavelets.low_band(pixels[:1], p.wavelet, p.dwt_levels), "image")
-            pixels = K.replace_low_band(pixels, self.reference_low, weight, p.wavelet, p.dwt_levels)
+            pixels = self._replace(pixels, weight, "image")
             encoded = vae_encode(self.vae, pixels.movedim(1, -1), p.vae_tile_size)
         return self.latent_format.process_in(encoded.float()).to(device=denoised.device, dtype=denoised.dtype)
 
-    def _check(self, low: torch.Tensor, space: str) -> None:
-        if tuple(low.shape[1:]) != tuple(self.reference_low.shape[1:]):
+    def _replace(self, x: torch.Tensor, weight: float, space: str) -> torch.Tensor:
+        p = self.params
+        try:
+            return K.replace_low_band(x, self.reference_low, weight, p.wavelet, p.dwt_levels)
+        except ValueError as e:
             raise adapters.node_error(
-                self.node, self.family, f"the reference's low band {tuple(self.reference_low.shape[1:])} does not "
-                f"match the sampled {space}'s {tuple(low.shape[1:])}: the reference and the sampled latent differ "
-                "in size.", "give a reference image of the size being sampled (latent size x 8).")
+                self.node, self.family, f"the reference does not fit the sampled {space} ({e}): the reference and "
+                "the sampled latent differ in size or batch.",
+                "give a reference image of the size being sampled (latent size x 8), one image or one per batch "
+                "item.") from e
 
 
 def install_guidance(model, guide: StructureGuide):
