@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 ENERGIES = ("clip", "latent", "none")
 STYLE_GRADIENTS = ("kept", "detached")
-HISTORIES = ("reset", "reblend")
+HISTORIES = ("reset", "reblend", "reference")
 TRAJECTORIES = ("inverted", "replay")
 SOLVERS = ("dpmpp_2m", "euler")
 PLACEMENTS = ("mask", "box")
@@ -78,7 +78,8 @@ class TALEParams:
     history: str = "reset"
     """One of HISTORIES: what the multistep solver uses as its previous prediction at the paste step T'.
     reset: none (a first-order step, like starting a sampler at T'); reblend: the background's and foreground's
-    predictions at T'-1 blended by the object mask. (The released code keeps the discarded pre-T' composite's.)"""
+    predictions at T'-1 blended by the object mask; reference: as the released code, the prediction of a composite
+    pasted at step 0 and denoised up to T' only for this (T' extra CFG passes; the inversion then goes to step 0)."""
     trajectories: str = "inverted"
     """One of TRAJECTORIES: where the background/foreground latents at steps T'..T'+tau come from. inverted: the
     inversion's own states (inversion stops at T'; no denoising before T' at all); replay: the reference's way,

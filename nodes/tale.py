@@ -118,7 +118,8 @@ def _inputs() -> list:
         io.Combo.Input("history", options=list(K.HISTORIES), default=d.history,
                        tooltip="Multistep history at the paste step. reset: none (a first-order step, like a sampler "
                                "started at T'). reblend: the background's and the object's predictions at T'-1 "
-                               "blended by the mask (2 extra passes). The released code used a discarded composite's."),
+                               "blended by the mask (2 extra passes). reference: as the released code, the prediction "
+                               "of a composite pasted at step 0 and denoised up to T' (T' extra CFG passes)."),
         io.Combo.Input("trajectories", options=list(K.TRAJECTORIES), default=d.trajectories,
                        tooltip="inverted: background/foreground latents at T'..T'+tau are the inversion's own states "
                                "(the inversion stops at T'). replay: the reference's way (invert to the first step, "
@@ -479,11 +480,12 @@ class TALESampler(comfy.samplers.Sampler):
 
         replay = p.trajectories == "replay"
         reblend = p.history == "reblend" and T > 0
+        stale = p.history == "reference" and T > 0
         window = list(p.window())
         last_bg = window[-1] if window else T
         inner = p.inner_steps if p.optimising else 0
-        stop = 0 if replay else T - int(reblend)
-        total = (n - stop) + (last_bg if replay else 0) + (n - T) + len(window) * inner
+        stop = 0 if (replay or stale) else T - int(reblend)
+        total = (n - stop) + (last_bg if replay else 0) + (T if stale else 0) + (n - T) + len(window) * inner
         with adapters.StepProgress(total) as progress:
             # ---- inversion (+ replay) of background and foreground
             pair = torch.cat([bg0, fg0])
@@ -498,9 +500,16 @@ class TALESampler(comfy.samplers.Sampler):
                     old = den
                     bg_at[i + 1], fg_at[i + 1] = x[:1], x[1:]
                     progress.step()
-            # ---- selective initiation at T' (nothing of the composite is computed before)
-            x = K.paste(bg_at[T], fg_at[T], mask)
             old = None
+            if stale:  # the released code: a composite pasted at step 0, denoised until T', then discarded
+                xc = K.paste(bg_at[0], fg_at[0], mask)
+                for i in range(T):
+                    dc = den_cfg(xc, i)
+                    xc = step(xc, dc, old, i)
+                    old = dc
+                    progress.step()
+            # ---- selective initiation at T' (otherwise nothing of the composite is computed before)
+            x = K.paste(bg_at[T], fg_at[T], mask)
             if reblend:
                 d_bg = den_cfg(bg_at[T - 1], T - 1)
                 d_fg = den_cfg(fg_at[T - 1], T - 1)

@@ -172,6 +172,10 @@ def test_history_reblend_and_replay_trajectories(tn, K, sd):
     base, _, _, r0 = _run(tn, K, sd, tau=1, t_prime=1)
     reblend, _, _, r1 = _run(tn, K, sd, tau=1, t_prime=1, history="reblend")
     assert r1.passes["cfg"] == r0.passes["cfg"] + 2 and not torch.equal(base["samples"], reblend["samples"])
+    stale, _, _, r3 = _run(tn, K, sd, tau=1, t_prime=1, history="reference")
+    # the released code's history: a composite denoised from step 0 to T' (1 CFG pass), inversion to step 0
+    assert r3.passes["cfg"] == r0.passes["cfg"] + 1 and r3.passes["inversion"] == 2 * STEPS
+    assert not torch.equal(stale["samples"], base["samples"])
     replay, _, _, r2 = _run(tn, K, sd, tau=1, t_prime=1, trajectories="replay")
     # replay inverts to the first step (4 steps x 2 images) and denoises both again up to T'+tau (2 x 2)
     assert r2.passes["inversion"] == 2 * STEPS + 2 * 2 and r0.passes["inversion"] == 2 * (STEPS - 1)
