@@ -398,3 +398,28 @@ def test_reference_size_mismatch_is_a_loud_error(sd15, nd):
             nodes.KSamplerAdvanced().sample(patched, "enable", 1, SCHEDULE, 5.0, "euler", "ddim_uniform",
                                             sd15.positive, sd15.negative, {"samples": vae.encode(image(96, 96))},
                                             SCHEDULE - STEPS, SCHEDULE, "disable")
+
+
+# ------------------------------------------------------------------------------------------------
+# Headless: validation before the run
+# ------------------------------------------------------------------------------------------------
+def test_headless_invalid_stages_rejected_with_node_errors(comfy_server):
+    """A bad `stages` string is refused by validate_inputs: HTTP 400 naming the node, nothing runs."""
+    from headless_server import TINY_SD15_NAME
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SD15_NAME}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {"class_type": "TFG_DiffuseHighProgressive", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "image": ["4", 0],
+            "stages": "twice as big", "seed": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "ddim_uniform",
+            "schedule_steps": 10, "steps": 2, "guidance_steps": 1, "guidance_mode": "latent",
+            "guidance_factor": 1.0, "fadeout": 0.0, "wavelet": "db4", "dwt_levels": 1, "sharpen_alpha": 1.0,
+            "sharpen_sigma": 0.0, "vae_tile_size": 0, "size_conditioning": "official"}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "tfgtest/dh"}},
+    }
+    status, data = comfy_server.post_prompt(g)
+    assert status == 400, data
+    assert set(data.get("node_errors", {})) == {"5"}, data
+    assert "stages" in repr(data["node_errors"]["5"]["errors"])
