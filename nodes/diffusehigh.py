@@ -297,6 +297,10 @@ def run_stage(model, positive, negative, vae, image: torch.Tensor, size: tuple[i
     pixels, latent, sigma = prepare_stage(vae, image, size, params, seed, stage)
     adapters.check_interrupt()
     latent_format = model.get_model_object("latent_format")
+    if latent.dim() != 4 or latent.shape[1] != latent_format.latent_channels:
+        raise adapters.node_error(node, family, f"the VAE encodes to a latent of shape {tuple(latent.shape)}, but the "
+                                  f"model samples {latent_format.latent_channels}-channel image latents.",
+                                  "connect the VAE that belongs to this model.")
     sampled_model = model
     if params.guidance_steps > 0 and params.guidance_factor > 0:
         guide = StructureGuide(params, reference_for(params.guidance_mode, pixels, latent, latent_format, params),

@@ -424,3 +424,13 @@ def test_headless_invalid_stages_rejected_with_node_errors(comfy_server):
     assert status == 400, data
     assert set(data.get("node_errors", {})) == {"5"}, data
     assert "stages" in repr(data["node_errors"]["5"]["errors"])
+
+
+def test_wrong_vae_is_a_loud_error(sd15, nd, comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    flux = get_setup("flux", tmp_path_factory)
+    with pytest.raises(ValueError, match=r"\[model family: SD1.x\].*connect the VAE that belongs to this model"):
+        with torch.inference_mode():
+            nd.DiffuseHigh.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative,
+                                   vae=vae_of(flux), width=0, height=0, scale_by=2.0, image=image(16, 16),
+                                   **node_kwargs(nd))
