@@ -20,7 +20,8 @@ Three matchings (`MATCHINGS`):
 
 The similarity matrix never materialises whole: it is computed in blocks of at most `budget_bytes` (at least
 one row/column of the reference, see `similarity_peak_bytes`); the source images of a CFG chunk share one block
-when they fit. Norms and similarities are computed in fp32 (or, `similarity="model"`, in the features' dtype as
+when they fit, and all chunks of a call go through together when their block, normalised copy and extrapolation
+temporaries each fit. Norms and similarities are computed in fp32 (or, `similarity="model"`, in the features' dtype as
 the released code does); the extrapolation is computed in fp32 and cast back to the input dtype; unmatched tokens
 are returned bit-identical. The hot path (`merge_batch`) never synchronises with the host: the merged-token count
 stays a device tensor. Pure torch; device and dtype follow the inputs; inputs are never modified.

@@ -367,3 +367,56 @@ def test_paper_window_on_edm_sampling_uses_the_ddpm_noise_level(sd15, nt):
     high, low = nt._sigma_window(m, nt.adapters.detect_family(m), nt.NegToMeParams())
     assert abs(low - 5.111) < 1e-3 and abs(discrete_low - low) < 0.05
     assert high > low
+
+
+# ------------------------------------------------------------------------------------------------
+# Hot path: no host read-back per layer; the count is read once when the run ends
+# ------------------------------------------------------------------------------------------------
+def test_layers_record_device_counts_and_never_read_back(sd15, nt, monkeypatch):
+    recorded, calls = [], []
+    original_record = nt.NegToMeRunState.record
+    kernel = nt.merge_batch
+
+    def record(self, step, merged):
+        assert isinstance(merged, torch.Tensor) and merged.dim() == 0
+        recorded.append(step)
+        return original_record(self, step, merged)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host read-back inside the per-layer kernel")
+
+    def guarded(*args, **kwargs):
+        calls.append(kwargs.get("out") is not None)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+                m.setattr(torch.Tensor, name, forbidden)
+            return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(nt.NegToMeRunState, "record", record)
+    monkeypatch.setattr(nt, "merge_batch", guarded)
+    model, key = with_key(nt, sd15.model, alpha=1.5)
+    out = sample(sd15, model)
+    monkeypatch.undo()
+    state = nt.LAST_RUN[key]
+    assert recorded and len(recorded) == len(calls) and not state.pending
+    # threshold -1: every layer call merges, so every recorded call counts, read back once at the end
+    assert sum(state.layers_by_step.values()) == len(recorded)
+    assert sum(state.tokens_by_step.values()) > 0
+    assert sorted(state.layers_by_step) == sorted(set(recorded))
+    assert torch.equal(out, sample(sd15, patched(nt, sd15.model, alpha=1.5)))
+
+
+def test_similarity_option_reaches_the_kernel_and_is_exact_on_fp32_models(setup, nt, monkeypatch):
+    seen = []
+    kernel = nt.merge_batch
+
+    def spy(*args, **kwargs):
+        seen.append(args[7])  # similarity
+        return kernel(*args, **kwargs)
+
+    base = sample(setup, with_key(nt, setup.model, alpha=1.5)[0])
+    monkeypatch.setattr(nt, "merge_batch", spy)
+    model, _ = nt.apply_negtome(setup.model, nt.NegToMeParams(**dict(BASE, alpha=1.5, similarity="model")))
+    out = sample(setup, model)
+    assert seen and set(seen) == {"model"}
+    assert torch.equal(out, base)  # the tiny models run in fp32: the model dtype is fp32
