@@ -446,9 +446,9 @@ class TALESampler(comfy.samplers.Sampler):
     """The whole composition as one ComfyUI Sampler (run by a CFGGuider with positive/negative at cfg)."""
 
     def __init__(self, params: TALEParams, bg: torch.Tensor, fg: torch.Tensor, mask: torch.Tensor, energy,
-                 report: TALEReport, trace: bool = False):
+                 report: TALEReport, trace: bool = False, family=None):
         self.params, self.bg, self.fg, self.mask, self.energy = params, bg, fg, mask, energy
-        self.report, self.trace = report, trace
+        self.report, self.trace, self.family = report, trace, family
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -547,8 +547,9 @@ class TALESampler(comfy.samplers.Sampler):
             else:
                 grad = torch.zeros_like(x_g)
             if not bool(torch.isfinite(grad).all()):
-                raise adapters.node_error(NODE, None, f"the energy gradient at step {i} is not finite.",
-                                          "lower text_weight/style_weight, or use energy none.")
+                raise adapters.node_error(NODE, self.family, f"the energy gradient at step {i} is not finite.",
+                                          "lower the energy's weights (text/style/latent_weight), or use energy "
+                                          "none.")
             self.report.energies.setdefault(i, []).append(float(terms.total.detach()))
             self.report.terms.setdefault(i, []).append((terms.text, terms.style))
             return K.masked_gradient_step(x_g.detach(), grad.detach(), self.mask.to(x.device))
@@ -616,7 +617,7 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
             energy = LatentEnergy(bg_lat, place, params)
     sigmas = comfy.samplers.calculate_sigmas(ms, params.scheduler, params.steps).float()
     report = TALEReport()
-    sampler = TALESampler(params, bg_lat, fg_lat, place.latent_mask, energy, report, trace)
+    sampler = TALESampler(params, bg_lat, fg_lat, place.latent_mask, energy, report, trace, family)
     guider = comfy.samplers.CFGGuider(run_model)
     guider.set_conds(positive, negative)
     guider.set_cfg(params.cfg)
