@@ -278,7 +278,7 @@ def test_execute_outputs_and_interrupt(tn, K, sd):
         comfy.model_management.interrupt_current_processing(False)
 
 
-def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_factory):
+def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_factory, tiny_clip_vision):
     from sampling_helpers import get_setup
     import tiny_models
     s = get_setup("sdxl", tmp_path_factory)
@@ -289,6 +289,11 @@ def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_facto
                                            K.TALEParams(**dict(SMALL, energy="latent", latent_weight=0.001)),
                                            box_scale=0.75)
     assert latent["samples"].shape == (1, 4, 6, 10) and report.passes["grad"] == 4
+    # SDXL's pooled text embedding (1280) is not in a 768-projection CLIP vision model's space: a clear error
+    with pytest.raises(ValueError, match=r"\[model family: SDXL\].*different sizes.*energy_text"), \
+            torch.inference_mode():
+        tn.run_tale(s.model, vae, s.positive, s.negative, bg, fg, mask, K.TALEParams(**dict(SMALL, energy="clip")),
+                    box_scale=0.75, clip_vision=tiny_clip_vision)
     flux = get_setup("flux", tmp_path_factory)
     with pytest.raises(ValueError, match=r"\[model family: Flux\].*not supported"), torch.inference_mode():
         tn.run_tale(flux.model, tiny_models.build_tiny_vae("flux"), flux.positive, flux.negative, bg, fg, mask,
