@@ -168,8 +168,9 @@ def images_per_block(n_tokens: int, n_ref: int, budget_bytes: int, n_sources: in
 
 
 def _all_others_joint(n_images: int, n_tokens: int, budget_bytes: int, element_size: int = 4) -> bool:
-    """all_others compares rows of source tokens with every token of the group at once when one such row fits."""
-    return element_size * n_images * n_tokens <= budget_bytes
+    """all_others compares every token of the group with every other at once (one masked product) when that
+    whole similarity fits in the budget; otherwise each pair of images once, in blocks of rows."""
+    return element_size * (n_images * n_tokens) ** 2 <= budget_bytes
 
 
 def similarity_peak_bytes(n_tokens: int, n_ref: int, budget_bytes: int, matching: str = "official",
@@ -199,13 +200,14 @@ def _piece_images(n_tokens: int, dim: int, budget_bytes: int) -> int:
 def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, matching: str = "official",
                      element_size: int = 4, similarity_size: int = 4) -> int:
     """Upper bound on the extra memory of one group (CFG chunk): normalised copies (image-0 modes: the reference
-    and one block of source images; all_others: the whole group when a row against all its tokens fits the budget,
-    else two images), one similarity block with its max/argmax, the gathered and extrapolated tokens of one
+    and one block of source images; all_others: the whole group when its similarity or its normalised copy fits
+    the budget, else two images), one similarity block with its max/argmax, the gathered and extrapolated tokens of one
     extrapolation piece (fp32, at least one image) and the output (in the input's element size). Only the output
     (and all_others' normalised group) grows with the number of images; nothing grows with n_tokens^2."""
     sources = max(1, n_images - 1)
     if matching == "all_others":
-        norm_images = n_images if _all_others_joint(n_images, n_tokens, budget_bytes, similarity_size) else 2
+        norm_images = n_images if _all_others_joint(n_images, n_tokens, budget_bytes, similarity_size) or \
+            similarity_size * n_images * n_tokens * dim <= budget_bytes else 2
     else:
         norm_images = 1 + images_per_block(n_tokens, n_tokens, budget_bytes, sources, similarity_size)
     normalised = similarity_size * norm_images * n_tokens * dim
@@ -375,42 +377,66 @@ def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
     n_images, n_tokens, dim = x.shape
     total = n_images * n_tokens
     size = torch.empty((), dtype=sim_dtype).element_size()
-    table = x.reshape(total, dim)  # a view for contiguous groups
-    if _all_others_joint(n_images, n_tokens, budget_bytes, size):
+    if _all_others_joint(n_images, n_tokens, budget_bytes, size):  # one masked (F*N, F*N) product
         xn = _normalise(x, sim_dtype).reshape(total, dim)
-        rows = block_rows(total, budget_bytes, size)
-        image_of = torch.arange(total, device=x.device) // n_tokens
-        vals = torch.empty(total, dtype=xn.dtype, device=x.device) if rows < total else None
-        idx = torch.empty(total, dtype=torch.long, device=x.device) if rows < total else None
-        for start in range(0, total, rows):
-            block = _similarity_block(xn[start:start + rows], xn)  # (r, F * N): own image masked out
-            block.masked_fill_(image_of[start:start + rows, None] == image_of[None, :], float("-inf"))
-            v, i = block.max(dim=1)
-            del block
-            if vals is None:
-                vals, idx = v, i
-            else:
-                vals[start:start + rows] = v
-                idx[start:start + rows] = i
-        del xn
-    else:  # a row against every token does not fit: one pair of images at a time, running best over the others
-        vals = torch.empty(n_images, n_tokens, dtype=sim_dtype, device=x.device)
-        idx = torch.empty(n_images, n_tokens, dtype=torch.long, device=x.device)
-        for f in range(n_images):
-            src_n = _normalise(x[f], sim_dtype)
-            best = torch.full((n_tokens,), float("-inf"), dtype=sim_dtype, device=x.device)
-            where = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
-            for g in range(n_images):
-                if g == f:
-                    continue
-                v, i = _best_over_refs(src_n, _normalise(x[g], sim_dtype), None, budget_bytes)
-                better = v > best
-                best = torch.where(better, v, best)
-                where = torch.where(better, i + g * n_tokens, where)
-            vals[f], idx[f] = best, where
+        block = _similarity_block(xn, xn)
+        # not the own image: the diagonal (N, N) blocks, filled through a view
+        block.view(n_images, n_tokens, n_images, n_tokens).diagonal(dim1=0, dim2=2).fill_(float("-inf"))
+        vals, idx = block.max(dim=1)
+        del block, xn
+    else:  # each pair of images once: S(f, g) gives f's best in g (rows) and g's best in f (columns)
+        vals, idx = _all_others_pairs(x, budget_bytes, sim_dtype)
     merge = (vals > threshold).view(n_images, n_tokens)
-    _push(x, table, idx.view(n_images, n_tokens), merge, alpha, out, budget_bytes)
+    idx = idx.view(n_images, n_tokens)
+    if x.is_contiguous():
+        _push(x, x.view(total, dim), idx, merge, alpha, out, budget_bytes)
+    else:  # a strided token slice: gather (image, token) pairs instead of copying the group
+        piece = _piece_images(n_tokens, dim, budget_bytes)
+        for p0 in range(0, n_images, piece):
+            p1 = min(n_images, p0 + piece)
+            matched = x[idx[p0:p1] // n_tokens, idx[p0:p1] % n_tokens]
+            _extrapolate(x[p0:p1], matched, merge[p0:p1], alpha, out=out[p0:p1])
     return merge.sum()
+
+
+def _all_others_pairs(x: torch.Tensor, budget_bytes: int, sim_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best match of every token over all other images, one similarity product per unordered pair of images
+    (half the products of comparing each ordered pair). Candidates reach each image in increasing order of the
+    other image, and a strict maximum keeps the first, so ties resolve as a running maximum over images would.
+    Returns (F * N,) values and indices into the group's flattened tokens."""
+    n_images, n_tokens, dim = x.shape
+    size = torch.empty((), dtype=sim_dtype).element_size()
+    keep = size * n_images * n_tokens * dim <= budget_bytes  # normalise the group once when it fits
+    group_n = _normalise(x, sim_dtype) if keep else None
+    best_v = torch.full((n_images, n_tokens), float("-inf"), dtype=sim_dtype, device=x.device)
+    best_i = torch.zeros((n_images, n_tokens), dtype=torch.long, device=x.device)
+    rows = block_rows(n_tokens, budget_bytes, size)
+
+    def offer(h: int, r0: int, v: torch.Tensor, i: torch.Tensor) -> None:
+        r1 = r0 + v.shape[0]
+        better = v > best_v[h, r0:r1]
+        best_v[h, r0:r1] = torch.where(better, v, best_v[h, r0:r1])
+        best_i[h, r0:r1] = torch.where(better, i, best_i[h, r0:r1])
+
+    for f in range(n_images):
+        f_n = group_n[f] if keep else _normalise(x[f], sim_dtype)
+        for g in range(f + 1, n_images):
+            g_n = group_n[g] if keep else _normalise(x[g], sim_dtype)
+            col_v = col_i = None
+            for r0 in range(0, n_tokens, rows):
+                block = _similarity_block(f_n[r0:r0 + rows], g_n)  # (r, N): f's rows r0.. against image g
+                v, i = block.max(dim=1)
+                offer(f, r0, v, i + g * n_tokens)
+                v, i = block.max(dim=0)  # image g's tokens against these rows of image f
+                del block
+                if col_v is None:
+                    col_v, col_i = v, i + r0
+                else:  # a later row block wins only when strictly better: the first row on ties
+                    better = v > col_v
+                    col_v, col_i = torch.where(better, v, col_v), torch.where(better, i + r0, col_i)
+            offer(g, 0, col_v, col_i + f * n_tokens)
+    return best_v.view(-1), best_i.view(-1)
 
 
 def _check_args(x: torch.Tensor, matching: str, ref_mask: torch.Tensor | None,

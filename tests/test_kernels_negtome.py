@@ -259,8 +259,9 @@ def _per_image_reference(x, alpha, tau, matching="official", ref_mask=None, budg
     return torch.stack(rows), total
 
 
-# budgets: a single value per block; part of one image; exactly one image; two of three source images; all
-_BUDGETS = [4, 4 * 37 * 5, 4 * 37 * 37, 4 * 37 * 37 * 2, 4 * (4 * 37) ** 2, 10 ** 9]
+# budgets: a single value per block; part of one image; exactly one image; two of three source images; the group's
+# normalised copy but not its whole all_others similarity; all
+_BUDGETS = [4, 4 * 37 * 5, 4 * 37 * 37, 4 * 37 * 37 * 2, 20000, 4 * (4 * 37) ** 2, 10 ** 9]
 
 
 @pytest.mark.parametrize("matching", MATCHINGS)
@@ -319,7 +320,8 @@ def test_merge_batch_reads_nothing_back_to_the_host(matching, monkeypatch):
 
 
 @pytest.mark.parametrize("matching", MATCHINGS)
-def test_merge_batch_into_a_slice_of_a_strided_buffer(matching):
+@pytest.mark.parametrize("budget", [4 * 37 * 5, 10 ** 9])
+def test_merge_batch_into_a_slice_of_a_strided_buffer(matching, budget):
     """The DiT path passes a token slice of the attention output and writes into a slice of a new buffer."""
     g = torch.Generator().manual_seed(3)
     full = torch.randn(4, 5 + 37, 16, generator=g)
@@ -327,10 +329,10 @@ def test_merge_batch_into_a_slice_of_a_strided_buffer(matching):
     before = full.clone()
     img = full[:, 5:]
     buffer = torch.full((4, 42, 16), 7.0)
-    out, count = K.merge_batch(img, 2, 0.9, 0.2, matching, out=buffer[:, 5:])
+    out, count = K.merge_batch(img, 2, 0.9, 0.2, matching, budget_bytes=budget, out=buffer[:, 5:])
     assert out.data_ptr() == buffer[:, 5:].data_ptr()
-    expected = torch.cat([_per_image_reference(img[:2].contiguous(), 0.9, 0.2, matching)[0],
-                          _per_image_reference(img[2:].contiguous(), 0.9, 0.2, matching)[0]])
+    expected = torch.cat([_per_image_reference(img[:2].contiguous(), 0.9, 0.2, matching, budget=budget)[0],
+                          _per_image_reference(img[2:].contiguous(), 0.9, 0.2, matching, budget=budget)[0]])
     assert int(count) > 0
     assert torch.equal(buffer[:, 5:], expected)
     assert torch.equal(buffer[:, :5], torch.full((4, 5, 16), 7.0))
