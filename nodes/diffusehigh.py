@@ -126,7 +126,8 @@ def _source_inputs() -> list:
                        tooltip="The low-resolution image to upscale (give this or `latent`). It should be clean: "
                                "the guidance locks its structure in, defects included."),
         io.Latent.Input("latent", optional=True,
-                        tooltip="Alternatively a low-resolution LATENT (decoded with the VAE first)."),
+                        tooltip="Alternatively a low-resolution LATENT (decoded with the VAE first; ignored when "
+                                "an image is connected)."),
     ]
 
 
