@@ -399,6 +399,14 @@ def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
     return merge.sum()
 
 
+def _column_max(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """block.max(dim=0) (first index on ties). CPUs reduce along rows several times faster, so there the block is
+    transposed into a contiguous copy first; GPUs reduce columns efficiently as they are."""
+    if block.device.type == "cpu":
+        return block.t().contiguous().max(dim=1)
+    return block.max(dim=0)
+
+
 def _all_others_pairs(x: torch.Tensor, budget_bytes: int, sim_dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best match of every token over all other images, one similarity product per unordered pair of images
@@ -428,7 +436,7 @@ def _all_others_pairs(x: torch.Tensor, budget_bytes: int, sim_dtype: torch.dtype
                 block = _similarity_block(f_n[r0:r0 + rows], g_n)  # (r, N): f's rows r0.. against image g
                 v, i = block.max(dim=1)
                 offer(f, r0, v, i + g * n_tokens)
-                v, i = block.max(dim=0)  # image g's tokens against these rows of image f
+                v, i = _column_max(block)  # image g's tokens against these rows of image f
                 del block
                 if col_v is None:
                     col_v, col_i = v, i + r0

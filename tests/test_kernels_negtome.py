@@ -388,3 +388,10 @@ def test_peak_bound_with_several_images_per_block(monkeypatch):
     seen.clear()
     K.merge_group(_group(tokens=tokens), 0.9, 0.3, "official", budget_bytes=budget)
     assert len(seen) == 2  # images 1-2 together, then image 3
+
+
+def test_column_max_matches_max_over_rows_with_ties():
+    block = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 5.0], [0.0, 3.0, 5.0]])
+    v, i = K._column_max(block)
+    ev, ei = block.max(dim=0)
+    assert torch.equal(v, ev) and torch.equal(i, ei) and i.tolist() == [0, 0, 1]
