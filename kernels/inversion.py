@@ -22,6 +22,8 @@ Conventions (ComfyUI's k-diffusion space):
   ``x_next <- x + (sigma_next - sigma) * slope(x_next, sigma_next)``; the final step uses the mean slope of the
   iterations in ``average_range`` (the reference's averaging; an empty range uses the last iterate's slope).
   With enough iterations the step becomes the exact inverse of an Euler/DDIM sampling step.
+* Optional (``noise_regularization``, eps models): the pix2pix-zero regulariser of the ReNoise/StyleSSP code on
+  the slopes the reference regularises (seeded; gradients on the noise prediction only, no model gradients).
 
 Arithmetic on latents runs in float32 (float64 stays float64); the returned latents have the input's dtype.
 Inputs are never modified.
@@ -68,6 +70,22 @@ class InversionParams:
     early_sigma: float = 0.0
     """average=reference: steps whose target sigma is below this use the 'first step' settings (the node sets
     it from the model: sigma of DDPM timestep 250, or 0.25 for flow models)."""
+    noise_regularization: bool = False
+    """The StyleSSP/ReNoise pix2pix-zero noise regulariser (eps models only): gradient steps on each regularised
+    noise prediction toward Gaussian statistics (patch KL to the prediction on the forward-noised clean latent,
+    and zero auto-correlation), on the iterations the reference regularises (index >= the start of the averaged
+    range: every iteration with average last/mean, the early steps with reference) and on their average. One
+    more guider call on each such step. Seeded by regularization_seed."""
+    regularization_seed: int = 0
+    """Seed of the forward noise and of the auto-correlation rolls of the regulariser."""
+    lambda_kl: float = 0.065
+    """Regulariser: patch-KL step size (official 0.065)."""
+    lambda_ac: float = 20.0
+    """Regulariser: auto-correlation step size (official 20)."""
+    regularization_steps: int = 4
+    """Regulariser: outer iterations (official 4)."""
+    ac_rolls: int = 5
+    """Regulariser: random rolls per auto-correlation step (official 5)."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -79,6 +97,10 @@ class InversionParams:
             problems.append(f"average must be one of {AVERAGES}, got {self.average!r}")
         if not self.early_sigma >= 0.0:
             problems.append(f"early_sigma must be >= 0, got {self.early_sigma}")
+        if not (self.lambda_kl >= 0.0 and self.lambda_ac >= 0.0):
+            problems.append("lambda_kl and lambda_ac must be >= 0")
+        if not (0 <= int(self.regularization_steps) <= 100 and 1 <= int(self.ac_rolls) <= 100):
+            problems.append("regularization_steps must be in [0, 100] and ac_rolls in [1, 100]")
         return problems
 
     def replace(self, **changes) -> "InversionParams":
@@ -142,13 +164,17 @@ def slope(denoise: Denoiser, x_in: torch.Tensor, sigma: float) -> tuple[torch.Te
 
 
 def invert_step(denoise: Denoiser, x: torch.Tensor, sigma: float, sigma_next: float, renoise_steps: int = 0,
-                average_range: tuple[int, int] = (0, 0), input_scale: Optional[InputScale] = None
+                average_range: tuple[int, int] = (0, 0), input_scale: Optional[InputScale] = None,
+                regularize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One inversion step from sigma to sigma_next > sigma. Returns (x_next, denoised used, model calls).
 
     Iteration 0 evaluates the slope on the current state (rescaled by input_scale) at sigma_next; iterations
     1..renoise_steps evaluate it on the current estimate of x_next. The step uses the mean slope over the
-    iterations in average_range when that range holds any, else the last iteration's slope."""
+    iterations in average_range when that range holds any, else the last iteration's slope.
+    `regularize(slope) -> slope`, when given, is applied (as in the reference) to the slope of every iteration
+    whose index is >= average_range[0] before it moves the estimate, and to the mean (the mean itself is taken
+    over the raw slopes)."""
     if not sigma_next > sigma:
         raise ValueError(f"an inversion step goes up in sigma, got {sigma} -> {sigma_next}")
     wd = _work_dtype(x.dtype)
@@ -171,10 +197,14 @@ def invert_step(denoise: Denoiser, x: torch.Tensor, sigma: float, sigma_next: fl
             mean = g if mean is None else mean + (g - mean) / taken
             dw = d.to(wd)
             mean_d = dw if mean_d is None else mean_d + (dw - mean_d) / taken
+        if regularize is not None and i >= a0:
+            g = regularize(g)
         x_next = xw + dt * g
         used_d = d
         x_in = x_next.to(x.dtype)
     if mean is not None:
+        if regularize is not None:
+            mean = regularize(mean)
         x_next = xw + dt * mean
         used_d = mean_d
     return x_next.to(x.dtype), used_d.to(x.dtype), calls
@@ -197,10 +227,21 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, params: In
     result = InversionResult(latent=x0, sigmas=schedule)
     if keep_trajectory:
         result.trajectory.append(x0)
+    generator = forward_noise = None
+    if params.noise_regularization:
+        generator = torch.Generator().manual_seed(int(params.regularization_seed))
+        forward_noise = torch.randn(tuple(x0.shape), generator=generator).to(x0.device)
     for i in range(len(schedule) - 1):
         sigma, sigma_next = float(schedule[i]), float(schedule[i + 1])
         n, avg = params.plan(sigma_next)
-        x, d, calls = invert_step(denoise, x, sigma, sigma_next, n, avg, input_scale)
+        regularize = None
+        if params.noise_regularization and avg[0] <= n:
+            # the target: the guided noise prediction on the clean latent forward-noised to sigma_next (VE space)
+            x_fwd = (x0.to(_work_dtype(x0.dtype)) + sigma_next * forward_noise).to(x0.dtype)
+            target, _ = slope(denoise, x_fwd, sigma_next)
+            result.evaluations += 1
+            regularize = _regularizer(target, params, generator)
+        x, d, calls = invert_step(denoise, x, sigma, sigma_next, n, avg, input_scale, regularize)
         result.evaluations += calls
         if keep_trajectory:
             result.trajectory.append(x)
@@ -209,6 +250,76 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, params: In
             on_step(i, x, d)
     result.latent = x
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# pix2pix-zero noise regulariser (as used by ReNoise and StyleSSP), on eps predictions
+# ----------------------------------------------------------------------------------------------
+def patch_kl(e: torch.Tensor, target: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """Sum over 4x4 (x 4-channel) patches of sum over channels of |KL-like divergence| between the per-channel
+    statistics of e and target (the reference's patchify_latents_kl_divergence; unbiased variances, eps 1e-6).
+    Channels are grouped in fours, as the reference's channel unfold; leftover rows/columns are dropped."""
+    eps = 1e-6
+
+    def patches(v):
+        p = v.unfold(1, patch, patch).unfold(2, patch, patch).unfold(3, patch, patch)
+        return p.contiguous().view(-1, patch, patch * patch)  # (patches, 4 channels, 16 pixels)
+
+    a, b = patches(e), patches(target)
+    mu0, mu1 = a.mean(-1), b.mean(-1)
+    var0, var1 = a.var(-1), b.var(-1)
+    kl = torch.log((var1 + eps) / (var0 + eps)) + (var0 + (mu0 - mu1) ** 2) / (var1 + eps) - 1
+    return kl.abs().sum()
+
+
+def auto_corr(e: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The reference's auto_corr_loss, summed over images: per channel and per pyramid level (2x2 average
+    pooling down to 8 pixels), mean(x * roll(x, r))^2 along height and along width, r random in [0, size/2)."""
+    loss = e.new_zeros(())
+    for b in range(e.shape[0]):
+        for c in range(e.shape[1]):
+            v = e[b, c][None, None]
+            while True:
+                r = int(torch.randint(0, max(v.shape[2] // 2, 1), (1,), generator=generator))
+                loss = loss + (v * torch.roll(v, shifts=r, dims=2)).mean() ** 2
+                loss = loss + (v * torch.roll(v, shifts=r, dims=3)).mean() ** 2
+                if v.shape[2] <= 8:
+                    break
+                v = torch.nn.functional.avg_pool2d(v, kernel_size=2)
+    return loss
+
+
+def regularize_noise(e: torch.Tensor, target: torch.Tensor, lambda_kl: float = 0.065, lambda_ac: float = 20.0,
+                     steps: int = 4, rolls: int = 5, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """pix2pix-zero's regulariser on a noise prediction e: `steps` times, a clipped (+-100) patch-KL gradient step
+    toward target's statistics and `rolls` auto-correlation gradient steps (each grad / rolls). Gradients are
+    taken with respect to e only (no model pass), outside ComfyUI's inference mode. Returns e's dtype; a result
+    with NaNs is discarded (e returned), as the reference does."""
+    with torch.inference_mode(False), torch.enable_grad():
+        wd = _work_dtype(e.dtype)
+        cur = e.detach().clone().to(wd)
+        tgt = target.detach().clone().to(wd)
+        for _ in range(int(steps)):
+            if lambda_kl > 0:
+                v = cur.detach().clone().requires_grad_(True)
+                grad, = torch.autograd.grad(patch_kl(v, tgt), v)
+                cur = cur - lambda_kl * grad.clamp(-100, 100)
+            if lambda_ac > 0:
+                for _ in range(int(rolls)):
+                    v = cur.detach().clone().requires_grad_(True)
+                    grad, = torch.autograd.grad(auto_corr(v, generator), v)
+                    cur = cur - lambda_ac * grad / rolls
+        cur = cur.detach()
+    if not bool(torch.isfinite(cur).all()):
+        return e
+    return cur.to(e.dtype)
+
+
+def _regularizer(target: torch.Tensor, params: InversionParams, generator: torch.Generator):
+    def regularize(g: torch.Tensor) -> torch.Tensor:
+        return regularize_noise(g, target, params.lambda_kl, params.lambda_ac, params.regularization_steps,
+                                params.ac_rolls, generator)
+    return regularize
 
 
 def vp_input_scale(sigma_from: float, sigma_to: float, sigma_data: float = 1.0) -> float:

@@ -65,6 +65,8 @@ class StyleSSPParams:
     """ReNoise iterations of the official inversion."""
     renoise_average: str = "reference"
     """ReNoise averaging of the official inversion."""
+    noise_regularization: bool = True
+    """The official inversion's pix2pix-zero noise regulariser (SDXL/eps models)."""
     steps: int = 50
     """Official inversion and sampling steps (DDIM 'leading' timesteps = ComfyUI's ddim_uniform scheduler)."""
     sampling_cfg: float = 5.0

@@ -25,6 +25,7 @@ import torch
 from comfy_api.latest import io
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 
@@ -112,6 +113,10 @@ class InversionSampler(comfy.samplers.Sampler):
                                       "connect a scheduler's SIGMAS (e.g. BasicScheduler), flipped or not.") from None
         model_sampling = inner.model_sampling
         params = self.params
+        if params.noise_regularization and isinstance(model_sampling, comfy.model_sampling.CONST):
+            raise adapters.node_error(self.node_name, family, "the noise regulariser pushes noise predictions toward "
+                                      "Gaussian statistics, but a flow model predicts velocities.",
+                                      "turn noise_regularization off for this model.")
         if params.average == "reference":
             params = params.replace(early_sigma=reference_early_sigma(model_sampling))
         model_options = extra_args.get("model_options", {})
@@ -286,6 +291,13 @@ def renoise_inputs() -> list:
                                "mean: the mean of all iterations' predictions. reference: the StyleSSP/ReNoise "
                                "setting (below DDPM t=250: at most 5 iterations, averaged; above: iterations 8-9 "
                                "averaged, i.e. the last iterate with fewer). No effect at renoise_steps 0."),
+        io.Boolean.Input("noise_regularization", default=DEFAULTS.noise_regularization,
+                         tooltip="The pix2pix-zero noise regulariser of the StyleSSP/ReNoise code (eps models only): "
+                                 "gradient steps pulling each noise prediction toward Gaussian statistics (patch KL "
+                                 "to the prediction on the forward-noised image, zero auto-correlation; official "
+                                 "lambdas 0.065 / 20, 4 steps, 5 rolls), on the iterations the reference regularises "
+                                 "(renoise_average reference: the early steps). One more guider call on those "
+                                 "steps; fixed seed. Neutral: off. StyleSSP official: on."),
     ]
 
 
@@ -305,15 +317,16 @@ class InversionSamplerNode(io.ComfyNode):
                 "eps(negative) + cfg * (eps(positive) - eps(negative)), the negative guidance of StyleSSP; "
                 "BasicGuider: plain conditional inversion). Connect DisableNoise (the noise is ignored), the "
                 "image's latent, and a scheduler's sigmas (descending or flipped). The output is the inverted "
-                f"latent. {_FAMILIES} Cost: (1 + renoise_steps) guider calls per step. For the per-step latents and "
-                "a NOISE to sample back, use Inversion (TFG)."),
+                f"latent. {_FAMILIES} Cost: (1 + renoise_steps) guider calls per step (+1 where the noise regulariser "
+                "acts). For the per-step latents and a NOISE to sample back, use Inversion (TFG)."),
             inputs=renoise_inputs(),
             outputs=[io.Sampler.Output(tooltip="The inversion sampler: use in SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, renoise_steps, renoise_average) -> io.NodeOutput:
-        params = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average)
+    def execute(cls, renoise_steps, renoise_average, noise_regularization) -> io.NodeOutput:
+        params = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average,
+                                  noise_regularization=noise_regularization)
         return io.NodeOutput(InversionSampler(params, SAMPLER_NODE))
 
 
@@ -335,7 +348,7 @@ class InvertNode(io.ComfyNode):
                 "SamplerCustomAdvanced start exactly at the inverted latent with those sigmas (connect any latent of "
                 "the same size, e.g. the original). The inverted LATENT can also be sampled directly with add_noise "
                 f"disabled on SD1.x/SDXL (not on flow models: use the NOISE). {_FAMILIES} Cost: (1 + renoise_steps) "
-                "guider calls per step, each 2 model passes when cfg != 1."),
+                "guider calls per step (+1 where the noise regulariser acts), each 2 model passes when cfg != 1."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with."),
                 io.Conditioning.Input("positive", tooltip="The conditioning to invert with (StyleSSP: content "
@@ -370,9 +383,10 @@ class InvertNode(io.ComfyNode):
         return "; ".join(problems) if problems else True
 
     @classmethod
-    def execute(cls, model, positive, latent, sigmas, cfg, renoise_steps, renoise_average,
+    def execute(cls, model, positive, latent, sigmas, cfg, renoise_steps, renoise_average, noise_regularization,
                 negative=None) -> io.NodeOutput:
-        params = DEFAULTS.replace(cfg=cfg, renoise_steps=renoise_steps, average=renoise_average)
+        params = DEFAULTS.replace(cfg=cfg, renoise_steps=renoise_steps, average=renoise_average,
+                                  noise_regularization=noise_regularization)
         inv = invert_latent(model, positive, negative, latent, sigmas, params, NODE)
         return io.NodeOutput(inv.latent(), inv.trajectory_latent(), inv.sampling_sigmas(), inv.noise())
 

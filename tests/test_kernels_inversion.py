@@ -157,3 +157,66 @@ def test_start_noise_lands_on_the_state():
         assert torch.allclose(noise_gain * n + latent_gain * latent, state, atol=1e-5)
     with pytest.raises(ValueError, match="noise_gain"):
         K.start_noise(state, latent, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# pix2pix-zero noise regulariser
+# ------------------------------------------------------------------------------------------------
+def literal_auto_corr(x, shifts):
+    """The reference's auto_corr_loss for one image with given roll amounts (one per channel and level)."""
+    loss, k = 0.0, 0
+    for c in range(x.shape[1]):
+        v = x[0, c][None, None]
+        while True:
+            r = shifts[k]
+            k += 1
+            loss = loss + (v * torch.roll(v, r, 2)).mean() ** 2 + (v * torch.roll(v, r, 3)).mean() ** 2
+            if v.shape[2] <= 8:
+                break
+            v = torch.nn.functional.avg_pool2d(v, 2)
+    return loss
+
+
+def test_auto_corr_matches_the_reference_formula():
+    x = x0((1, 4, 16, 16))
+    g = torch.Generator().manual_seed(3)
+    got = K.auto_corr(x, g)
+    g = torch.Generator().manual_seed(3)
+    shifts = []
+    for c in range(4):
+        for size in (16, 8):
+            shifts.append(int(torch.randint(0, size // 2, (1,), generator=g)))
+    assert float(got) == pytest.approx(float(literal_auto_corr(x, shifts)), rel=1e-6)
+
+
+def test_patch_kl_is_zero_for_identical_statistics_and_positive_otherwise():
+    e = x0((1, 4, 8, 8))
+    assert float(K.patch_kl(e, e)) == pytest.approx(0.0, abs=1e-4)  # eps 1e-6 in the variances
+    assert float(K.patch_kl(e * 3.0 + 1.0, e)) > 1.0
+
+
+def test_regulariser_moves_toward_white_gaussian_noise_and_works_under_inference_mode():
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(1, 4, 16, 16, generator=g)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 18, 18, generator=g), 3, stride=1)  # correlated
+    with torch.inference_mode():  # as inside ComfyUI
+        e = smooth * 3.0
+        out = K.regularize_noise(e, white, generator=torch.Generator().manual_seed(1))
+    assert out.dtype == e.dtype and out.shape == e.shape
+    ac = lambda v: float(K.auto_corr(v, torch.Generator().manual_seed(5)))  # noqa: E731
+    assert ac(out) < ac(e)
+    assert float(K.patch_kl(out, white)) < float(K.patch_kl(e, white))
+
+
+def test_regularised_inversion_counts_and_seed():
+    calls = []
+    sig = torch.tensor([0.0, 0.1, 0.2, 1.0, 5.0])
+    p = K.InversionParams(renoise_steps=1, average="reference", early_sigma=0.5, noise_regularization=True)
+    res = K.invert(gauss_denoiser(calls), x0((1, 4, 16, 16)), sig, p)
+    # two early steps get one extra (forward-noised) evaluation each; late steps (average range 8-10) none
+    assert res.evaluations == len(calls) == 4 * 2 + 2
+    again = K.invert(gauss_denoiser(), x0((1, 4, 16, 16)), sig, p)
+    other = K.invert(gauss_denoiser(), x0((1, 4, 16, 16)), sig, p.replace(regularization_seed=1))
+    plain = K.invert(gauss_denoiser(), x0((1, 4, 16, 16)), sig, p.replace(noise_regularization=False))
+    assert torch.equal(res.latent, again.latent)
+    assert not torch.equal(res.latent, other.latent) and not torch.allclose(res.latent, plain.latent)

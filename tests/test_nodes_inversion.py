@@ -27,11 +27,12 @@ def sigmas_for(s: Setup, steps, scheduler="normal"):
     return comfy.samplers.calculate_sigmas(s.model.get_model_object("model_sampling"), scheduler, steps)
 
 
-def run_node(inv, s: Setup, latent, steps=4, cfg=1.0, renoise=0, average="last", negative=None, model=None):
+def run_node(inv, s: Setup, latent, steps=4, cfg=1.0, renoise=0, average="last", negative=None, model=None,
+             regularize=False):
     with torch.inference_mode():
         out = inv.InvertNode.execute(model=model or s.model, positive=s.positive, latent={"samples": latent},
                                      sigmas=sigmas_for(s, steps), cfg=cfg, renoise_steps=renoise,
-                                     renoise_average=average, negative=negative)
+                                     renoise_average=average, noise_regularization=regularize, negative=negative)
     return out.args
 
 
@@ -146,7 +147,8 @@ def test_sampler_node_in_sampler_custom_advanced_equals_the_one_node(setup, inv)
     from comfy_extras import nodes_custom_sampler as ncs
     lat = content(setup)
     one_node = run_node(inv, setup, lat, steps=3, cfg=2.0, renoise=1, negative=setup.negative)[0]["samples"]
-    sampler = inv.InversionSamplerNode.execute(renoise_steps=1, renoise_average="last").args[0]
+    sampler = inv.InversionSamplerNode.execute(renoise_steps=1, renoise_average="last",
+                                               noise_regularization=False).args[0]
     guider = comfy.samplers.CFGGuider(setup.model)
     guider.set_conds(setup.positive, setup.negative)
     guider.set_cfg(2.0)
@@ -169,6 +171,24 @@ def test_model_passes_per_step(sd15, inv):
     assert counts["cond"] == 6 + 3 * 8
 
 
+def test_noise_regularization(setup, inv):
+    """The official regulariser runs on eps models (one more guider call on each regularised step: with reference
+    averaging the early steps), changes the result, and refuses flow models."""
+    from sampling_helpers import with_counter
+    lat = content(setup)
+    if setup.family in ("sd3", "flux"):
+        with pytest.raises(ValueError, match="noise_regularization"):
+            run_node(inv, setup, lat, renoise=1, average="reference", regularize=True)
+        return
+    model, counts = with_counter(setup.model)
+    reg = run_node(inv, setup, lat, renoise=1, average="reference", regularize=True, model=model)[0]["samples"]
+    assert counts["cond"] == 4 * 2 + 1  # 4 steps x (1 + renoise); one early step (target below DDPM t=250)
+    plain = run_node(inv, setup, lat, renoise=1, average="reference")[0]["samples"]
+    assert torch.isfinite(reg).all() and not torch.allclose(reg, plain, atol=1e-4)
+    again = run_node(inv, setup, lat, renoise=1, average="reference", regularize=True)[0]["samples"]
+    assert torch.equal(reg, again), "seeded: the same result every run"
+
+
 def test_eps_latent_with_add_noise_disabled_starts_at_the_state(sd15, inv):
     """On eps models the inverted LATENT itself, with DisableNoise, starts where the NOISE output does."""
     from comfy_extras import nodes_custom_sampler as ncs
@@ -185,7 +205,7 @@ def test_errors(sd15, inv):
     with torch.inference_mode(), pytest.raises(ValueError, match="sigmas"):
         inv.InvertNode.execute(model=sd15.model, positive=sd15.positive, latent={"samples": content(sd15)},
                                sigmas=torch.tensor([1.0, 1.0, 0.0]), cfg=1.0, renoise_steps=0,
-                               renoise_average="last")
+                               renoise_average="last", noise_regularization=False)
     assert inv.InvertNode.validate_inputs(cfg=1.5, renoise_steps=1, renoise_average="reference") is True
     assert "average" in inv.InvertNode.validate_inputs(cfg=1.5, renoise_steps=1, renoise_average="x")
     noise = run_node(inv, sd15, content(sd15))[3]

@@ -40,7 +40,8 @@ def inverted(inv, s: Setup, lat, cfg=1.5, scheduler="ddim_uniform"):
     with torch.inference_mode():
         return inv.InvertNode.execute(model=s.model, positive=s.positive, latent=lat,
                                       sigmas=sigmas_for(s, scheduler=scheduler), cfg=cfg,
-                                      renoise_steps=1, renoise_average="reference", negative=s.negative).args
+                                      renoise_steps=1, renoise_average="reference",
+                                      noise_regularization=s.family not in ("sd3", "flux"), negative=s.negative).args
 
 
 BASE = dict(seed=1234, mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3, strength=0.3, noise_strength=0.3,
