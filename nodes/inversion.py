@@ -372,8 +372,8 @@ class InvertNode(io.ComfyNode):
                                                        "one, as a batch (step-major)."),
                 io.Sigmas.Output("sampling_sigmas", tooltip="The schedule to sample back along (descending)."),
                 io.Noise.Output("start_noise", tooltip="For SamplerCustomAdvanced: starts sampling exactly at the "
-                                                 "inverted latent with the sampling_sigmas output, whatever latent of this "
-                                                 "size is connected."),
+                                                       "inverted latent with the sampling_sigmas output, whatever "
+                                                       "latent of this size is connected."),
             ],
         )
 

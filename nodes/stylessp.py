@@ -159,12 +159,14 @@ class StyleSSPStartPoint(io.ComfyNode):
                                      "0.9999). Neutral: 0 (start where the inversion ended)."),
             ],
             outputs=[
-                io.Latent.Output("start_latent", tooltip="The start latent for a sampler with add_noise disabled (starts "
-                                                   "at the first of the output sigmas)."),
-                io.Sigmas.Output("start_sigmas", tooltip="The sigmas to sample along (the schedule from skip_steps on)."),
-                io.Noise.Output("start_noise", tooltip="For SamplerCustomAdvanced: starts exactly at the start point "
-                                                 "with the output sigmas, whatever latent of the same size is "
-                                                 "connected."),
+                io.Latent.Output("start_latent",
+                                 tooltip="The start latent for a sampler with add_noise disabled (starts at the first "
+                                         "of the output sigmas)."),
+                io.Sigmas.Output("start_sigmas",
+                                 tooltip="The sigmas to sample along (the schedule from skip_steps on)."),
+                io.Noise.Output("start_noise",
+                                tooltip="For SamplerCustomAdvanced: starts exactly at the start point with the output "
+                                        "sigmas, whatever latent of the same size is connected."),
             ],
         )
 

@@ -26,7 +26,8 @@ def gauss_denoiser(calls=None, s=S):
 
 
 def flow_gauss_denoiser(s=S):
-    """Flow space x = (1 - sigma) x0 + sigma n with x0 ~ N(0, s^2): E[x0 | x] = x (1-sigma) s^2 / ((1-sigma)^2 s^2 + sigma^2)."""
+    """Flow space x = (1 - sigma) x0 + sigma n with x0 ~ N(0, s^2):
+    E[x0 | x] = x (1 - sigma) s^2 / ((1 - sigma)^2 s^2 + sigma^2)."""
     def denoise(x, sigma):
         return x * ((1 - sigma) * s * s / ((1 - sigma) ** 2 * s * s + sigma ** 2))
     return denoise
