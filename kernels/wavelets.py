@@ -13,6 +13,9 @@ dtype. Inputs are never modified. No ComfyUI import.
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 
 WAVELETS = ("db4", "haar")
@@ -20,13 +23,41 @@ WAVELETS = ("db4", "haar")
 MODE = "symmetric"
 """Boundary extension of the reference (pytorch_wavelets / PyWavelets `symmetric`: half-sample symmetric)."""
 
+MIN_PTWT = (0, 1, 9)
+"""Oldest ptwt checked against PyWavelets here (tests/test_kernels_diffusehigh.py): 0.1.9 is also what pip installs
+on Python 3.10, where ptwt 1.x (Python >= 3.11) is not available; 1.x computes the same transforms."""
+_PTWT_FIX = ("pip install -U \"ptwt>=0.1.9\" in ComfyUI's Python (ptwt 1.x needs Python >= 3.11; on Python 3.10 "
+             "pip installs 0.1.9, which computes the same transforms)")
 
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=1)
 def _ptwt():
+    """The ptwt module, imported on first use (the pack loads without it; only the wavelet nodes need it);
+    a missing or too old ptwt is a clear error naming the fix."""
     try:
         import ptwt
-    except ImportError as e:  # pragma: no cover - exercised only without the dependency
-        raise ImportError("the TFG wavelet kernels need the `ptwt` package (PyTorch Wavelet Toolbox). Fix: "
-                          "pip install ptwt (it is in the pack's requirements.txt).") from e
+    except ImportError as e:
+        raise ImportError("the TFG wavelet kernels (DiffuseHigh) need the `ptwt` package (PyTorch Wavelet Toolbox), "
+                          f"which is not installed. Fix: {_PTWT_FIX}.") from e
+    try:
+        from importlib.metadata import version
+        installed = version("ptwt")
+    except Exception:  # noqa: BLE001  no distribution metadata (e.g. a source checkout): trust it
+        installed = None
+    if installed is not None and _version_tuple(installed) < MIN_PTWT:
+        raise ImportError(f"the TFG wavelet kernels (DiffuseHigh) need ptwt >= "
+                          f"{'.'.join(map(str, MIN_PTWT))}, but ptwt {installed} is installed (older releases "
+                          f"are not checked against PyWavelets). Fix: {_PTWT_FIX}.")
     return ptwt
 
 

@@ -79,6 +79,27 @@ def test_dwt_does_not_modify_input():
     assert torch.equal(x, before)
 
 
+def test_missing_or_old_ptwt_is_a_clear_error_naming_the_fix(monkeypatch):
+    """ptwt 1.x needs Python >= 3.11 (the pack allows 3.10, where pip installs 0.1.9): a missing or older ptwt
+    fails on first use with the fix, not with an AttributeError deep inside a transform."""
+    import importlib.metadata
+    import sys
+    W._ptwt.cache_clear()
+    try:
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.4")
+        with pytest.raises(ImportError, match=r"ptwt >= 0\.1\.9, but ptwt 0\.1\.4 is installed.*Fix: pip install"):
+            W.dwt2(_x(), "haar")
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0.1")
+        W.dwt2(_x(), "haar")
+        W._ptwt.cache_clear()
+        monkeypatch.setitem(sys.modules, "ptwt", None)  # import ptwt -> ImportError
+        with pytest.raises(ImportError, match=r"need the `ptwt` package.*not installed.*ptwt>=0\.1\.9.*Python 3\.10"):
+            W.low_band(_x())
+    finally:
+        W._ptwt.cache_clear()
+    assert W._version_tuple("0.1.10") > W.MIN_PTWT > W._version_tuple("0.1.8.post1")
+
+
 # ------------------------------------------------------------------------------------------------
 # Low-band replacement
 # ------------------------------------------------------------------------------------------------
