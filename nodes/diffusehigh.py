@@ -340,7 +340,9 @@ def source_image(vae, image, latent, node: str, family: adapters.ModelFamily) ->
         return vae_decode(vae, samples, 0)
 
 
-def check_run(model, params: K.DiffuseHighParams, node: str) -> adapters.ModelFamily:
+def check_run(model, params: K.DiffuseHighParams, node: str, samples: bool = True) -> adapters.ModelFamily:
+    """Validate before the run (ValueError naming node, family and fix); `samples` = the node samples with
+    params.cfg itself (not the guidance-only patch)."""
     problems = params.validate()
     family = adapters.detect_family(model)
     if problems:
@@ -350,7 +352,7 @@ def check_run(model, params: K.DiffuseHighParams, node: str) -> adapters.ModelFa
         adapters.logger.warning("%s %s [model family: %s]: guidance_steps (%d) exceeds steps (%d): every step is "
                                 "guided, so the result keeps the reference's low band exactly (official: 5 of 15).",
                                 adapters.PACK_NAME, node, family.name, params.guidance_steps, params.steps)
-    if family.key == "flux" and params.cfg != 1.0:
+    if samples and family.key == "flux" and params.cfg != 1.0:
         adapters.warn_once(f"diffusehigh.fluxcfg.{params.cfg}",
                            f"{adapters.PACK_NAME} {node} [model family: Flux]: cfg is {params.cfg}; Flux-dev is "
                            "guidance-distilled and is normally sampled at cfg 1 (its guidance is in the "
@@ -358,8 +360,9 @@ def check_run(model, params: K.DiffuseHighParams, node: str) -> adapters.ModelFa
     return family
 
 
-def run_stages(model, positive, negative, vae, image, sizes, params, seed, node):
-    family = check_run(model, params, node)
+def run_stages(model, positive, negative, vae, image, sizes, params, seed, node, family=None):
+    if family is None:
+        family = check_run(model, params, node)
     progress = _Progress(len(sizes) * params.steps, model)
     latent = None
     for i, size in enumerate(sizes):
@@ -425,7 +428,7 @@ class DiffuseHigh(io.ComfyNode):
         family = check_run(model, params, NODE)
         src = source_image(vae, image, latent, NODE, family)
         size = K.target_size(width, height, (src.shape[2], src.shape[1]), scale_by, 8)
-        out, lat = run_stages(model, positive, negative, vae, src, [size], params, seed, NODE)
+        out, lat = run_stages(model, positive, negative, vae, src, [size], params, seed, NODE, family)
         return io.NodeOutput(out, lat)
 
 
@@ -476,7 +479,7 @@ class DiffuseHighProgressive(io.ComfyNode):
             sizes = K.plan_stages(stages, (src.shape[2], src.shape[1]), 8)
         except ValueError as e:
             raise adapters.node_error(PROGRESSIVE_NODE, family, f"stages: {e}.", "write e.g. '2048, 3072, 4096'.")
-        out, lat = run_stages(model, positive, negative, vae, src, sizes, params, seed, PROGRESSIVE_NODE)
+        out, lat = run_stages(model, positive, negative, vae, src, sizes, params, seed, PROGRESSIVE_NODE, family)
         return io.NodeOutput(out, lat)
 
 
@@ -522,7 +525,7 @@ class DiffuseHighGuidance(io.ComfyNode):
                                   dwt_levels=dwt_levels, vae_tile_size=vae_tile_size,
                                   steps=max(DEFAULTS.steps, guidance_steps),
                                   schedule_steps=max(DEFAULTS.schedule_steps, guidance_steps))
-        family = check_run(model, params, GUIDANCE_NODE)
+        family = check_run(model, params, GUIDANCE_NODE, samples=False)
         if guidance_steps == 0 or guidance_factor == 0.0:
             adapters.logger.warning("%s %s [model family: %s]: guidance_steps is 0 or guidance_factor is 0, so the "
                                     "node does nothing.", adapters.PACK_NAME, GUIDANCE_NODE, family.name)

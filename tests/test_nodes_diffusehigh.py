@@ -96,10 +96,11 @@ def test_guidance_off_is_plain_img2img_bit_for_bit(setup, nd):
     schedule_steps - steps) on the stage's encoded image, latent and decoded image alike."""
     import nodes
     p = params(nd, guidance_steps=0)
-    out_image, out_latent = stage(nd, setup, p, seed=11)
+    small = image(24, 32)   # no DWT here: the smallest stage (the VAE at full resolution dominates the cost)
+    out_image, out_latent = stage(nd, setup, p, img=small, size=(64, 48), seed=11)
     family = nd.check_run(setup.model, p, nd.NODE)
     with torch.inference_mode():
-        _, latent, _ = nd.prepare_stage(vae_of(setup), image(), (128, 96), p, 11, 0)
+        _, latent, _ = nd.prepare_stage(vae_of(setup), small, (64, 48), p, 11, 0)
         ref = nodes.KSamplerAdvanced().sample(
             setup.model, "enable", 11, SCHEDULE, p.cfg, p.sampler_name, p.scheduler,
             nd.size_conditioned(setup.positive, family, p), nd.size_conditioned(setup.negative, family, p),
@@ -109,10 +110,11 @@ def test_guidance_off_is_plain_img2img_bit_for_bit(setup, nd):
     assert torch.equal(out_image, ref_image[..., :3])
 
 
-@pytest.mark.parametrize("mode", ["latent", "image"])
-def test_guidance_changes_the_result(sd15, nd, mode):
+def test_guidance_changes_the_result(sd15, nd):
+    """Image mode (official) against the same stage with guidance off. Latent mode's effect is proven step by
+    step by the low-band tests below (the guided x0 is the reference's band, the sampler's x0)."""
     off, _ = stage(nd, sd15, params(nd, guidance_steps=0), img=image(24, 32), size=(64, 48))
-    on, _ = stage(nd, sd15, params(nd, guidance_mode=mode), img=image(24, 32), size=(64, 48))
+    on, _ = stage(nd, sd15, params(nd, guidance_mode="image"), img=image(24, 32), size=(64, 48))
     assert on.shape == off.shape and torch.isfinite(on).all()
     assert not torch.equal(on, off)
 
@@ -120,7 +122,8 @@ def test_guidance_changes_the_result(sd15, nd, mode):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_official_noise_level_and_step_count(family, nd, K, comfy_root, tmp_path_factory):
     """Defaults: the first high-resolution step is at t = 281 (sigma(281) of the scaled-linear schedule), and
-    the stage runs 15 steps (cond + uncond rows each)."""
+    the stage runs 15 steps (cond + uncond rows each). Only the schedule matters here, so the network itself is
+    skipped (the wrapper returns zeros) to keep the 15 steps cheap."""
     import comfy.patcher_extension
     from sampling_helpers import get_setup
     s = get_setup(family, tmp_path_factory)
@@ -129,7 +132,7 @@ def test_official_noise_level_and_step_count(family, nd, K, comfy_root, tmp_path
     def apply_model(executor, x, t, *args, **kwargs):
         sigmas.append(float(t.flatten()[0]))
         rows.append(x.shape[0])
-        return executor(x, t, *args, **kwargs)
+        return torch.zeros_like(x)
 
     m = s.model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.dh.sigmas", apply_model)
@@ -212,19 +215,36 @@ def test_image_guidance_sets_the_low_band_in_pixel_space(family, nd, monkeypatch
         torch.testing.assert_close(rec.x0[i], lf.process_in(latent), atol=1e-5, rtol=1e-5)
 
 
-def test_guidance_chains_with_other_post_cfg_functions(sd15, nd):
-    """The guide is appended to the post-CFG list: a function installed before it still runs, and still sees
-    the unguided prediction."""
+def test_chained_blend_and_fadeout_on_guided_steps(sd15, nd):
+    """The guide is appended to the post-CFG list: a function installed before it still runs on every step and
+    sees the unguided prediction D. With guidance_factor 0.5 and fadeout 1 the low band of the step's x0 is
+    lerp(LL(D), LL*, 0.5 * (1 - i / K)) on guided step i (0.5, 0.25), and x0 is D itself after them."""
     seen = []
 
     def before(args):
-        seen.append(args["denoised"].shape)
+        seen.append(args["denoised"].detach().float().cpu().clone())
         return args["denoised"]
 
     m = sd15.model.clone()
     m.set_model_sampler_post_cfg_function(before)
-    stage(nd, sd15, params(nd), model=m, img=image(24, 32), size=(64, 48))
-    assert len(seen) == STEPS
+    p = params(nd, guidance_factor=0.5, fadeout=1.0)
+    weights = [p.guidance_weight(i) for i in range(STEPS)]
+    assert weights == [0.5, 0.25] + [0.0] * (STEPS - GUIDED)
+    rec = Recorder()
+    stage(nd, sd15, p, model=m, progress=rec)
+    assert len(seen) == len(rec.x0) == STEPS
+    with torch.inference_mode():
+        _, latent, _ = nd.prepare_stage(vae_of(sd15), image(), (128, 96), p, 3, 0)
+    ref_low = nd.K.reference_low_band(sd15.model.get_model_object("latent_format").process_in(latent.float()))
+    for i, (d, x0) in enumerate(zip(seen, rec.x0)):
+        if weights[i] == 0.0:
+            assert torch.equal(x0, d), i
+            continue
+        expected = torch.lerp(nd.K.wavelets.low_band(d), ref_low, weights[i])
+        got = nd.K.wavelets.low_band(x0)
+        assert inner(got).numel() > 0
+        assert float((inner(got) - inner(expected)).abs().max()) < 1e-4 * max(1.0, float(ref_low.abs().max())), i
+        assert float((inner(got) - inner(ref_low)).abs().max()) > 1e-3, "a blend, not a replacement"
 
 
 def test_guidance_patch_node_in_a_ksampler_graph_equals_the_stage(sd15, nd, K):
@@ -246,14 +266,6 @@ def test_guidance_patch_node_in_a_ksampler_graph_equals_the_stage(sd15, nd, K):
             nd.size_conditioned(sd15.positive, family, p), nd.size_conditioned(sd15.negative, family, p),
             {"samples": latent}, SCHEDULE - STEPS, SCHEDULE, "disable")[0]["samples"]
     assert torch.equal(out_latent, ref)
-
-
-def test_partial_blend_and_fadeout_move_less(sd15, nd):
-    small = dict(img=image(24, 32), size=(64, 48))
-    off, _ = stage(nd, sd15, params(nd, guidance_steps=0), **small)
-    full, _ = stage(nd, sd15, params(nd), **small)
-    half, _ = stage(nd, sd15, params(nd, guidance_factor=0.5, fadeout=1.0), **small)
-    assert not torch.equal(half, full) and not torch.equal(half, off)
 
 
 # ------------------------------------------------------------------------------------------------
