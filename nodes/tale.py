@@ -10,6 +10,7 @@ forward time outside inference mode); the VAE decoder and CLIP vision run on per
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +89,9 @@ def _inputs() -> list:
                                "'paste at T' and sample'). Reference: 0.25 (5 of 20 steps). T' + tau must end "
                                "before the last step."),
         io.Float.Input("cfg", default=d.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
-                       tooltip="CFG scale of the composite. Reference: 10 (cross-domain)."),
+                       tooltip="CFG scale of the composite (and of the energy's prediction). Neutral 1 (no "
+                               "guidance). Reference: 10 (main branch); the original branch used 5 cross-domain, 2.5 "
+                               "same-domain."),
         io.Combo.Input("solver", options=list(K.SOLVERS), default=d.solver,
                        tooltip="dpmpp_2m: DPM-Solver++ 2M (the reference); euler: DDIM-like first order."),
         io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=d.scheduler,
@@ -128,13 +131,29 @@ def _inputs() -> list:
                       tooltip="placement=mask: where the object goes (background size; its bounding box sets centre "
                               "and size)."),
         io.ClipVision.Input("clip_vision", optional=True,
-                            tooltip="energy=clip: the CLIP vision model (reference: ViT-B/32; its projection must "
-                                    "match the text embedding, e.g. CLIP-L vision for SD1.5, CLIP-G for SDXL)."),
+                            tooltip="energy=clip: the CLIP vision model (reference: OpenAI ViT-B/32). For the text "
+                                    "term its image embedding must share a space with the text target: CLIP-G vision "
+                                    "with SDXL's prompt, CLIP-H vision with SD2.x's. SD1.x prompts have no projected "
+                                    "text embedding: give energy_text, or set text_weight 0."),
         io.Conditioning.Input("energy_text", optional=True,
-                              tooltip="energy=clip: conditioning whose pooled output is the text target (encode "
-                                      "the prompt with the CLIP text model that matches clip_vision); default: "
-                                      "positive's."),
+                              tooltip="energy=clip: conditioning whose pooled output is the text target; default: "
+                                      "positive's. Encode the prompt with the text encoder matching clip_vision "
+                                      "(Load CLIP with clip_g for CLIP-G vision). Needed for SD1.x, whose pooled "
+                                      "output is ComfyUI's unprojected CLIP-L (not a CLIP-space embedding)."),
     ]
+
+
+def _range_problems(values: dict) -> list[str]:
+    """Each known (not None) numeric value against its widget's min/max (and finiteness)."""
+    limits = {i.id: (i.min, i.max) for i in _inputs() if isinstance(i, (io.Int.Input, io.Float.Input))}
+    problems = []
+    for name, v in values.items():
+        if v is None:
+            continue
+        lo, hi = limits[name]
+        if not (math.isfinite(v) and lo <= v <= hi):
+            problems.append(f"{name} must be in [{lo}, {hi}], got {v}")
+    return problems
 
 
 def _params(steps, t_prime_percent, tau_percent, cfg, solver, scheduler, energy, text_weight, style_weight,
@@ -215,6 +234,10 @@ def make_placement(background, foreground, object_mask, placement, placement_mas
         h, w = K.fit_size(obj_box.height, obj_box.width, target.height, target.width)
         cy, cx = (target.top + target.bottom) / 2.0, (target.left + target.right) / 2.0
     elif placement == "box":
+        if placement_mask is not None:
+            adapters.warn_once("tale.placement_mask_ignored", f"{adapters.PACK_NAME} {NODE}: placement is 'box', so "
+                                                              "the connected placement_mask is ignored (set placement "
+                                                              "to 'mask' to use it).")
         h = max(1, int(round(obj_box.height * box_scale)))
         w = max(1, int(round(obj_box.width * box_scale)))
         cy, cx = box_y * H0, box_x * W0
@@ -333,7 +356,7 @@ def _clip_vision_forward(net, pixels: torch.Tensor, layer: int):
 class ClipEnergy:
     """energy=clip: decode the predicted clean latent with the VAE, score it with CLIP vision."""
 
-    def __init__(self, vae, clip_vision, model, text_embeds: torch.Tensor, placement: Placement,
+    def __init__(self, vae, clip_vision, model, text_embeds: torch.Tensor | None, placement: Placement,
                  params: TALEParams, family):
         comfy.model_management.load_models_gpu([vae.patcher, clip_vision.patcher])
         net = clip_vision.model
@@ -362,14 +385,19 @@ class ClipEnergy:
             tokens, embeds = self.encode(K.clip_pixels(bg, self.size, self.mean, self.std, mode="bilinear",
                                                        antialias=True))
             self.reference_gram = K.gram(tokens).detach()
-        text = text_embeds.to(self.device, torch.float32)
+        self.text = None
+        if text_embeds is None:  # text_weight 0: the style term only
+            return
+        with torch.inference_mode(False):
+            text = text_embeds.to(self.device, torch.float32).reshape(1, -1)
         if text.shape[-1] != embeds.shape[-1]:
             raise adapters.node_error(NODE, family, f"the text embedding (pooled output, {text.shape[-1]} values) and "
                                                     f"the CLIP vision embedding ({embeds.shape[-1]}) have different "
                                                     "sizes, so they are not in one CLIP space.",
                                       "connect energy_text encoded with the CLIP text model matching clip_vision "
-                                      "(CLIP-L vision: SD1.5's CLIP; CLIP-G vision: SDXL's), or use energy latent.")
-        self.text = text.reshape(1, -1)
+                                      "(CLIP-G vision: SDXL's prompt or a CLIP-G text encoder; CLIP-H vision: SD2.x's "
+                                      "prompt), set text_weight 0, or use energy latent.")
+        self.text = text
 
     def encode(self, pixels: torch.Tensor):
         return self.vision(pixels.to(self.device), self.params.style_layer)
@@ -555,15 +583,41 @@ class TALESampler(comfy.samplers.Sampler):
             return K.masked_gradient_step(x_g.detach(), grad.detach(), self.mask.to(x.device))
 
 
-def _text_embeds(conditioning, family):
+CLIP_L_POOLED = 768
+"""Size of a CLIP-L pooled output. Every CLIP-L text encoder of ComfyUI (SD1.x checkpoints through
+`SD1CheckpointClipModel`, Load CLIP with clip_l, and the CLIP-L inside SD3/Flux) returns the *unprojected* pooled
+output (`return_projected_pooled=False`: the final-layer-norm EOS token), which has CLIP-L vision's embedding size
+but is not in its space. CLIP-G (SDXL) and OpenCLIP-H (SD2.x) pooled outputs are projected."""
+
+
+def _text_embeds(conditioning, family, from_positive: bool):
+    """The text target of energy=clip: the pooled output of `conditioning` (1, D), fp32."""
+    if from_positive and family.key == "sd1":
+        raise adapters.node_error(
+            NODE, family, "energy=clip with text_weight > 0 needs a text embedding in CLIP vision's space, but an "
+                          "SD1.x prompt's pooled output is ComfyUI's unprojected CLIP-L output (SD1.x checkpoints "
+                          "carry no CLIP-L text projection, and ComfyUI's CLIP-L encoders return the unprojected "
+                          "pooled output), so it would compare the image with a vector of another space.",
+            "connect energy_text: the prompt encoded (CLIPTextEncode) by Load CLIP with a CLIP-G text encoder "
+            "(clip_g, then CLIP-G vision) or an OpenCLIP-H one (SD2's, then CLIP-H vision); or set text_weight 0 "
+            "(style term only); or use energy latent or none.")
     pooled = None
     if conditioning:
         pooled = conditioning[0][1].get("pooled_output")
     if pooled is None:
-        raise adapters.node_error(NODE, family, "energy=clip needs a text embedding, but the conditioning has no "
-                                                "pooled output.", "connect energy_text from CLIPTextEncode, or use "
-                                                                  "energy latent or none.")
-    return pooled[:1].float()
+        raise adapters.node_error(NODE, family, "energy=clip with text_weight > 0 needs a text embedding, but the "
+                                                "conditioning has no pooled output.",
+                                  "connect energy_text from CLIPTextEncode, set text_weight 0, or use energy latent "
+                                  "or none.")
+    if not from_positive and pooled.shape[-1] == CLIP_L_POOLED:
+        adapters.warn_once("tale.clip_l_pooled", f"{adapters.PACK_NAME} {NODE} [model family: {family.name}]: "
+                                                 f"energy_text has a {CLIP_L_POOLED}-value pooled output. ComfyUI's "
+                                                 "CLIP-L text encoders return it unprojected (not in CLIP-L vision's "
+                                                 "space), so the text term is then not a CLIP similarity. Encode the "
+                                                 "prompt with a CLIP-G (or OpenCLIP-H) text encoder and use the "
+                                                 "matching CLIP vision model, or set text_weight 0.")
+    with torch.inference_mode(False):
+        return pooled[:1].float().clone()  # a normal tensor: it meets tensors tracked by autograd
 
 
 def run_tale(model, vae, positive, negative, background, foreground, object_mask, params: TALEParams,
@@ -590,6 +644,23 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
     if params.energy == "clip" and params.optimising and clip_vision is None:
         raise adapters.node_error(NODE, family, "energy is 'clip' but no clip_vision model is connected.",
                                   "connect a Load CLIP Vision node, or choose energy latent or none.")
+    if params.optimising and any("control" in c[1] for c in list(positive or []) + list(negative or [])):
+        raise adapters.node_error(NODE, family, "a ControlNet/T2I-Adapter is applied to the conditioning; the energy's "
+                                                "gradient passes go through the composite's prediction, and the "
+                                                "control model's weights (loaded under ComfyUI's inference mode) "
+                                                "cannot take part in a backward pass.",
+                                  "use energy none (no gradients) with a ControlNet, or remove it.")
+    text = None
+    if params.energy == "clip" and params.optimising and params.text_weight > 0:
+        text = _text_embeds(energy_text if energy_text is not None else positive, family, energy_text is None)
+    if params.optimising and params.style_gradient == "detached" and (params.energy == "latent"
+                                                                      or params.text_weight == 0):
+        adapters.warn_once(f"tale.detached.{params.energy}", f"{adapters.PACK_NAME} {NODE}: style_gradient=detached "
+                                                             "(the released code's bug) with "
+                                                             + ("the latent energy" if params.energy == "latent"
+                                                                else "text_weight 0")
+                           + " leaves no gradient: the gradient passes run but never move the latent. Use "
+                             "style_gradient kept.")
     if params.energy == "latent" and params.optimising:
         adapters.warn_once("tale.latent.text", f"{adapters.PACK_NAME} {NODE}: energy=latent is a style term only "
                                                "(latent_weight); text_weight and style_weight are for energy=clip (the "
@@ -611,7 +682,6 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
     energy = None
     if params.optimising:
         if params.energy == "clip":
-            text = _text_embeds(energy_text if energy_text is not None else positive, family)
             energy = ClipEnergy(vae, clip_vision, model, text, place, params, family)
         else:
             energy = LatentEnergy(bg_lat, place, params)
@@ -648,17 +718,18 @@ class TALEComposite(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, steps, t_prime_percent, tau_percent, cfg, inner_steps, text_weight, style_weight,
                         latent_weight, adain_max, box_x, box_y, box_scale) -> bool | str:
-        t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
-        params = TALEParams(steps=steps, t_prime=t_prime, tau=tau, cfg=cfg, inner_steps=inner_steps,
-                            text_weight=text_weight, style_weight=style_weight, latent_weight=latent_weight,
-                            adain_max=adain_max)
-        problems = [f"{p} (t_prime_percent {t_prime_percent} and tau_percent {tau_percent} give T'={t_prime}, "
-                    f"tau={tau} at {steps} steps)" if ("t_prime" in p or "tau" in p) else p
-                    for p in params.validate()]
-        if not 0.0 <= box_x <= 1.0 or not 0.0 <= box_y <= 1.0:
-            problems.append(f"box_x and box_y must be in [0, 1] (fractions of the background), got {box_x}, {box_y}")
-        if not box_scale > 0:
-            problems.append(f"box_scale must be > 0, got {box_scale}")
+        # ComfyUI skips its own min/max checks for the inputs named here, and passes None for linked inputs
+        # (their values are not known before the run): check the ranges here, and only what is known.
+        values = dict(steps=steps, t_prime_percent=t_prime_percent, tau_percent=tau_percent, cfg=cfg,
+                      inner_steps=inner_steps, text_weight=text_weight, style_weight=style_weight,
+                      latent_weight=latent_weight, adain_max=adain_max, box_x=box_x, box_y=box_y,
+                      box_scale=box_scale)
+        problems = _range_problems(values)
+        if not problems and None not in (steps, t_prime_percent, tau_percent):
+            t_prime, tau = K.schedule_steps(steps, t_prime_percent, tau_percent)
+            problems += [f"{p} (t_prime_percent {t_prime_percent} and tau_percent {tau_percent} give T'={t_prime}, "
+                         f"tau={tau} at {steps} steps)" for p in TALEParams(steps=steps, t_prime=t_prime,
+                                                                              tau=tau).validate()]
         if problems:
             return f"{adapters.PACK_NAME} {NODE}: " + "; ".join(problems) + ". Fix: correct these inputs."
         return True
