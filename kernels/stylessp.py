@@ -11,9 +11,13 @@ Style Transfer", arXiv 2501.11319, CVPR 2025): the sampling start point.
      (max - min) of the other variant ``ifft(X * (M + alpha (1 - M)))``, times ``1 - alpha`` (0.3). float64 FFT.
    * ``improved``: per-channel 2-D FFT, gain ``1 - strength * exp(-r^2 / (2 radius^2))`` (exactly 1 - strength at
      the zero frequency), plus noise matched to each channel's *std* of the filtered latent, times noise_strength.
-3. **Start point**: the manipulated latent is taken as the state at the first sampling sigma the reference uses
-   (it skips the first step: strength 0.9999), keeping its network-input scale, plus the reference's hidden extra
-   term ``0.2 * (content latent noised to that sigma)`` (`prepare_latents` of its ControlNet-inpaint pipeline).
+3. **Start point**: the manipulated latent is taken as the state at the first sampling sigma the reference uses,
+   keeping its network-input scale, plus the reference's hidden extra term ``0.2 * (content latent noised to that
+   sigma)`` (`prepare_latents` of its ControlNet-inpaint pipeline). The reference inverts along DDIM "leading"
+   timesteps (50 steps: 1, 21, ..., 981) but samples with diffusers' UniPCMultistepScheduler (v0.30), whose
+   "leading" spacing divides by steps + 1 (1000 // 51 = 19: 951, 932, ..., 20), and strength 0.9999 drops the
+   first of those: sampling resumes at t = 932 (SDXL sigma 9.92; the inversion ended at t = 981, sigma 13.12)
+   and runs 49 steps down to t = 20, then to 0 (``reference_resume_timesteps``).
 
 Pure torch, no ComfyUI. Noise tensors are passed in (the node seeds them). Every output has the input's dtype.
 """
@@ -28,6 +32,9 @@ import torch
 from .frequency import apply_shifted_gain, gaussian_lowfreq_gain, reference_band_mask
 
 MODES = ("faithful", "improved")
+SCHEDULES = ("reference", "inversion")
+"""Where sampling resumes: ``reference`` (the official pipeline's UniPC "leading" timesteps, see the module doc)
+or ``inversion`` (the inversion's own schedule, from skip_steps on: matched schedules)."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,13 @@ class StyleSSPParams:
     content_weight: float = 0.2
     """Weight of the reference's hidden extra term: + content_weight * (content latent noised to the start sigma).
     Neutral: 0. Official: 0.2."""
+    schedule: str = "reference"
+    """One of SCHEDULES: the sampling schedule the start point hands on (reference: diffusers' UniPC 'leading'
+    timesteps for as many steps as the inversion; inversion: the inversion's own sigmas)."""
     skip_steps: int = 1
-    """Sampling starts this many steps into the schedule (official: strength 0.9999 of 50 steps = 1 step skipped,
-    the inverted latent reinterpreted there). Neutral: 0 (start where the inversion ended)."""
+    """Sampling starts this many steps into the sampling schedule (official: strength 0.9999 of 50 steps = 1 step
+    skipped, the inverted latent reinterpreted there). Neutral: 0 with schedule 'inversion' (start where the
+    inversion ended)."""
     inversion_cfg: float = 1.5
     """Negative-guidance scale of the inversion (paper range 1-3). Used by the workflows/Inversion node."""
     renoise_steps: int = 1
@@ -76,6 +87,8 @@ class StyleSSPParams:
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.alpha <= 2.0:
             problems.append(f"alpha must be in [0, 2], got {self.alpha}")
         for name in ("d_s", "d_t", "d_l", "radius"):
@@ -168,6 +181,22 @@ def manipulate(x: torch.Tensor, noise: torch.Tensor, params: StyleSSPParams = St
 # ----------------------------------------------------------------------------------------------
 # Start point
 # ----------------------------------------------------------------------------------------------
+def reference_resume_timesteps(steps: int, skip_steps: int = 1, train_timesteps: int = 1000,
+                               offset: int = 1) -> list[int]:
+    """The DDPM timesteps the official generation samples at (0 follows the last one): diffusers'
+    UniPCMultistepScheduler.set_timesteps with timestep_spacing "leading" and steps_offset 1 (the SDXL base
+    scheduler config it is built from; diffusers 0.30): ratio = train_timesteps // (steps + 1), timesteps
+    k * ratio + offset for k = steps .. 1; the pipeline's strength (0.9999 -> int(steps * strength) = steps - 1)
+    then drops the first skip_steps. 50 steps, skip 1: 932, 913, ..., 20 (49 timesteps)."""
+    steps, skip_steps = int(steps), int(skip_steps)
+    ratio = train_timesteps // (steps + 1)
+    if steps < 1 or ratio < 1:
+        raise ValueError(f"the reference spacing needs 1 <= steps < {train_timesteps}, got {steps}")
+    if not 0 <= skip_steps < steps:
+        raise ValueError(f"skip_steps must be in [0, {steps - 1}] for {steps} steps, got {skip_steps}")
+    return [k * ratio + offset for k in range(steps, 0, -1)][skip_steps:]
+
+
 def start_point(manipulated: torch.Tensor, content: torch.Tensor, content_noise: torch.Tensor, state_scale: float,
                 noise_gain: float, latent_gain: float, content_weight: float) -> torch.Tensor:
     """state_scale * manipulated + content_weight * (noise_gain * content_noise + latent_gain * content).

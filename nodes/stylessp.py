@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+import comfy.model_sampling
+
 from ..kernels.inversion import inversion_schedule
-from ..kernels.stylessp import MODES, StyleSSPParams, manipulate, start_point
+from ..kernels.stylessp import MODES, SCHEDULES, StyleSSPParams, manipulate, reference_resume_timesteps, start_point
 from . import adapters
 from .inversion import StartNoise, model_input_scale
 
@@ -53,8 +55,9 @@ def frequency_inputs() -> list:
                        tooltip="improved: attenuation at the zero frequency (gain 1 - strength). Neutral: 0. "
                                "Default 0.3 = the faithful DC gain 0.70."),
         io.Float.Input("noise_strength", default=DEFAULTS.noise_strength, min=0.0, max=4.0, step=0.01,
-                       tooltip="Added Gaussian noise relative to the latent (faithful: range-matched, official "
-                               "1 - alpha = 0.3; improved: std-matched per channel). Neutral: 0."),
+                       tooltip="Added Gaussian noise relative to the latent (faithful: scaled to the range of "
+                               "the latent, official 1 - alpha = 0.3 - the reference ties it to alpha, so change "
+                               "both together to stay faithful; improved: std-matched per channel). Neutral: 0."),
     ]
 
 
@@ -130,13 +133,17 @@ class StyleSSPStartPoint(io.ComfyNode):
             description=(
                 f"{_PAPER}. Builds the start point from the content image's inverted latent (Inversion (TFG) with "
                 "the style image's content as the negative, cfg 1.5, ReNoise 1): "
-                f"{_FM} The sampling then starts skip_steps into the schedule (official: 1 step, strength 0.9999; "
-                "the manipulated latent is reused there at the same network-input scale, as the reference does), "
-                "plus the reference's hidden extra term content_weight (0.2) x the content latent noised to that "
-                "sigma. Outputs: the start LATENT for a sampler with add_noise disabled (SamplerCustomAdvanced + "
-                "DisableNoise, or KSamplerAdvanced with add_noise disable, start_at_step = skip_steps, same steps "
-                "and scheduler), the SIGMAS to sample along, and a NOISE that starts SamplerCustomAdvanced exactly "
-                "there with any latent of the same size (needed for flow models when skip_steps is 0). Attach "
+                f"{_FM} Sampling then resumes where the reference does (schedule reference: the official "
+                "pipeline samples on diffusers' UniPC 'leading' timesteps and skips the first one (strength "
+                "0.9999): for 50 steps it resumes at t = 932, not at the inversion's end t = 981; schedule "
+                "inversion: along the inversion's own sigmas from skip_steps); the manipulated latent is reused "
+                "there at the same network-input scale, as the reference does, plus the reference's hidden extra "
+                "term content_weight (0.2) x the content latent noised to that sigma. Outputs: the start LATENT for "
+                "a sampler with add_noise disabled (SamplerCustomAdvanced + DisableNoise with the output sigmas; "
+                "with schedule inversion also KSamplerAdvanced with add_noise disable, start_at_step = skip_steps, "
+                "same steps and scheduler), the SIGMAS to sample along, and a NOISE that starts "
+                "SamplerCustomAdvanced exactly there with any latent of the same size (needed for flow models "
+                "when sampling starts at sigma 1). Attach "
                 f"your style adapter (IPAdapter style transfer) and ControlNets to that sampler. {_FAMILIES} "
                 "Cost: FFTs only, no model pass."),
             inputs=[
@@ -146,7 +153,8 @@ class StyleSSPStartPoint(io.ComfyNode):
                 io.Latent.Input("content", tooltip="The clean content latent (VAE Encode of the content image), for "
                                                    "the hidden extra term."),
                 io.Sigmas.Input("sigmas", tooltip="The schedule the inversion used (descending; official: "
-                                                  "ddim_uniform, 50 steps). Sampling continues along it."),
+                                                  "ddim_uniform, 50 steps): gives the inverted latent's sigma and "
+                                                  "the step count of the sampling schedule."),
                 io.Int.Input("seed", default=1234, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the frequency-manipulation noise and of the content term's noise "
                                      "(official seed 1234; its noise streams differ from diffusers')."),
@@ -154,9 +162,18 @@ class StyleSSPStartPoint(io.ComfyNode):
                 io.Float.Input("content_weight", default=DEFAULTS.content_weight, min=0.0, max=4.0, step=0.01,
                                tooltip="Weight of the reference's hidden extra term: + weight x (content latent "
                                        "noised to the start sigma). Neutral: 0. Official: 0.2."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default=DEFAULTS.schedule,
+                               tooltip="The sigmas sampling resumes along. reference: the official pipeline's - "
+                                       "diffusers' UniPC 'leading' timesteps for as many steps as the inversion "
+                                       "(1000 // (steps + 1) apart, offset 1), minus the first skip_steps: for 50 "
+                                       "steps t = 932, 913, ..., 20, then 0 (the inversion ended at t = 981; flow "
+                                       "models: the same fractions of their schedule). inversion: the inversion's "
+                                       "own sigmas from skip_steps on (matched schedules; with skip_steps 0 the "
+                                       "neutral hand-off). Official: reference."),
                 io.Int.Input("skip_steps", default=DEFAULTS.skip_steps, min=0, max=1000,
-                             tooltip="Start sampling this many steps into the schedule (official: 1, from strength "
-                                     "0.9999). Neutral: 0 (start where the inversion ended)."),
+                             tooltip="Start sampling this many steps into the sampling schedule (official: 1, from "
+                                     "strength 0.9999 of 50 steps). Neutral: 0 with schedule inversion (start "
+                                     "where the inversion ended)."),
             ],
             outputs=[
                 io.Latent.Output("start_latent",
@@ -171,16 +188,16 @@ class StyleSSPStartPoint(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight,
+    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight, schedule,
                         skip_steps) -> bool | str:
         return _check(_params(mode, alpha, d_s, d_t, radius, strength, noise_strength,
-                              content_weight=content_weight, skip_steps=skip_steps))
+                              content_weight=content_weight, schedule=schedule, skip_steps=skip_steps))
 
     @classmethod
     def execute(cls, model, inverted, content, sigmas, seed, mode, alpha, d_s, d_t, radius, strength,
-                noise_strength, content_weight, skip_steps) -> io.NodeOutput:
+                noise_strength, content_weight, schedule, skip_steps) -> io.NodeOutput:
         params = _params(mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight=content_weight,
-                         skip_steps=skip_steps)
+                         schedule=schedule, skip_steps=skip_steps)
         start = build_start_point(model, inverted, content, sigmas, seed, params)
         return io.NodeOutput(start.latent, start.sigmas, start.noise)
 
@@ -208,6 +225,8 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
     if params.skip_steps >= steps:
         raise adapters.node_error(node, family, f"skip_steps is {params.skip_steps} but the schedule has only "
                                   f"{steps} steps.", f"use skip_steps below {steps} (official: 1 of 50).")
+    ms = model.get_model_object("model_sampling")
+    sampling = sampling_sigmas(ms, schedule, params.schedule, params.skip_steps, node, family)
     x = _model_space(model, inverted, "inverted", node, family)
     x0 = _model_space(model, content, "content", node, family)
     if x0.shape[0] == 1 and x.shape[0] > 1:
@@ -217,8 +236,14 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
                                   f"is {tuple(x.shape)}.", "connect the latent that was inverted as content.")
     fm_noise, content_noise = _seed_noise(seed, x.shape, 2)
     manipulated = manipulate(x, fm_noise, params)
-    ms = model.get_model_object("model_sampling")
-    sigma_end, sigma_start = float(schedule[0]), float(schedule[params.skip_steps])
+    sigma_end, sigma_start = float(schedule[0]), float(sampling[0])
+    if sigma_start > sigma_end * (1.0 + 1e-6):
+        adapters.warn_once(
+            f"stylessp.above_end.{node}",
+            f"{adapters.PACK_NAME} {node} [model family: {family.name}]: sampling resumes at sigma {sigma_start:.4g}, "
+            f"above the inverted latent's sigma {sigma_end:.4g} (schedule {params.schedule!r} for {steps} steps): the "
+            "latent is treated as noisier than it is. Invert along the full schedule (BasicScheduler denoise 1, "
+            "ddim_uniform), or use schedule 'inversion'.")
     scale = model_input_scale(ms)(sigma_end, sigma_start)
     s = torch.tensor([sigma_start])
     noise_gain = float(ms.noise_scaling(s, torch.ones(1), torch.zeros(1), False)[0])
@@ -237,11 +262,39 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
         latent_samples = base.process_latent_out(state)
     latent = {k: v for k, v in inverted.items() if k not in ("samples", "noise_mask")}
     latent["samples"] = latent_samples
-    adapters.logger.info("%s %s [%s]: mode=%s, start sigma %.4g (step %d of %d, inverted at %.4g), content term %g",
-                         adapters.PACK_NAME, node, family.name, params.mode, sigma_start, params.skip_steps, steps,
-                         sigma_end, params.content_weight)
-    return StartPoint(state, sigma_start, latent, schedule[params.skip_steps:].to(torch.float32),
+    adapters.logger.info("%s %s [%s]: mode=%s, schedule %s, start sigma %.4g (%d sampling steps; inverted %d steps "
+                         "to %.4g), content term %g", adapters.PACK_NAME, node, family.name, params.mode,
+                         params.schedule, sigma_start, len(sampling) - 1, steps, sigma_end, params.content_weight)
+    return StartPoint(state, sigma_start, latent, sampling.to(torch.float32),
                       StartNoise(state, sigma_start, model, int(seed)))
+
+
+def timestep_sigma(model_sampling, t: float, train_timesteps: int = 1000) -> float:
+    """The model's sigma at DDPM timestep t of train_timesteps: the discrete schedule's own value (exact at
+    integer t, as diffusers' schedulers use it) for DDPM-timestep models; for other model samplings (flow models)
+    the sigma at the same fraction t / train_timesteps of the schedule."""
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        n = len(model_sampling.sigmas)
+        position = torch.tensor(float(t) * n / train_timesteps, dtype=torch.float64)
+        return float(comfy.model_sampling.ModelSamplingDiscrete.sigma(model_sampling, position))
+    return float(model_sampling.percent_to_sigma(1.0 - float(t) / train_timesteps))
+
+
+def sampling_sigmas(model_sampling, schedule: torch.Tensor, which: str, skip_steps: int, node: str = NODE,
+                    family=None) -> torch.Tensor:
+    """The descending sigmas sampling resumes along (float64): the inversion's own `schedule` (descending) from
+    skip_steps on, or the reference's UniPC timesteps for as many steps (kernels.stylessp.reference_resume_timesteps)
+    then 0."""
+    steps = len(schedule) - 1
+    if which == "inversion":
+        return schedule[skip_steps:].to(torch.float64)
+    try:
+        timesteps = reference_resume_timesteps(steps, skip_steps)
+    except ValueError as e:
+        raise adapters.node_error(node, family, f"schedule 'reference': {e}.",
+                                  "use 1-999 inversion steps, or schedule 'inversion'.") from None
+    values = [timestep_sigma(model_sampling, t) for t in timesteps] + [0.0]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 NODES = [StyleSSPFrequency, StyleSSPStartPoint]

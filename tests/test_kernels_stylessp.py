@@ -40,8 +40,8 @@ def literal_band_mask(shape, d_s, d_t, d_l=0.3):
 def test_defaults_are_the_official_values():
     p = K.StyleSSPParams()
     assert p.validate() == []
-    assert (p.mode, p.alpha, p.d_s, p.d_t, p.d_l, p.noise_strength, p.content_weight, p.skip_steps) == \
-        ("faithful", 0.7, 0.3, 0.9, 0.3, 0.3, 0.2, 1)
+    assert (p.mode, p.alpha, p.d_s, p.d_t, p.d_l, p.noise_strength, p.content_weight, p.schedule, p.skip_steps) == \
+        ("faithful", 0.7, 0.3, 0.9, 0.3, 0.3, 0.2, "reference", 1)
     assert (p.inversion_cfg, p.renoise_steps, p.steps, p.sampling_cfg) == (1.5, 1, 50, 5.0)
     bad = " ".join(K.StyleSSPParams(mode="x", alpha=-1, noise_strength=-1, skip_steps=-1).validate())
     for word in ("mode", "alpha", "noise_strength", "skip_steps"):
@@ -137,6 +137,18 @@ def test_start_point_arithmetic_and_no_mutation():
     assert torch.allclose(out, 0.9 * m + 0.2 * (3.0 * n + c), atol=1e-6)
     assert torch.equal(m, before)
     assert torch.equal(K.start_point(m, c, n, 1.0, 3.0, 1.0, 0.0), m)
+
+
+def test_reference_resume_timesteps_are_diffusers_unipc_leading():
+    # diffusers 0.30 UniPCMultistepScheduler, timestep_spacing "leading", steps_offset 1, 50 steps: ratio
+    # 1000 // 51 = 19, timesteps 951, 932, ..., 20; strength 0.9999 keeps int(50 * 0.9999) = 49 of them
+    ts = K.reference_resume_timesteps(50, 1)
+    assert len(ts) == 49 and ts[:3] == [932, 913, 894] and ts[-1] == 20
+    assert K.reference_resume_timesteps(50, 0)[0] == 951
+    assert K.reference_resume_timesteps(4, 1) == [601, 401, 201]
+    with pytest.raises(ValueError, match="skip_steps"):
+        K.reference_resume_timesteps(4, 4)
+    assert "schedule" in " ".join(K.StyleSSPParams(schedule="x").validate())
 
 
 def test_shape_errors():

@@ -36,16 +36,35 @@ def sigmas_for(s: Setup, steps=STEPS, scheduler="ddim_uniform"):
     return comfy.samplers.calculate_sigmas(s.model.get_model_object("model_sampling"), scheduler, steps)
 
 
-def inverted(inv, s: Setup, lat, cfg=1.5, scheduler="ddim_uniform"):
-    with torch.inference_mode():
-        return inv.InvertNode.execute(model=s.model, positive=s.positive, latent=lat,
-                                      sigmas=sigmas_for(s, scheduler=scheduler), cfg=cfg,
-                                      renoise_steps=1, renoise_average="reference",
-                                      noise_regularization=s.family not in ("sd3", "flux"), negative=s.negative).args
+_inversions: dict = {}
+
+
+def inverted(inv, s: Setup, lat, scheduler="ddim_uniform"):
+    """The official-style inversion (cfg 1.5 against the negative, ReNoise 1, reference averaging, regulariser on
+    eps models) of `lat`; deterministic, so computed once per family/latent/scheduler for the whole module."""
+    key = (s.family, scheduler, lat["samples"].shape, float(lat["samples"].sum()))
+    if key not in _inversions:
+        with torch.inference_mode():
+            _inversions[key] = inv.InvertNode.execute(
+                model=s.model, positive=s.positive, latent=lat, sigmas=sigmas_for(s, scheduler=scheduler), cfg=1.5,
+                renoise_steps=1, renoise_average="reference", noise_regularization=s.family not in ("sd3", "flux"),
+                negative=s.negative).args
+    return _inversions[key]
 
 
 BASE = dict(seed=1234, mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3, strength=0.3, noise_strength=0.3,
-            content_weight=0.2, skip_steps=1)
+            content_weight=0.2, schedule="reference", skip_steps=1)
+
+
+def reference_sigmas(s: Setup, steps=STEPS, skip=1):
+    """The official resume schedule, restated: diffusers' UniPC 'leading' timesteps k * (1000 // (steps + 1)) + 1,
+    k = steps .. 1, minus the first `skip`, then 0; DDPM-timestep models read their sigma table, flow models the
+    same fraction of their schedule."""
+    ms = s.model.get_model_object("model_sampling")
+    ts = [k * (1000 // (steps + 1)) + 1 for k in range(steps, 0, -1)][skip:]
+    if s.family in ("sd3", "flux"):
+        return torch.tensor([ms.percent_to_sigma(1 - t / 1000) for t in ts] + [0.0])
+    return torch.cat([ms.sigmas[ts].float(), torch.zeros(1)])
 
 
 def start(ssp, s: Setup, inv_latent, lat, sigmas, **overrides):
@@ -82,7 +101,9 @@ def test_full_pipeline_runs_and_differs_from_img2img(setup, ssp, inv):
     lat = content(setup)
     inv_latent, _, sigmas, _ = inverted(inv, setup, lat)
     latent, out_sigmas, noise = start(ssp, setup, inv_latent, lat, sigmas)
-    assert torch.equal(out_sigmas, sigmas[1:].float())
+    assert torch.allclose(out_sigmas, reference_sigmas(setup), rtol=1e-6)
+    assert float(out_sigmas[0]) < float(sigmas[0]), "the reference resumes below the inversion's end"
+    assert torch.equal(start(ssp, setup, inv_latent, lat, sigmas, schedule="inversion")[1], sigmas[1:].float())
     assert latent["samples"].shape == lat["samples"].shape and torch.isfinite(latent["samples"]).all()
     from comfy_extras import nodes_custom_sampler as ncs
     styled = sample(setup, ncs.Noise_EmptyNoise(), out_sigmas, latent)
@@ -111,7 +132,7 @@ def test_neutral_settings_return_the_inverted_state(setup, ssp, inv):
     lat = content(setup)
     inv_latent, _, sigmas, _ = inverted(inv, setup, lat)
     sp = state_of(ssp, setup, inv_latent, lat, sigmas, alpha=1.0, noise_strength=0.0, content_weight=0.0,
-                  skip_steps=0)
+                  schedule="inversion", skip_steps=0)
     x = setup.model.model.process_latent_in(inv_latent["samples"])
     assert torch.allclose(sp.state, x, atol=1e-5 * float(x.abs().max()))
     assert sp.sigma == pytest.approx(float(sigmas[0]))
@@ -127,8 +148,27 @@ def test_content_term_is_the_noised_content_latent(sd15, ssp, inv):
     x0 = s.model.model.process_latent_in(lat["samples"])
     term = (a.state - b.state) / 0.2
     resid = term - x0  # must be sigma_start * standard Gaussian noise
-    assert a.sigma == pytest.approx(float(sigmas[1]))
+    assert a.sigma == pytest.approx(float(reference_sigmas(s)[0]))
     assert float(resid.std() / a.sigma) == pytest.approx(1.0, abs=0.2)
+
+
+def test_official_resume_point_on_sdxl(comfy_root, tmp_path_factory, ssp):
+    """The official setting (ddim_uniform 50 = DDIM 'leading' inversion to t = 981; UniPC 'leading' sampling of
+    50 steps at strength 0.9999) resumes at t = 932 (sigma 9.917 on SDXL's schedule), 49 steps down to t = 20 then
+    0; schedule 'inversion' would resume at the inversion's next step t = 961. No model pass: any latent will do."""
+    from sampling_helpers import get_setup
+    s = get_setup("sdxl", tmp_path_factory)
+    ms = s.model.get_model_object("model_sampling")
+    sigmas = sigmas_for(s, 50)
+    assert float(sigmas[0]) == pytest.approx(float(ms.sigmas[981])) and float(sigmas[1]) == pytest.approx(
+        float(ms.sigmas[961]))
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    sp = state_of(ssp, s, lat, lat, sigmas)
+    assert sp.sigma == pytest.approx(9.917, abs=1e-3) and sp.sigma == pytest.approx(float(ms.sigmas[932]))
+    assert len(sp.sigmas) == 50 and float(sp.sigmas[-1]) == 0.0
+    assert float(sp.sigmas[1]) == pytest.approx(float(ms.sigmas[913])) and float(sp.sigmas[-2]) == pytest.approx(
+        float(ms.sigmas[20]))
+    assert state_of(ssp, s, lat, lat, sigmas, schedule="inversion").sigma == pytest.approx(float(ms.sigmas[961]))
 
 
 def test_faithful_and_improved_modes_and_seeds(sd15, ssp, inv):
@@ -162,7 +202,7 @@ def test_flow_start_at_sigma_one_warns_and_noise_still_works(setup, ssp, inv, ca
     lat = content(setup)
     inv_latent, _, sigmas, _ = inverted(inv, setup, lat, scheduler="simple")
     with caplog.at_level(logging.WARNING):
-        sp = state_of(ssp, setup, inv_latent, lat, sigmas, skip_steps=0)
+        sp = state_of(ssp, setup, inv_latent, lat, sigmas, schedule="inversion", skip_steps=0)
     assert sp.sigma == pytest.approx(1.0)
     adapters = host.pack_module("nodes.adapters")
     assert any("NOISE output" in r.getMessage() for r in caplog.records) or \
@@ -183,9 +223,8 @@ def test_errors(sd15, ssp, inv):
         start(ssp, s, inv_latent, {"samples": torch.zeros(1, 4, 16, 16)}, sigmas)
     with pytest.raises(ValueError, match="channels"):
         start(ssp, s, {"samples": torch.zeros(1, 16, 8, 8)}, lat, sigmas)
-    assert ssp.StyleSSPStartPoint.validate_inputs(mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3,
-                                                  strength=0.3, noise_strength=0.3, content_weight=0.2,
-                                                  skip_steps=1) is True
-    assert "mode" in ssp.StyleSSPStartPoint.validate_inputs(mode="x", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3,
-                                                            strength=0.3, noise_strength=0.3, content_weight=0.2,
-                                                            skip_steps=1)
+    checks = dict(mode="faithful", alpha=0.7, d_s=0.3, d_t=0.9, radius=0.3, strength=0.3, noise_strength=0.3,
+                  content_weight=0.2, schedule="reference", skip_steps=1)
+    assert ssp.StyleSSPStartPoint.validate_inputs(**checks) is True
+    assert "mode" in ssp.StyleSSPStartPoint.validate_inputs(**dict(checks, mode="x"))
+    assert "schedule" in ssp.StyleSSPStartPoint.validate_inputs(**dict(checks, schedule="x"))
