@@ -324,6 +324,11 @@ class InversionSamplerNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, renoise_steps, renoise_average) -> bool | str:
+        problems = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average).validate()
+        return "; ".join(problems) if problems else True
+
+    @classmethod
     def execute(cls, renoise_steps, renoise_average, noise_regularization) -> io.NodeOutput:
         params = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average,
                                   noise_regularization=noise_regularization)

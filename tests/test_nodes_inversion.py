@@ -46,44 +46,42 @@ def sample_back(inv, s: Setup, noise, sigmas, latent):
     return out.clone()
 
 
-def reconstruction_error(inv, s: Setup, steps, renoise=0):
+# Per family: the part of a "normal" schedule inverted (its lower 1/fraction), few and more steps, ReNoise
+# iterations, and the close-reconstruction bound. The random eps UNets are far from smooth at high sigma (measured
+# |d eps/d x| * sigma ~ 2.4 for the tiny SD1.5, ~ 10 for the tiny SDXL: too large for ReNoise's fixed point to
+# contract), so SD1.5 is checked over the lower half and SDXL over the lower quarter, where errors shrink
+# monotonically (SDXL stays far from close there); the flow models over the whole range up to sigma 1.
+RECONSTRUCTION = {"sd15": (2, 3, 8, 3, 0.1), "sdxl": (4, 3, 6, 2, None), "sd3": (1, 3, 8, 3, 0.02),
+                  "flux": (1, 3, 8, 3, 0.02)}
+
+
+def reconstruction_error(inv, s: Setup, steps, fraction=1, renoise=0):
+    import comfy.samplers
     lat = content(s)
-    _, _, sigmas, noise = run_node(inv, s, lat, steps=steps, renoise=renoise)
-    back = sample_back(inv, s, noise, sigmas, lat)
+    ms = s.model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", fraction * steps)[(fraction - 1) * steps:]
+    with torch.inference_mode():
+        result = inv.invert_latent(s.model, s.positive, None, {"samples": lat}, sigmas,
+                                   inv.DEFAULTS.replace(renoise_steps=renoise), progress=False)
+    back = sample_back(inv, s, result.noise(), result.sampling_sigmas(), lat)
     return float((back - lat).abs().mean() / lat.abs().mean())
 
 
 # ------------------------------------------------------------------------------------------------
 def test_inversion_then_sampling_back_reconstructs(setup, inv):
     """Relative L1 error of the reconstruction (printed with -s); it must shrink with more steps, and ReNoise
-    (a fixed point that inverts each Euler step) must shrink it further."""
-    e3, e10 = reconstruction_error(inv, setup, 3), reconstruction_error(inv, setup, 10)
-    e10_renoise = reconstruction_error(inv, setup, 10, renoise=3)
-    print(f"\n[{setup.family}] reconstruction rel. L1 error: 3 steps {e3:.4g}, 10 steps {e10:.4g}, "
-          f"10 steps + renoise 3 {e10_renoise:.4g}")
-    assert e10 < e3
-    assert e10_renoise < e10
-    if setup.family in ("sd3", "flux"):  # flow models: close reconstruction at sigma 1
-        assert e10_renoise < 0.02
-
-
-def test_partial_inversion_reconstructs_closely_on_sd15(sd15, inv):
-    """Inverting only the lower half of the schedule (what a denoise-0.5 BasicScheduler gives): the tiny SD1.5's
-    eps network is smooth enough there for ReNoise to reach a close reconstruction (the full range is dominated by
-    the random network's large Jacobian at high sigma)."""
-    import comfy.samplers
-    s = sd15
-    lat = content(s)
-    sigmas = comfy.samplers.calculate_sigmas(s.model.get_model_object("model_sampling"), "normal", 20)[10:]
-    errors = []
-    for renoise in (0, 3):
-        with torch.inference_mode():
-            result = inv.invert_latent(s.model, s.positive, None, {"samples": lat}, sigmas,
-                                       inv.DEFAULTS.replace(renoise_steps=renoise), progress=False)
-        back = sample_back(inv, s, result.noise(), result.sampling_sigmas(), lat)
-        errors.append(float((back - lat).abs().mean() / lat.abs().mean()))
-    print(f"\n[sd15] half-schedule reconstruction rel. L1 error: plain {errors[0]:.4g}, renoise 3 {errors[1]:.4g}")
-    assert errors[1] < 0.1 < errors[0]
+    (a fixed point that inverts each Euler step) must shrink it further, to a close reconstruction on SD1.5 (lower
+    half of the schedule) and the flow models (whole schedule, from sigma 1)."""
+    fraction, few, more, renoise, bound = RECONSTRUCTION[setup.family]
+    e_few = reconstruction_error(inv, setup, few, fraction)
+    e_more = reconstruction_error(inv, setup, more, fraction)
+    e_renoise = reconstruction_error(inv, setup, more, fraction, renoise)
+    print(f"\n[{setup.family}] reconstruction rel. L1 error (lower 1/{fraction} of the schedule): {few} steps "
+          f"{e_few:.4g}, {more} steps {e_more:.4g}, {more} steps + renoise {renoise} {e_renoise:.4g}")
+    assert e_more < e_few
+    assert e_renoise < e_more
+    if bound is not None:
+        assert e_renoise < bound
 
 
 def test_outputs(setup, inv):
@@ -162,13 +160,13 @@ def test_sampler_node_in_sampler_custom_advanced_equals_the_one_node(setup, inv)
 
 def test_model_passes_per_step(sd15, inv):
     model, counts = with_counter(sd15.model)
-    run_node(inv, sd15, content(sd15), steps=4, renoise=2, model=model)
-    assert counts == {"cond": 12, "uncond": 0, "calls": 12}
+    run_node(inv, sd15, content(sd15), steps=3, renoise=2, model=model)
+    assert counts == {"cond": 9, "uncond": 0, "calls": 9}
     model, counts = with_counter(sd15.model)
-    run_node(inv, sd15, content(sd15), steps=4, renoise=7, average="reference", model=model)
-    # reference plan: steps below DDPM t=250 capped at 5 renoise iterations; 4 normal steps end at sigmas whose
-    # timesteps are ~ 0, 333, 666, 999: one early step
-    assert counts["cond"] == 6 + 3 * 8
+    run_node(inv, sd15, content(sd15), steps=3, renoise=6, average="reference", model=model)
+    # reference plan: steps below DDPM t=250 capped at 5 renoise iterations; 3 normal steps end at sigmas whose
+    # timesteps are 0, 500, 999: one early step
+    assert counts["cond"] == 6 + 2 * 7
 
 
 def test_noise_regularization(setup, inv):
