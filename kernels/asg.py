@@ -86,6 +86,14 @@ class ASGParams:
     """uniform (CutDiffusion's average) or feather (our option: linear ramps on inner window sides)."""
     window_batch: int = 4
     """Detail-stage windows per model evaluation (memory bound; CutDiffusion's view_batch_size)."""
+    steps: int = 50
+    """Node default: total steps of both stages (paper: 50 = 25 + 25). The kernel follows the run's schedule."""
+    cfg: float = 7.5
+    """Node default: CFG scale of both stages (CutDiffusion's script: 7.5)."""
+    sampler_name: str = "euler"
+    """Node default: the k-diffusion sampler run in each stage (CutDiffusion: Euler)."""
+    scheduler: str = "normal"
+    """Node default: the noise schedule (no paper value; ComfyUI's default)."""
 
     def replace(self, **changes) -> "ASGParams":
         return dataclasses.replace(self, **changes)

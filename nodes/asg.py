@@ -338,15 +338,17 @@ class ASGDiffusion(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Noise seed: the target-size noise is drawn exactly as KSampler draws it "
                                      "(same seed, same size -> same noise)."),
-                io.Int.Input("steps", default=50, min=1, max=10000,
+                io.Int.Input("steps", default=d.steps, min=1, max=10000,
                              tooltip="Total steps of both stages. Paper: 50 (25 + 25)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=d.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG scale for both stages. CutDiffusion's script: 7.5 for both (SDXL)."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS),
+                               default=d.sampler_name,
                                tooltip="Sampler for each stage (it restarts at the stage switch, so multistep "
                                        "samplers lose their history there). CutDiffusion: Euler (SDXL default)."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
-                               tooltip="Noise schedule over all steps."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default=d.scheduler,
+                               tooltip="Noise schedule over all steps (split between the stages at "
+                                       "structure_fraction). No paper value; normal is ComfyUI's default."),
                 io.Latent.Input("latent_image",
                                 tooltip="The target-size latent, normally an Empty Latent Image (e.g. 2048x2048 for "
                                         "SDXL). Its size divided by the scale factors is the native patch size."),
