@@ -68,21 +68,30 @@ def test_bad_window_fails_naming_the_node(comfy_server):
     assert "TFG NegToMe" in message and "start_percent" in message and "Fix:" in message, message
 
 
-def _upload_example_image(server) -> None:
-    """The reference workflow loads ComfyUI's own input/example.png; the test server's input folder is empty."""
+UPLOADED_NAME = "comfy_example.png"
+
+
+def _upload_example_image(server) -> str:
+    """ComfyUI's own input/example.png (a real photo), uploaded under another name: the server's example.png is
+    the small test image every other shipped workflow loads, and must not be replaced for the later tests."""
     import requests
     example = Path(server.comfy_path) / "input" / "example.png"
     if not example.is_file():
         pytest.skip(f"{example} not found")
     with open(example, "rb") as f:
-        r = requests.post(f"{server.url}/upload/image", files={"image": ("example.png", f, "image/png")},
+        r = requests.post(f"{server.url}/upload/image", files={"image": (UPLOADED_NAME, f, "image/png")},
                           data={"overwrite": "true"}, timeout=30)
     assert r.status_code == 200, r.text
+    return UPLOADED_NAME
 
 
 def _reference_prompt(server, **node_inputs):
-    _upload_example_image(server)
+    uploaded = _upload_example_image(server)
     prompt = load_api_workflow(WORKFLOWS_API_DIR / "negtome_reference_sdxl.json", size=SIZE, steps=STEPS)
+    loads = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    assert loads, "the reference workflow loads no image"
+    for node in loads:
+        node["inputs"]["image"] = uploaded
     scale = prompt[_node_of(prompt, "ImageScale")]
     scale["inputs"].update(width=SIZE, height=SIZE)
     prompt[_node_of(prompt, "TFG_NegToMeReference")]["inputs"].update(node_inputs)
