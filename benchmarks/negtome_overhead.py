@@ -52,6 +52,11 @@ TINY_SHAPES = [
 # ----------------------------------------------------------------------------------------------
 # The previous implementation (reference only; not in the pack)
 # ----------------------------------------------------------------------------------------------
+
+def emit(text: str = "") -> None:
+    """Results go to stdout (the pack uses logging, never print)."""
+    sys.stdout.write(text + "\n")
+
 def old_merge_group(x, alpha, threshold, matching="official", budget_bytes=64 * 2 ** 20):
     def norm(t):
         return torch.nn.functional.normalize(t.float(), dim=-1)
@@ -210,13 +215,13 @@ def main(argv=None) -> int:
     params = params.replace(**changes)
     shapes = TINY_SHAPES if args.tiny else SHAPES
     if device.type == "cpu" and not args.tiny:
-        print("note: full-size shapes on the CPU are slow; use --tiny for a quick CPU run")
+        emit("note: full-size shapes on the CPU are slow; use --tiny for a quick CPU run")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     iters = args.iters or (10 if device.type == "cuda" else 2)
     warmup = 3 if device.type == "cuda" else 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"NegToMe per-layer overhead on {name} (torch {torch.__version__}); matching={params.matching}, "
+    emit(f"NegToMe per-layer overhead on {name} (torch {torch.__version__}); matching={params.matching}, "
           f"threshold={params.threshold}, alpha={params.alpha}, budget={params.budget_mb:g} MiB; 8 rows = 4 images "
           f"x 2 CFG chunks; median of {args.rounds} timings of {iters} calls")
     summary = []
@@ -242,16 +247,16 @@ def main(argv=None) -> int:
             diff = float((old_out.float() - new_out.float()).abs().max())
         times = time_layers(layer, hooks, x, iters, warmup, args.rounds, device)
         base = times["identity"]
-        print(f"\n{label}: x {tuple(x.shape)} {str(dtype).replace('torch.', '')}, {merged} tokens merged per call; "
+        emit(f"\n{label}: x {tuple(x.shape)} {str(dtype).replace('torch.', '')}, {merged} tokens merged per call; "
               f"old == new: {same} (max |diff| {diff:.3g})")
         for k, ms in times.items():
             extra = "" if k == "identity" else f"   overhead {ms - base:8.3f} ms  ({ms / base:5.2f}x layer)"
-            print(f"  {k:26s} {ms:9.3f} ms/call{extra}")
+            emit(f"  {k:26s} {ms:9.3f} ms/call{extra}")
         summary.append((label, calls, times["old (per image, syncs)"] - base, times["new (fp32 sims)"] - base,
                         times["new (similarity=model)"] - base))
-    print("\nPer active step (layer calls x overhead), ms:   old   new(fp32)   new(model)")
+    emit("\nPer active step (layer calls x overhead), ms:   old   new(fp32)   new(model)")
     for label, calls, old_ms, new_ms, model_ms in summary:
-        print(f"  {label:22s} x{calls:3d}  {calls * old_ms:9.2f} {calls * new_ms:9.2f} {calls * model_ms:9.2f}")
+        emit(f"  {label:22s} x{calls:3d}  {calls * old_ms:9.2f} {calls * new_ms:9.2f} {calls * model_ms:9.2f}")
     return 0
 
 
