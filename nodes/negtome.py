@@ -23,7 +23,7 @@ import comfy.patcher_extension
 
 from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, PAPER_UNET_MIN_GRID,
                                PAPER_UNET_MIN_TIMESTEP, WINDOWS, NegToMeParams, mask_to_tokens, merge_batch,
-                               parse_block_list, token_grid)
+                               parse_block_list, token_grid, SIMILARITIES)
 from . import adapters
 
 DEFAULTS = NegToMeParams()
@@ -84,13 +84,30 @@ def negtome_inputs(matchings: tuple[str, ...] = MATCHINGS) -> list:
                         tooltip="blocks=custom only: comma-separated NAME.INDEX or NAME.FIRST-LAST. SD1.x/SDXL: "
                                 "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
                                 "single.0-37'); SD3: joint (e.g. 'joint.0-23')."),
+        io.Combo.Input("similarity", options=list(SIMILARITIES), default=DEFAULTS.similarity,
+                       tooltip="Precision of the token cosine similarities. fp32 (our default): exact matching in "
+                               "half-precision models. model: in the model's dtype (bf16/fp16) as the released code "
+                               "does; cheaper on GPUs (H200, one Flux block: 14.7 -> 3.1 ms per call), near-ties may "
+                               "match differently. No effect on fp32 models (CPU). Not a paper parameter."),
     ]
 
 
-def _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks) -> NegToMeParams:
+def _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+            similarity=DEFAULTS.similarity) -> NegToMeParams:
     return NegToMeParams(alpha=alpha, threshold=threshold, matching=matching, window=window,
                          start_percent=start_percent, end_percent=end_percent, blocks=blocks,
-                         custom_blocks=custom_blocks)
+                         custom_blocks=custom_blocks, similarity=similarity)
+
+
+def _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+              similarity) -> bool | str:
+    """Before the run (HTTP 400 with node_errors): the params object's own checks. Inputs fed by links arrive as
+    None here and are checked again when the node runs."""
+    values = (alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks, similarity)
+    if any(v is None for v in values):
+        return True
+    problems = _params(*values).validate()
+    return "; ".join(problems) if problems else True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,9 +551,16 @@ class NegToMe(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                        similarity=DEFAULTS.similarity):
+        return _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                         similarity)
+
+    @classmethod
     def execute(cls, model, alpha, threshold, matching, window, start_percent, end_percent, blocks,
-                custom_blocks) -> io.NodeOutput:
-        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks)
+                custom_blocks, similarity=DEFAULTS.similarity) -> io.NodeOutput:
+        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                         similarity)
         patched, _ = apply_negtome(model, params, NODE)
         return io.NodeOutput(patched)
 
@@ -574,9 +598,16 @@ class NegToMeReference(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                        similarity=DEFAULTS.similarity):
+        return _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                         similarity)
+
+    @classmethod
     def execute(cls, model, vae, image, noise_reference, alpha, threshold, matching, window, start_percent,
-                end_percent, blocks, custom_blocks, mask=None) -> io.NodeOutput:
-        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks)
+                end_percent, blocks, custom_blocks, mask=None, similarity=DEFAULTS.similarity) -> io.NodeOutput:
+        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
+                         similarity)
         problems = params.validate()
         if problems:
             raise adapters.node_error(REFERENCE_NODE, None, "; ".join(problems), "correct the inputs.")

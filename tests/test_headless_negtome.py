@@ -58,14 +58,16 @@ def test_alpha_zero_is_bit_identical_over_http(comfy_server, name):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-def test_bad_window_fails_naming_the_node(comfy_server):
+def test_bad_window_is_rejected_before_the_run_naming_the_input(comfy_server):
+    """start_percent > end_percent is caught by validate_inputs: HTTP 400 with node_errors, nothing queued."""
     prompt = load_api_workflow(WORKFLOWS_API_DIR / "negtome_diversity_sdxl.json", size=SIZE, steps=STEPS)
-    prompt[_node_of(prompt, "TFG_NegToMe")]["inputs"].update(window="custom", start_percent=0.8, end_percent=0.2)
-    entry = comfy_server.run_prompt(prompt, check=False)
-    assert entry["status"]["status_str"] == "error"
-    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    message = errors[0][1]["exception_message"]
-    assert "TFG NegToMe" in message and "start_percent" in message and "Fix:" in message, message
+    del prompt[_node_of(prompt, "SaveImage", "A:")]  # only the NegToMe branch: its error leaves no valid output
+    node = _node_of(prompt, "TFG_NegToMe")
+    prompt[node]["inputs"].update(window="custom", start_percent=0.8, end_percent=0.2)
+    status, data = comfy_server.post_prompt(prompt)
+    assert status == 400, data
+    errors = data.get("node_errors", {})
+    assert node in errors and "start_percent" in repr(errors[node]["errors"]), errors
 
 
 UPLOADED_NAME = "comfy_example.png"
@@ -117,3 +119,15 @@ def test_reference_workflow_with_empty_mask_changes_nothing(comfy_server):
     a, b = _ab_images(comfy_server, entry, prompt)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert "mask is empty" in comfy_server.log_text()
+
+
+def test_invalid_custom_blocks_are_an_http_400_naming_the_node(comfy_server):
+    prompt = load_api_workflow(WORKFLOWS_API_DIR / "negtome_diversity_sdxl.json", size=SIZE, steps=STEPS)
+    del prompt[_node_of(prompt, "SaveImage", "A:")]  # only the NegToMe branch: its error leaves no valid output
+    node = _node_of(prompt, "TFG_NegToMe")
+    prompt[node]["inputs"].update(blocks="custom", custom_blocks="output.x")
+    status, data = comfy_server.post_prompt(prompt)
+    assert status == 400, data
+    errors = data.get("node_errors", {})
+    assert node in errors and errors[node]["class_type"] == "TFG_NegToMe", errors
+    assert "output.x" in repr(errors[node]["errors"])

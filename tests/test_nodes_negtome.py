@@ -420,3 +420,31 @@ def test_similarity_option_reaches_the_kernel_and_is_exact_on_fp32_models(setup,
     out = sample(setup, model)
     assert seen and set(seen) == {"model"}
     assert torch.equal(out, base)  # the tiny models run in fp32: the model dtype is fp32
+
+
+def test_similarity_node_input_reaches_the_kernel(sd15, nt, monkeypatch):
+    seen = []
+    kernel = nt.merge_batch
+
+    def spy(*args, **kwargs):
+        seen.append(args[7])  # similarity
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(nt, "merge_batch", spy)
+    sample(sd15, patched(nt, sd15.model, alpha=1.5, similarity="model"), steps=2)
+    assert seen and set(seen) == {"model"}
+    seen.clear()
+    sample(sd15, patched(nt, sd15.model, alpha=1.5), steps=2)  # the input left out: the params default
+    assert seen and set(seen) == {nt.NegToMeParams().similarity}
+
+
+@pytest.mark.parametrize("node", ["NegToMe", "NegToMeReference"])
+def test_validate_inputs_checks_the_params_before_the_run(nt, node):
+    cls = getattr(nt, node)
+    good = dict(BASE, similarity="fp32")
+    assert cls.validate_inputs(**good) is True
+    bad_blocks = cls.validate_inputs(**dict(good, blocks="custom", custom_blocks="output.x"))
+    assert isinstance(bad_blocks, str) and "output.x" in bad_blocks
+    assert isinstance(cls.validate_inputs(**dict(good, blocks="custom", custom_blocks="")), str)
+    assert isinstance(cls.validate_inputs(**dict(good, similarity="fp8")), str)
+    assert cls.validate_inputs(**dict(good, custom_blocks=None)) is True  # a linked input: checked at run time
