@@ -213,12 +213,16 @@ def asg_ksampler(params: ASGParams, sampler_name: str, family: adapters.ModelFam
         steps = len(sigmas) - 1
         n1 = split_steps(steps, params.structure_fraction)
         seed = int(extra_args.get("seed", 0) or 0)
-        progress = adapters.StepProgress(steps)
+        # The host's callback (progress bar + latent previews, from sample_asg or a KSampler-style caller) gets the
+        # global step index; without one, a bar of our own. Interrupts are checked at every step either way.
+        progress = adapters.StepProgress(steps) if callback is None else None
 
         def stage_callback(offset):
             def cb(d):
-                progress.step()
-                if callback is not None:  # the host's callback (None from sample_asg): global step index
+                adapters.check_interrupt()
+                if progress is not None:
+                    progress.step()
+                else:
                     callback({**d, "i": d["i"] + offset})
             return cb
 
@@ -298,8 +302,11 @@ def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sam
                                      scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
     stats = RunStats()
     sampler = asg_ksampler(params, sampler_name, family, layers, stats)
+    import latent_preview  # ComfyUI's: progress bar with latent previews (structure stage: patch 0, a dilated
+    # low-resolution view of the whole image; detail stage: the full latent)
+    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
     samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
-                                         noise_mask=None, callback=None, disable_pbar=True, seed=seed)
+                                         noise_mask=None, callback=callback, disable_pbar=True, seed=seed)
     adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, NODE, family.name, stats.summary())
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)

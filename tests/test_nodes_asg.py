@@ -189,6 +189,26 @@ def test_interrupt_stops_the_run(sd15, asg):
     assert counts["calls"] == 0
 
 
+def test_one_progress_bar_over_both_stages_with_previews(sd15, asg, monkeypatch):
+    """ComfyUI's KSampler progress (latent_preview.prepare_callback) counts the global step across both stages and
+    carries the preview image when a preview method is set."""
+    import comfy.utils
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+    updates = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    monkeypatch.setattr(latent_preview, "default_preview_method", LatentPreviewMethod.Latent2RGB, raising=False)
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: updates.append((value, total, preview is not None)))
+    try:
+        run(asg, sd15)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert [(v, t) for v, t, _ in updates] == [(i, STEPS) for i in range(1, STEPS + 1)]
+    assert all(has_preview for _, _, has_preview in updates)
+
+
 def test_other_samplers_run_both_stages(sd15, asg):
     """A multistep, an ancestral and a two-evaluation sampler on the smallest grid with both stages (2x1)."""
     for sampler in ("dpmpp_2m", "euler_ancestral", "heun"):
