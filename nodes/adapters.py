@@ -94,6 +94,24 @@ def require_family(node: str, model, allowed: tuple[str, ...]) -> ModelFamily:
     return family
 
 
+
+def resolve_family(node: str, model, supported: tuple[str, ...], unsupported: str, fix: str,
+                   fallback_use: str) -> ModelFamily:
+    """The model's family when its key is in `supported`. A model of no known family whose network is ComfyUI's
+    SD UNet runs as family "sd_unet" with a loud warning (once per config) saying `fallback_use` (what the node
+    then does, e.g. "the SD1.x/SDXL placement is used"); anything else raises node_error(unsupported, fix)."""
+    family = detect_family(model)
+    if family.key in supported:
+        return family
+    unet_like = as_sd_unet(model, family)
+    if unet_like is None:
+        raise node_error(node, family, unsupported, fix)
+    warn_once(f"{node}.sd_unet.{family.config_name}",
+              f"{PACK_NAME} {node} [model family: {family.name}]: not a known family, but its network is ComfyUI's "
+              f"SD UNet, so {fallback_use} (untested).")
+    return unet_like
+
+
 _warned: set[str] = set()
 
 

@@ -57,16 +57,9 @@ _DESCRIPTION = (
 # Family checks
 # ----------------------------------------------------------------------------------------------
 def resolve_family(model, params: ASGParams) -> adapters.ModelFamily:
-    family = adapters.detect_family(model)
-    unet_like = adapters.as_sd_unet(model, family)
-    if unet_like is not None:
-        adapters.warn_once(f"asg.sd_unet.{family.config_name}",
-                           f"{adapters.PACK_NAME} {NODE} [model family: {family.name}]: not a known family, but its "
-                           "network is ComfyUI's SD UNet, so the SD1.x/SDXL cross-attention mask is used (untested).")
-        family = unet_like
-    elif family.key not in SUPPORTED:
-        raise adapters.node_error(NODE, family, "this model family is not supported.",
-                                  "use an SD1.x, SD2.x, SDXL, SD3 or Flux model.")
+    family = adapters.resolve_family(NODE, model, SUPPORTED, "this model family is not supported.",
+                                     "use an SD1.x, SD2.x, SDXL, SD3 or Flux model.",
+                                     "the SD1.x/SDXL cross-attention mask is used")
     if params.mask == "cross_attention" and params.guidance_scale != 0.0 and \
             family.key not in CROSS_ATTENTION_FAMILIES:
         raise adapters.node_error(

@@ -246,19 +246,12 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
     problems = params.validate()
     if problems:
         raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
-    family = adapters.detect_family(model)
-    unet_like = adapters.as_sd_unet(model, family)
-    if unet_like is not None:
-        adapters.warn_once(f"negtome.sd_unet.{family.config_name}",
-                           f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: not a known family, but "
-                           "its network is ComfyUI's SD UNet, so the SD1.x/SDXL placement is used (untested).")
-        family = unet_like
-    if family.key not in SUPPORTED and unet_like is None:
-        raise adapters.node_error(
-            node_name, family,
-            "this architecture has no patch points NegToMe knows (it needs UNet attention output patches, Flux "
-            "double/single blocks or SD3 joint blocks).",
-            "use an SD1.x, SD2.x, SDXL, SD3 or Flux model, or remove this node.")
+    family = adapters.resolve_family(
+        node_name, model, SUPPORTED,
+        "this architecture has no patch points NegToMe knows (it needs UNet attention output patches, Flux "
+        "double/single blocks or SD3 joint blocks).",
+        "use an SD1.x, SD2.x, SDXL, SD3 or Flux model, or remove this node.",
+        "the SD1.x/SDXL placement is used")
     m = model.clone()
     key = adapters.new_patch_key("negtome")
     if reference is not None:

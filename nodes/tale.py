@@ -628,14 +628,9 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
     family = adapters.detect_family(model)
     if problems:
         raise adapters.node_error(NODE, family, "; ".join(problems) + ".", "correct the inputs.")
-    if family.key not in SUPPORTED:
-        unet_like = adapters.as_sd_unet(model, family)
-        if unet_like is None:
-            raise adapters.node_error(NODE, family, "this model family is not supported (TALE needs an eps/v UNet: "
-                                                    "SD1.x, SD2.x, SDXL).", "use an SD1.x, SD2.x or SDXL model.")
-        adapters.warn_once(f"tale.sd_unet.{family.config_name}", f"{adapters.PACK_NAME} {NODE} [model family: "
-                                                                 f"{family.name}]: not a known family; run as an SD "
-                                                                 "UNet (untested).")
+    family = adapters.resolve_family(NODE, model, SUPPORTED, "this model family is not supported (TALE needs an eps/v "
+                                     "UNet: SD1.x, SD2.x, SDXL).", "use an SD1.x, SD2.x or SDXL model.",
+                                     "it runs as an SD UNet")
     ms = model.get_model_object("model_sampling")
     import comfy.model_sampling
     if isinstance(ms, comfy.model_sampling.CONST):

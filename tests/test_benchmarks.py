@@ -259,3 +259,14 @@ def test_negtome_runs_on_the_eval_model(eval_model, harness):
     assert neg.evals_per_image == cfg.evals_per_image == 16
     assert torch.equal(neg.images[0], cfg.images[0])  # official matching: the reference image 0 is untouched
     assert not torch.equal(neg.images[1:], cfg.images[1:])
+
+
+def test_resolve_family_runs_unknown_sd_unets_as_sd_unet_and_refuses_the_rest(eval_model, sd15):
+    """The shared family gate of NegToMe, ASG and TALE: a known family passes through, an unknown model on ComfyUI's
+    SD UNet (the eval model) runs as "sd_unet", a family outside `supported` with another network is an error."""
+    adapters = host.pack_module("nodes.adapters")
+    patcher = eval_model.model  # the ModelPatcher
+    assert adapters.resolve_family("X", sd15.model, ("sd1",), "no.", "fix.", "as UNet").key == "sd1"
+    assert adapters.resolve_family("X", patcher, ("sd1",), "no.", "fix.", "as UNet").key == "sd_unet"
+    with pytest.raises(ValueError, match=r"TFG X \[model family: .*\]: no\. Fix: fix\."):
+        adapters.resolve_family("X", sd15.model, ("flux",), "no.", "fix.", "as UNet")

@@ -37,6 +37,18 @@ def with_key(nt, model, **overrides):
     return nt.apply_negtome(model, params)
 
 
+def one_cond_per_call(original):
+    """A _calc_cond_batch that evaluates each conditioning in its own model call (cond and uncond not batched)."""
+    def split(model_, conds, x_in, timestep, model_options):
+        outs = []
+        for i, c in enumerate(conds):
+            only = [None] * len(conds)
+            only[i] = c
+            outs.append(original(model_, only, x_in, timestep, model_options)[i])
+        return outs
+    return split
+
+
 def sample(s: Setup, model, batch=3, size=8, cfg=5.0, seed=3, steps=STEPS):
     import nodes
     with torch.inference_mode():
@@ -180,17 +192,7 @@ def test_separate_cond_and_uncond_calls_match_batched(sd15, nt, monkeypatch):
     import comfy.samplers
     model = patched(nt, sd15.model, alpha=1.5)
     batched = sample(sd15, model)
-    original = comfy.samplers._calc_cond_batch
-
-    def split(model_, conds, x_in, timestep, model_options):
-        outs = []
-        for i, c in enumerate(conds):
-            only = [None] * len(conds)
-            only[i] = c
-            outs.append(original(model_, only, x_in, timestep, model_options)[i])
-        return outs
-
-    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", split)
+    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", one_cond_per_call(comfy.samplers._calc_cond_batch))
     separate = sample(sd15, model)
     # network batch sizes round differently (~1e-7), which can flip a near-tie argmax: close, not bit-equal
     torch.testing.assert_close(separate, batched, rtol=5e-3, atol=5e-3)
@@ -320,17 +322,7 @@ def test_reference_mode_separate_calls_match_batched(sd15, nt, monkeypatch):
     import comfy.samplers
     model = ref_patched(nt, sd15, alpha=1.5)
     batched = sample(sd15, model, batch=2)
-    original = comfy.samplers._calc_cond_batch
-
-    def split(model_, conds, x_in, timestep, model_options):
-        outs = []
-        for i, c in enumerate(conds):
-            only = [None] * len(conds)
-            only[i] = c
-            outs.append(original(model_, only, x_in, timestep, model_options)[i])
-        return outs
-
-    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", split)
+    monkeypatch.setattr(comfy.samplers, "_calc_cond_batch", one_cond_per_call(comfy.samplers._calc_cond_batch))
     # Different network batch sizes round differently (~1e-7); with every token merged (threshold -1) that can flip
     # a near-tie argmax early on, which spreads as a small change everywhere: close, not bit-equal.
     separate = sample(sd15, model, batch=2)
