@@ -23,7 +23,7 @@ def setup(cpu: bool = True):
     root = host.find_comfyui()
     if root is None:
         raise SystemExit("NO COMFYUI HOST FOUND: set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, "
-                         "or check ComfyUI out into ~/comfy/ComfyUI")
+                         "or run `python tools/host.py` to bring ComfyUI 0.3.75")
     if cpu:
         host.setup_inprocess_comfyui(root)
     else:

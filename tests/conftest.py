@@ -16,7 +16,7 @@ pytest_plugins = ["headless_server"]
 
 _HOST = host.find_comfyui()
 _SKIP_REASON = ("NO COMFYUI HOST FOUND (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, "
-                "or check ComfyUI out into ~/comfy/ComfyUI): node and headless tests skipped")
+                "or run `python tools/host.py` to bring ComfyUI 0.3.75): node and headless tests skipped")
 
 
 def pytest_report_header(config):

@@ -1,7 +1,8 @@
 """Locating the ComfyUI host and loading the pack under test.
 
-The host is found through COMFYUI_PATH, else the pack's grandparent (ComfyUI/custom_nodes/<pack>),
-else ~/comfy/ComfyUI. Pure-kernel tests need none of it."""
+The host is found by tools/host.py (one lookup for the tests, the benchmarks and CI): COMFYUI_PATH, else the
+pack's grandparent (ComfyUI/custom_nodes/<pack>), else the host script's cache (`python tools/host.py` brings
+ComfyUI 0.3.75 there). Pure-kernel tests need none of it."""
 from __future__ import annotations
 
 import importlib
@@ -15,20 +16,15 @@ PACK_MODULE = "tfg_pack_under_test"
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def _looks_like_comfyui(path: Path) -> bool:
-    return (path / "main.py").is_file() and (path / "comfy" / "samplers.py").is_file()
+def _host_script():
+    spec = importlib.util.spec_from_file_location("tfg_tools_host", PACK_ROOT / "tools" / "host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def find_comfyui() -> Path | None:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    candidates.append(PACK_ROOT.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    for c in candidates:
-        if _looks_like_comfyui(c):
-            return c.resolve()
-    return None
+    return _host_script().find_host()
 
 
 def load_pack():
@@ -72,15 +68,22 @@ def setup_inprocess_comfyui(root: Path) -> Path:
 def node_classes() -> dict:
     """Class-type → node class for ComfyUI's core nodes, the custom-sampler nodes and this pack's nodes
     (in-process, without ComfyUI's slow init_extra_nodes)."""
-    import asyncio
     import nodes
     from comfy_extras import nodes_custom_sampler
     classes = dict(nodes.NODE_CLASS_MAPPINGS)
-    classes.update(nodes_custom_sampler.NODE_CLASS_MAPPINGS)
-    extension = asyncio.run(load_pack().comfy_entrypoint())
-    for node in asyncio.run(extension.get_node_list()):
-        classes[node.GET_SCHEMA().node_id] = node
+    classes.update(module_node_classes(nodes_custom_sampler))
+    classes.update(module_node_classes(load_pack()))
     return classes
+
+
+def module_node_classes(module) -> dict:
+    """Class-type → class of one node module, V1 (NODE_CLASS_MAPPINGS: ComfyUI 0.3.64's custom-sampler nodes)
+    or V3 (comfy_entrypoint: 0.3.75's, and this pack's)."""
+    import asyncio
+    if hasattr(module, "NODE_CLASS_MAPPINGS"):
+        return dict(module.NODE_CLASS_MAPPINGS)
+    extension = asyncio.run(module.comfy_entrypoint())
+    return {node.GET_SCHEMA().node_id: node for node in asyncio.run(extension.get_node_list())}
 
 
 def object_info(classes: dict) -> dict:
