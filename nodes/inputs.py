@@ -80,7 +80,8 @@ class Widget:
         return list(opts or ())
 
     def tooltip(self) -> str:
-        parts = [self.meaning.rstrip()]
+        meaning = self.meaning.rstrip()
+        parts = [meaning if meaning.endswith((".", "?", "!", ")")) else meaning + "."]
         if self.neutral:
             parts.append(f"Neutral: {self.neutral.rstrip('.')}.")
         if self.paper:
@@ -282,7 +283,7 @@ class NodeInputs:
             problem = w.problem(value)
             if problem:
                 bad.add(w.name)
-                found.append(f"{w.name} {problem}")
+                found.append(f"input '{w.name}' {problem}")
         for rule in self.rules:
             args = {n: values.get(n) for n in rule.names}
             if any(v is None for v in args.values()) or bad & set(rule.names):
