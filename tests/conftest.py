@@ -1,7 +1,9 @@
 """Shared fixtures. Tests that need ComfyUI take the `comfy_root` fixture; without a host they skip
-with one loud line, and the pure-kernel tests still run."""
+with one loud line, and the pure-kernel tests still run. Under CI (TFG_REQUIRE_HOST=1, which .ci/run sets, or
+CI=true) a missing host is an error instead: CI never passes on skipped host tests."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +21,23 @@ _SKIP_REASON = ("NO COMFYUI HOST FOUND (set COMFYUI_PATH, install the pack in Co
                 "or run `python tools/host.py` to bring ComfyUI 0.3.75): node and headless tests skipped")
 
 
+def _host_required() -> bool:
+    return os.environ.get("TFG_REQUIRE_HOST") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_configure(config):
+    if _HOST is None and _host_required():
+        raise pytest.UsageError("NO COMFYUI HOST FOUND and TFG_REQUIRE_HOST=1/CI=true: refusing to skip the node "
+                                "and headless tests. Run `python tools/host.py --requirements` (brings ComfyUI "
+                                "0.3.75) or set COMFYUI_PATH.")
+
+
 def pytest_report_header(config):
-    return f"ComfyUI host: {_HOST}" if _HOST else _SKIP_REASON
+    import tiny_models
+    lines = [f"ComfyUI host: {_HOST}" if _HOST else _SKIP_REASON]
+    lines.append(f"tiny test models: {tiny_models.CACHE_DIR} (about {tiny_models.CACHE_SIZE_NOTE}; "
+                 f"set {tiny_models.CACHE_ENV} to move it)")
+    return lines
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,10 +45,16 @@ def pytest_collection_modifyitems(config, items):
         config.issue_config_time_warning(pytest.PytestWarning(_SKIP_REASON), stacklevel=2)
 
 
+def _no_host():
+    if _host_required():
+        pytest.fail(_SKIP_REASON.replace("skipped", "required (TFG_REQUIRE_HOST=1 / CI=true)"), pytrace=False)
+    pytest.skip(_SKIP_REASON)
+
+
 @pytest.fixture(scope="session")
 def comfy_root() -> Path:
     if _HOST is None:
-        pytest.skip(_SKIP_REASON)
+        _no_host()
     return host.setup_inprocess_comfyui(_HOST)
 
 
@@ -39,7 +62,7 @@ def comfy_root() -> Path:
 def comfy_host_path() -> Path:
     """The ComfyUI checkout path, without importing it into this process (for subprocess servers)."""
     if _HOST is None:
-        pytest.skip(_SKIP_REASON)
+        _no_host()
     return _HOST
 
 
