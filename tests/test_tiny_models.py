@@ -61,3 +61,15 @@ def test_tiny_weights_deterministic(tm):
     b, _, _ = tm.build_tiny_flux()
     sa, sb = a.model.diffusion_model.state_dict(), b.model.diffusion_model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cache_is_outside_the_pack_and_overridable(tmp_path, monkeypatch):
+    """The ~360 MiB of tiny files never land inside the pack (custom_nodes/); TFG_TEST_CACHE moves them."""
+    import tiny_models
+    from host import PACK_ROOT
+    assert PACK_ROOT.resolve() not in tiny_models.CACHE_DIR.resolve().parents
+    monkeypatch.setenv(tiny_models.CACHE_ENV, str(tmp_path / "c"))
+    assert tiny_models._cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(tiny_models.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert tiny_models._cache_dir() == tmp_path / "x" / "tfg-nodes" / "tests"

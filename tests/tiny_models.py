@@ -4,13 +4,17 @@ Every builder is deterministic (seeded initialisation) and fast on CPU. ComfyUI 
 inside the functions: callers must already have run `host.setup_inprocess_comfyui(root)` (the
 `comfy_root` fixture does) or be running inside a ComfyUI process (the test-only node pack).
 
-* SD1.5: a real checkpoint file (UNet detected as SD15 + real CLIP-L in fp16 + TAESD), cached under
-  tests/.cache/ and loaded through `comfy.sd.load_checkpoint_guess_config`.
+* SD1.5: a real checkpoint file (UNet detected as SD15 + real CLIP-L in fp16 + TAESD), cached in the user
+  cache folder (below) and loaded through `comfy.sd.load_checkpoint_guess_config`.
 * SDXL, Flux: built in process from `comfy.supported_models.SDXL` / `.Flux` with tiny configs (no
   tiny file of these can be detected: their detection hard-codes the full sizes).
 * SD3: a tiny MMDiT file (depth 2, hidden 128) that ComfyUI's loader detects as SD3.
 * `TinyTextEncoder`: a stand-in CLIP (deterministic embeddings seeded by the text) so ComfyUI's
   CLIPTextEncode works unchanged for the families whose real text encoders are too big.
+
+Cache: the two files (tiny SD1.5 checkpoint ~344 MiB, tiny SD3 file ~14 MiB: about 360 MiB together) are
+written once to $TFG_TEST_CACHE, else $XDG_CACHE_HOME/tfg-nodes/tests, else ~/.cache/tfg-nodes/tests: outside
+the pack, so nothing large lands in ComfyUI/custom_nodes/. Delete the folder to reclaim the space.
 """
 from __future__ import annotations
 
@@ -24,7 +28,18 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TESTS_DIR = Path(__file__).resolve().parent
-CACHE_DIR = TESTS_DIR / ".cache"
+CACHE_ENV = "TFG_TEST_CACHE"
+CACHE_SIZE_NOTE = "360 MiB"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tfg-nodes" / "tests"
+
+
+CACHE_DIR = _cache_dir()
 
 # Bump when a builder changes, so stale cached files are not reused.
 CACHE_VERSION = "v2"
@@ -327,7 +342,7 @@ def _sd15_state_dict() -> dict:
 
 
 def tiny_sd15_checkpoint() -> Path:
-    """Path of the cached tiny SD1.5 checkpoint (written on first use, ~360 MB, a few seconds)."""
+    """Path of the cached tiny SD1.5 checkpoint (written on first use, ~344 MiB, a few seconds)."""
     path = CACHE_DIR / f"tiny_sd15_{CACHE_VERSION}.safetensors"
     if not path.is_file():
         logger.info("writing tiny SD1.5 checkpoint to %s", path)
