@@ -74,6 +74,25 @@ def _release_tiny_models():
         sys.modules["sampling_helpers"]._setups.clear()
 
 
+def pytest_unconfigure(config):
+    """Models still held by test modules are collected at interpreter shutdown, after ComfyUI's own modules
+    are torn down; ComfyUI's ModelPatcher.__del__ then fails ("'NoneType' object has no attribute
+    'ON_DETACH'") and Python prints "Exception ignored in ... ModelPatcher.__del__" after the test summary.
+    It is harmless (the process is exiting) and not a test failure: those messages alone are dropped."""
+    import gc
+    if "sampling_helpers" in sys.modules:
+        sys.modules["sampling_helpers"]._setups.clear()
+    gc.collect()
+
+    def hook(unraisable, _previous=sys.__unraisablehook__, _name="ModelPatcher.__del__"):
+        if _name in (getattr(unraisable.object, "__qualname__", None) or ""):
+            return
+        _previous(unraisable)
+
+    import atexit
+    atexit.register(setattr, sys, "unraisablehook", hook)   # after pytest has restored its own hook
+
+
 FAMILIES = ["sd15", "sdxl", "sd3", "flux"]
 
 
