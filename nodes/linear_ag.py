@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import folder_paths
 import safetensors.torch
 
 from ..kernels.linear_ag import AFTER_RULES, ESTIMATORS, LinearAGParams, TrajectoryStats, UncondEstimator, to_score
-from . import adapters
+from . import adapters, files
 from .adaptive_guidance import (adaptive_guidance_inputs, apply_adaptive_guidance, guider_cfg_input,
                                 make_guider, validate_guider_cfg)
 
@@ -36,6 +35,28 @@ def _register_folder() -> None:
 
 
 _register_folder()
+
+
+def coefficients_folder() -> str:
+    """Where LinearAG Fit writes: the first models/tfg_linear_ag folder."""
+    return folder_paths.get_folder_paths(COEFFICIENTS_FOLDER)[0]
+
+
+def fitted_files() -> list[str]:
+    """The coefficients files LinearAG Load can offer (read when the node list is built)."""
+    return folder_paths.get_filename_list(COEFFICIENTS_FOLDER)
+
+
+def coefficients_path(name) -> str:
+    """The full path of a listed coefficients file, confined to the models/tfg_linear_ag folders."""
+    problem = None
+    for folder in folder_paths.get_folder_paths(COEFFICIENTS_FOLDER):
+        try:
+            return str(files.confined_existing(folder, name))
+        except files.FileNameError as exc:
+            problem = str(exc)
+    raise adapters.node_error("LinearAG Load Coefficients", None, f"cannot load {name!r}: {problem}.",
+                              f"pick a file written by LinearAG Fit (listed from models/{COEFFICIENTS_FOLDER}/).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +289,9 @@ class LinearAGFit(io.ComfyNode):
                                 tooltip="Name of the coefficients file (letters, digits, - and _). Neutral: none."),
                 io.Float.Input("ridge", default=DEFAULTS.ridge, min=0.0, max=1.0, step=1e-6,
                                tooltip="Relative Tikhonov regularisation of the fit. Neutral: 0. Default 1e-6."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace an existing file of that name. Off: a numbered file "
+                                         "(name_00001, …) is written instead, as SaveImage does."),
             ],
             outputs=[CoefficientsType.Output(display_name="coefficients", tooltip="Connect to LinearAG.")],
             is_output_node=True,
@@ -275,22 +299,28 @@ class LinearAGFit(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, filename) -> bool | str:
-        if filename is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", filename):
-            return f"filename may hold letters, digits, '-' and '_' only, got {filename!r}"
-        return True
+        if filename is None:  # linked: checked again when the node executes
+            return True
+        problem = files.stem_problem(filename)
+        return True if problem is None else f"LinearAG Fit: filename {problem}"
 
     @classmethod
-    def execute(cls, recording, samples, filename, ridge) -> io.NodeOutput:
+    def execute(cls, recording, samples, filename, ridge, overwrite=False) -> io.NodeOutput:
+        problem = files.stem_problem(filename)
+        if problem:
+            raise adapters.node_error("LinearAG Fit", None, f"filename {problem}.",
+                                      f"type a plain name; the file is written to models/{COEFFICIENTS_FOLDER}/.")
         if recording.stats is None or not recording.stats.equations:
             raise adapters.node_error("LinearAG Fit", None, "the recording holds no trajectories.",
                                       "sample (cfg > 1, at least history + 1 steps) with the model from LinearAG "
                                       "Record and connect that sampler's output to 'samples'.")
-        folder = folder_paths.get_folder_paths(COEFFICIENTS_FOLDER)[0]
+        folder = coefficients_folder()
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{filename}.safetensors")
-        coefficients = fit_recording(recording, ridge, os.path.basename(path))
-        coefficients.to_file(path)
-        text = f"saved {coefficients.describe()}"
+        path = files.new_file(folder, filename, ".safetensors", overwrite=bool(overwrite))
+        coefficients = fit_recording(recording, ridge, path.name)
+        replaced = path.exists()
+        coefficients.to_file(str(path))
+        text = f"{'replaced' if replaced else 'wrote'} models/{COEFFICIENTS_FOLDER}/{coefficients.describe()}"
         adapters.logger.info("%s LinearAG Fit: %s", adapters.PACK_NAME, text)
         return io.NodeOutput(coefficients, ui={"text": [text]})
 
@@ -311,7 +341,7 @@ class LinearAGLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, coefficients_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(COEFFICIENTS_FOLDER, coefficients_name)
+        path = coefficients_path(coefficients_name)
         return io.NodeOutput(LinearAGCoefficients.from_file(path))
 
 

@@ -52,7 +52,7 @@ def test_record_fit_save_load_roundtrip(sd15, la, models_dir):
     coefficients, ui = record_and_fit(la, sd15, steps, models_dir)
     assert coefficients.trajectories == 4 and coefficients.steps == steps and coefficients.family == "SD1.x"
     assert coefficients.sampler == "euler" and coefficients.fitted.tolist() == [False] + [True] * (steps - 1)
-    assert "saved" in ui["text"][0]
+    assert ui["text"][0].startswith("wrote models/tfg_linear_ag/fit.safetensors: SD1.x")
     assert (models_dir / "fit.safetensors").is_file()
     loaded = la.LinearAGLoad.execute(coefficients_name="fit.safetensors").args[0]
     assert torch.equal(loaded.coefficients, coefficients.coefficients) and torch.equal(loaded.sigmas, coefficients.sigmas)
@@ -135,3 +135,53 @@ def test_recording_resets_when_the_schedule_changes(sd15, la, models_dir, caplog
     ksample(sd15, recorded, steps=5)
     assert recording.stats.trajectories == 1 and recording.stats.steps == 5
     assert any("discarding 1 trajectories" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------
+# File names from inputs (typed, or linked from a PrimitiveString: None at validation) stay in the folder
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_recording(la, sd15):
+    recorded, recording = la.LinearAGRecord.execute(model=sd15.model, history=1).args
+    latent = ksample(sd15, recorded, steps=3)
+    return recording, {"samples": latent}
+
+
+def files_under(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("hostile", ["/tmp/tfg_evil_abs", "ABSOLUTE", "../x", "a/b", "a\\b", "CON", "nul", "",
+                                     "x.safetensors", ".."])
+def test_fit_refuses_hostile_names_at_execute_even_when_linked(la, models_dir, one_recording, tmp_path, hostile):
+    if hostile == "ABSOLUTE":
+        hostile = str(tmp_path / "outside" / "evil")
+    recording, samples = one_recording
+    assert la.LinearAGFit.validate_inputs(filename=None) is True  # linked: unknown at validation
+    assert la.LinearAGFit.validate_inputs(filename=hostile) is not True
+    with pytest.raises(ValueError, match=r"TFG LinearAG Fit: filename .*Fix:"):
+        la.LinearAGFit.execute(recording=recording, samples=samples, filename=hostile, ridge=1e-6)
+    assert files_under(tmp_path) == []
+    assert not any(p.name.startswith("tfg_evil_abs") for p in __import__("pathlib").Path("/tmp").iterdir())
+
+
+def test_fit_never_overwrites_silently(la, models_dir, one_recording, tmp_path):
+    recording, samples = one_recording
+    first = la.LinearAGFit.execute(recording=recording, samples=samples, filename="mine", ridge=1e-6)
+    assert "wrote models/tfg_linear_ag/mine.safetensors" in first.ui["text"][0]
+    before = (models_dir / "mine.safetensors").read_bytes()
+    second = la.LinearAGFit.execute(recording=recording, samples=samples, filename="mine", ridge=0.5)
+    assert "wrote models/tfg_linear_ag/mine_00001.safetensors" in second.ui["text"][0]
+    assert (models_dir / "mine.safetensors").read_bytes() == before
+    third = la.LinearAGFit.execute(recording=recording, samples=samples, filename="mine", ridge=0.5, overwrite=True)
+    assert "replaced models/tfg_linear_ag/mine.safetensors" in third.ui["text"][0]
+    assert (models_dir / "mine.safetensors").read_bytes() != before
+    assert files_under(tmp_path) == ["tfg_linear_ag/mine.safetensors", "tfg_linear_ag/mine_00001.safetensors"]
+
+
+@pytest.mark.parametrize("hostile", ["../fit.safetensors", "/etc/passwd", "missing.safetensors", ""])
+def test_load_refuses_names_outside_the_folder(la, models_dir, hostile):
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir.parent / "fit.safetensors").write_bytes(b"not inside")
+    with pytest.raises(ValueError, match=r"TFG LinearAG Load Coefficients: .*Fix:"):
+        la.LinearAGLoad.execute(coefficients_name=hostile)
