@@ -26,7 +26,7 @@ logger = logging.getLogger("tfg")
 @dataclass(frozen=True)
 class ModelFamily:
     key: str
-    """One of: sd1, sd2, sdxl, sd3, flux, unsupported."""
+    """One of: sd1, sd2, sdxl, sd3, flux, wan, hunyuan_video, ltxv, qwen_image, chroma, unsupported."""
     name: str
     """Human name, e.g. "SDXL", or the host's config class name when unsupported."""
     config_name: str
@@ -41,20 +41,46 @@ class ModelFamily:
 
     @property
     def is_flow(self) -> bool:
-        return self.key in ("sd3", "flux")
+        return self.key in ("sd3", "flux", "wan", "hunyuan_video", "ltxv", "qwen_image", "chroma")
+
+    @property
+    def is_video(self) -> bool:
+        """Latents are 5-D (batch, channels, frames, height, width)."""
+        return self.key in ("wan", "hunyuan_video", "ltxv")
 
 
-# Order matters: subclasses before their bases.
-_FAMILY_TABLE = (
+def _host_class(name: str):
+    """A config class of comfy.supported_models, or None on a host that lacks it."""
+    return getattr(supported_models, name, None)
+
+
+# Order matters: subclasses before their bases. Wan 2.2's 14B models use Wan 2.1's classes (same network);
+# WAN22_T2V is the 5B TI2V model (48-channel latents).
+_FAMILY_TABLE = tuple((cls, key, name) for cls, key, name in (
     (supported_models.SD15, "sd1", "SD1.x"),
     (supported_models.SD20, "sd2", "SD2.x"),
     (supported_models.SDXLRefiner, "sdxl", "SDXL"),
     (supported_models.SDXL, "sdxl", "SDXL"),
     (supported_models.SD3, "sd3", "SD3"),
+    (_host_class("Chroma"), "chroma", "Chroma"),
     (supported_models.Flux, "flux", "Flux"),
-)
+    (_host_class("WAN22_T2V"), "wan", "Wan 2.2"),
+    (_host_class("WAN21_I2V"), "wan", "Wan 2.1 I2V"),
+    (_host_class("WAN21_T2V"), "wan", "Wan 2.1"),
+    (_host_class("HunyuanVideo"), "hunyuan_video", "HunyuanVideo"),
+    (_host_class("LTXV"), "ltxv", "LTX-Video"),
+    (_host_class("QwenImage"), "qwen_image", "Qwen-Image"),
+) if cls is not None)
 
-SUPPORTED_FAMILY_NAMES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux")
+SUPPORTED_FAMILY_NAMES = ("SD1.x", "SD2.x", "SDXL", "SD3", "SD3.5", "Flux", "Wan 2.1", "Wan 2.2", "HunyuanVideo",
+                          "LTX-Video", "Qwen-Image", "Chroma")
+
+
+def _variant_name(key: str, name: str, config) -> str:
+    """SD3.5 shares SD3's config class; its MMDiT-X has RMS qk-norm (Large and Medium)."""
+    if key == "sd3" and getattr(config, "unet_config", {}).get("qk_norm"):
+        return "SD3.5"
+    return name
 
 
 def detect_family(model) -> ModelFamily:
@@ -64,7 +90,7 @@ def detect_family(model) -> ModelFamily:
     config_name = type(config).__name__ if config is not None else type(base).__name__
     for cls, key, name in _FAMILY_TABLE:
         if config is not None and isinstance(config, cls):
-            return ModelFamily(key, name, config_name)
+            return ModelFamily(key, _variant_name(key, name, config), config_name)
     return ModelFamily("unsupported", config_name, config_name)
 
 
@@ -88,7 +114,7 @@ def require_family(node: str, model, allowed: tuple[str, ...]) -> ModelFamily:
     """Raise unless the model's family key is in `allowed`."""
     family = detect_family(model)
     if family.key not in allowed:
-        names = ", ".join(n for _, k, n in _FAMILY_TABLE if k in allowed)
+        names = ", ".join(dict.fromkeys(n for _, k, n in _FAMILY_TABLE if k in allowed))
         raise node_error(node, family, f"this model family is not supported (supported: {names}).",
                          "use a model of a supported family, or remove this node.")
     return family
