@@ -1,6 +1,7 @@
 """A real ComfyUI server in a subprocess, for headless acceptance tests.
 
-`ComfyServer` starts `main.py --cpu` on a free loopback port with its own base directory, in which
+`ComfyServer` starts `main.py --cpu` (through the pack's one launcher, tools/headless/server.py) on a free
+loopback port with its own base directory, in which
 the pack (repo root, as custom_nodes/tfg_guidance), the test-only pack (tests/testing_pack, as
 custom_nodes/tfg_testing_pack) and the tiny SD1.5 checkpoint (models/checkpoints/tiny_sd15.safetensors)
 are linked. tests/conftest.py registers this module as a plugin, so `comfy_server` is one server per session.
@@ -11,10 +12,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -47,12 +44,6 @@ _LOADER_OUTPUTS = {
 _LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def ensure_tiny_files(comfy_path: Path) -> Path:
     """The cached tiny SD1.5 checkpoint (and the tiny SD3 file the testing pack loads), built in this
     process through ComfyUI's classes if they are not cached yet."""
@@ -67,8 +58,17 @@ def ensure_tiny_files(comfy_path: Path) -> Path:
     return sd15
 
 
+def server_threads() -> str:
+    """One intra-op thread unless told otherwise (TFG_SERVER_THREADS, else OMP_NUM_THREADS): the tiny models
+    gain little from more, and on a busy 2-core machine OpenMP's spin-waiting made 2 threads ~6x slower."""
+    return os.environ.get("TFG_SERVER_THREADS") or os.environ.get("OMP_NUM_THREADS") or "1"
+
+
 class ComfyServer:
-    """`with ComfyServer(comfy_path) as server: server.run_prompt(prompt)`."""
+    """`with ComfyServer(comfy_path) as server: server.run_prompt(prompt)`.
+
+    The process is started and stopped by the runner's launcher (tools/headless/server.py, `LocalComfyUI`: the
+    one launcher of the pack); this class adds the test base directory and the HTTP helpers."""
 
     def __init__(self, comfy_path, startup_timeout: float = 90.0, extra_args=(), sd15_checkpoint=None):
         self.comfy_path = Path(comfy_path)
@@ -78,9 +78,11 @@ class ComfyServer:
         self.base = None
         self.port = None
         self.url = None
-        self.proc = None
-        self._log_path = None
-        self._log_file = None
+        self.launcher = None
+
+    @property
+    def proc(self):
+        return self.launcher.proc if self.launcher is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def __enter__(self):
@@ -109,85 +111,35 @@ class ComfyServer:
         return base
 
     def start(self, attempts: int = 3) -> None:
+        import host
+        headless = host.headless()
         self.base = self._prepare_base()
-        self._log_path = self.base / "server.log"
-        deadline = time.monotonic() + self.startup_timeout
-        last_error = ""
-        for _ in range(attempts):
-            self.port = _free_port()
-            self.url = f"http://{HOST}:{self.port}"
-            self._spawn()
-            ok, last_error = self._wait_ready(deadline)
-            if ok:
-                logger.info("ComfyUI test server ready at %s (base %s)", self.url, self.base)
-                return
-            self._terminate()
-            if "address already in use" not in self.log_text().lower() or time.monotonic() > deadline:
-                break
-        log = self.log_text()
-        self.stop()
-        raise RuntimeError(f"ComfyUI server did not become ready: {last_error}\n--- server log (tail) ---\n"
-                           f"{log[-6000:]}")
-
-    def _spawn(self) -> None:
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-               "--disable-auto-launch", "--base-directory", str(self.base),
-               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
-        env = dict(os.environ)
-        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
-        # One intra-op thread unless told otherwise: the tiny models gain little from more, and on a
-        # busy 2-core machine OpenMP's spin-waiting made 2 threads ~6x slower than 1.
-        threads = os.environ.get("TFG_SERVER_THREADS") or env.get("OMP_NUM_THREADS") or "1"
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
-        env.pop("PYTHONPATH", None)
-        self._log_file = open(self._log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-
-    def _wait_ready(self, deadline: float) -> tuple[bool, str]:
-        import requests
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False, f"server process exited with code {self.proc.returncode}"
-            try:
-                r = requests.get(f"{self.url}/object_info/{READY_NODE}", timeout=2)
-                if r.status_code == 200 and READY_NODE in r.json():
-                    return True, ""
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(0.25)
-        return False, f"timed out after {self.startup_timeout:.0f} s waiting for /object_info/{READY_NODE}"
-
-    def _terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=10)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        threads = server_threads()
+        self.launcher = headless.LocalComfyUI(
+            self.comfy_path, cpu=True, base_directory=self.base, log_path=self.base / "server.log",
+            extra_args=["--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args],
+            startup_timeout=self.startup_timeout, ready_node=READY_NODE, attempts=attempts,
+            env={"PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                 "PYTHONPATH": None})
+        try:
+            self.launcher.start()
+        except headless.HeadlessError as e:
+            log = self.log_text()
+            self.stop()
+            raise RuntimeError(f"ComfyUI server did not become ready: {str(e).splitlines()[0]}\n"
+                               f"--- server log (tail) ---\n{log[-6000:]}") from e
+        self.port, self.url = self.launcher.port, self.launcher.url
+        logger.info("ComfyUI test server ready at %s (base %s)", self.url, self.base)
 
     def stop(self) -> None:
-        self._terminate()
-        self.proc = None
+        if self.launcher is not None:
+            self.launcher.stop()
         if self.base is not None and os.environ.get("TFG_KEEP_SERVER_BASE") != "1":
             shutil.rmtree(self.base, ignore_errors=True)
             self.base = None
 
     def log_text(self) -> str:
-        if self._log_path is None or not self._log_path.exists():
-            return ""
-        return self._log_path.read_text(encoding="utf-8", errors="replace")
+        return self.launcher.log_text() if self.launcher is not None else ""
 
     # -- HTTP API -------------------------------------------------------------------------------
     def get(self, route: str, **params):
@@ -315,15 +267,6 @@ class ComfyServer:
     def image_arrays(self, entry: dict) -> list:
         """All output images of a /history entry as numpy arrays, ordered by output node id."""
         return [a for arrays in self.images_by_node(entry).values() for a in arrays]
-
-
-def _die_with_parent() -> None:
-    """In the child (Linux): get SIGTERM when the test process dies, so no server outlives pytest."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _node_sort_key(node_id: str):

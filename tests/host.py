@@ -27,6 +27,21 @@ def find_comfyui() -> Path | None:
     return _host_script().find_host()
 
 
+HEADLESS_MODULE = "tfg_tools_headless"
+
+
+def headless():
+    """The headless runner package tools/headless (workflow conversion, client, the one server launcher)."""
+    if HEADLESS_MODULE in sys.modules:
+        return sys.modules[HEADLESS_MODULE]
+    spec = importlib.util.spec_from_file_location(HEADLESS_MODULE, PACK_ROOT / "tools" / "headless" / "__init__.py",
+                                                  submodule_search_locations=[str(PACK_ROOT / "tools" / "headless")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[HEADLESS_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_pack():
     """Import the pack as a package (it uses relative imports), without needing ComfyUI."""
     if PACK_MODULE in sys.modules:

@@ -1,10 +1,10 @@
-"""Tests of headless.py (the standalone runner at the repo root).
+"""Tests of the headless runner (tools/headless: `python -m tools.headless`).
 
 * pure: ui_to_api on small hand-written UI graphs and object_info dicts, overrides, file loading,
   the CLI offline (--convert-only --object-info) and its exit codes; no ComfyUI needed;
 * real node definitions: object_info built from the in-process ComfyUI (`comfy_root`), a UI graph of
   core nodes converted and checked field by field and by ComfyUI's own validate_prompt;
-* live: headless.py as a subprocess against the session server (`comfy_server`, tiny SD1.5), on API and
+* live: the runner as a subprocess against the session server (`comfy_server`, tiny SD1.5), on API and
   UI graphs, a rejected graph (exit 3), a runtime error (exit 1), the shipped UI workflow; and one
   self-started ComfyUI (`--comfyui ... --cpu`).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -29,19 +28,13 @@ import pytest
 
 from headless_server import TINY_SD15_NAME
 
+import host
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HEADLESS = REPO_ROOT / "headless.py"
+HEADLESS = REPO_ROOT / "tools" / "headless"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-def _load_headless():
-    spec = importlib.util.spec_from_file_location("tfg_headless_runner_under_test", HEADLESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-h = _load_headless()
+h = host.headless()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,7 +671,24 @@ def test_default_comfyui_path(monkeypatch, tmp_path):
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
     assert h.default_comfyui_path() == tmp_path
     monkeypatch.delenv("COMFYUI_PATH")
-    assert h.default_comfyui_path() in (REPO_ROOT.parent.parent, Path.home() / "comfy" / "ComfyUI")
+    monkeypatch.setenv("TFG_COMFYUI_CACHE", str(tmp_path / "no_host_yet"))
+    found = host.find_comfyui()                       # tools/host.py's lookup: grandparent, then the cache
+    assert h.default_comfyui_path() == (found if found is not None else tmp_path / "no_host_yet")
+
+
+def test_help_names_the_checkpoint_option_and_how_to_find_node_ids(capsys):
+    with pytest.raises(SystemExit):
+        h.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--ckpt NAME" in text and "models/checkpoints" in text
+    assert "Node ids for --set" in text and "--convert-only" in text and "workflows/api/" in text
+
+
+def test_runner_runs_as_module_and_as_folder():
+    for cmd in ([sys.executable, "-m", "tools.headless", "--help"], [sys.executable, str(HEADLESS), "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: python -m tools.headless" in proc.stdout
 
 
 def test_library_functions_log_instead_of_printing(capsys, caplog):
@@ -781,11 +791,11 @@ def test_conversion_with_real_node_definitions(comfy_root):
 
 
 # ----------------------------------------------------------------------------------------------
-# Live: headless.py as a subprocess
+# Live: the runner as a subprocess
 # ----------------------------------------------------------------------------------------------
 
 def _run_cli(*args, timeout=180, env=None):
-    return subprocess.run([sys.executable, str(HEADLESS), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.headless", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=str(REPO_ROOT), env=env)
 
 

@@ -77,8 +77,6 @@ def test_kernels_do_not_import_comfyui():
 
 def test_pack_uses_relative_imports_and_logging():
     for path in PACK_SOURCES:
-        if path.name == "headless.py":  # standalone script, never imported by ComfyUI
-            continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -105,3 +103,14 @@ def test_node_ids_and_inputs_match_the_golden_schema(comfy_root):
         assert current[node_id][:len(inputs)] == inputs, f"{node_id}: shipped inputs changed"
     missing = set(current) - set(golden)
     assert not missing, f"add new nodes to tests/golden/node_schema.json: {sorted(missing)}"
+
+
+def test_the_runner_is_a_tool_left_out_of_the_registry_package():
+    """tools/headless (and its requirements) are development tools: not at the pack root, not shipped."""
+    assert not (ROOT / "headless.py").exists()
+    assert (ROOT / "tools" / "headless" / "__main__.py").is_file()
+    ignored = {line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"tools/headless/", "tools/requirements.txt", "tests/", ".ci/"} <= ignored
+    runner_reqs = (ROOT / "tools" / "requirements.txt").read_text().split()
+    assert "requests" in runner_reqs and "websocket-client" in runner_reqs
