@@ -1,6 +1,7 @@
 """Test-only ComfyUI node pack: loaders for the tiny random-weight SDXL, Flux and SD3 models.
 
-It lives under tests/ so it never reaches a user's install; the headless test server symlinks it
+It also holds a tiny CLIP-vision loader (tale_testing.py) and nodes that put NaN/Inf into a tensor
+(hostile.py). It lives under tests/ so it never reaches a user's install; the headless test server symlinks it
 into its own custom_nodes folder. Each loader returns (MODEL, CLIP, VAE) like CheckpointLoaderSimple
 and takes an optional, unused `ckpt_name`, so a workflow's CheckpointLoaderSimple can be swapped for
 it without touching the rest of the graph. Models are built once per server process."""
@@ -73,3 +74,12 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TFGTest_TinyFluxLoader": "Tiny Flux Loader (TFG tests)",
     "TFGTest_TinySD3Loader": "Tiny SD3 Loader (TFG tests)",
 }
+
+# the tiny CLIP-vision loader (TALE) and the non-finite tensor nodes (hostile-input tests)
+from .hostile import NODE_CLASS_MAPPINGS as _HOSTILE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _HOSTILE_NAMES  # noqa: E402
+from .tale_testing import NODE_CLASS_MAPPINGS as _TALE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _TALE_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_TALE_NODES)
+NODE_CLASS_MAPPINGS.update(_HOSTILE_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_TALE_NAMES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_HOSTILE_NAMES)

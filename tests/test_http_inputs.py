@@ -1,0 +1,126 @@
+"""Every widget input of every node, over HTTP on a real ComfyUI server, generated from the input declarations
+(issue 13.3): out-of-range, wrongly typed and unknown values are refused with HTTP 400 before anything runs, naming
+the node and the input; every numeric input linked from a core Primitive node is accepted and the node runs; the
+server stays up and the next valid prompt runs.
+
+A node without a declaration (`INPUTS`, nodes/inputs.py) fails here: every node must have one."""
+from __future__ import annotations
+
+import pytest
+
+import node_graphs as ng
+
+NODES = ng.pack_nodes()
+NODE_IDS = list(NODES)
+WRONG_TYPE = "not-a-number"
+UNKNOWN_CHOICE = "tfg-no-such-option"
+
+
+def _declaration(node_id: str):
+    spec = ng.declaration(NODES[node_id])
+    if spec is None:
+        pytest.fail(f"{node_id} has no input declaration (INPUTS = inputs.NodeInputs(...) and "
+                    f"validate_inputs = INPUTS.validator()): its inputs cannot be checked from one place", pytrace=False)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def coefficients(comfy_server) -> str:
+    return ensure_coefficients(comfy_server)
+
+
+def ensure_coefficients(server) -> str:
+    """A LinearAG coefficients file in the server's models/tfg_linear_ag/ (fitted once on the tiny SD1.5 model, 4
+    euler steps): LinearAG Load lists it and LinearAG's coefficients input can be fed."""
+    name = ng.server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
+    if name is None:
+        g = ng.target_graph("TFG_LinearAGFit", ng.schema_values("TFG_LinearAGFit", filename="tfg_test_coefficients"))
+        server.run_prompt(g)
+        name = ng.server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
+    assert name, "LinearAG Fit ran but LinearAG Load lists no coefficients file"
+    return name
+
+
+def invalid_cases(spec) -> list[tuple]:
+    """(widget, what, value) for every widget: numbers above max / below min / as text, unknown choices."""
+    cases = []
+    for w in spec.widgets:
+        if w.kind in ("int", "float"):
+            if w.max is not None:
+                cases.append((w, "above max", int(w.max) + 1 if w.kind == "int" else float(w.max) + 1.0))
+            if w.min is not None:
+                cases.append((w, "below min", int(w.min) - 1 if w.kind == "int" else float(w.min) - 1.0))
+            cases.append((w, "wrong type", WRONG_TYPE))
+        elif w.kind == "combo":
+            cases.append((w, "unknown choice", UNKNOWN_CHOICE))
+    return cases
+
+
+def _cancel(server, data: dict) -> None:
+    """A prompt that should have been refused was queued: take it out again (or stop it) so it runs no further."""
+    import requests
+    pid = data.get("prompt_id")
+    if pid:
+        requests.post(f"{server.url}/queue", json={"delete": [pid]}, timeout=10)
+        requests.post(f"{server.url}/interrupt", timeout=10)
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_invalid_widget_values_are_refused_before_the_run(comfy_server, coefficients, node_id):
+    spec = _declaration(node_id)
+    valid = ng.quick_values(node_id, spec, comfy_server)
+    cases = invalid_cases(spec)
+    assert cases or not spec.widgets or all(w.kind not in ("int", "float", "combo") for w in spec.widgets)
+    failures = []
+    for w, what, value in cases:
+        prompt = ng.target_graph(node_id, {**valid, w.name: value}, coefficients_name=coefficients)
+        status, data = comfy_server.post_prompt(prompt)
+        where = f"{spec.node} ({node_id}) input '{w.name}' {what} ({value!r})"
+        if status != 400:
+            failures.append(f"{where}: HTTP {status}, not 400 (queued: it would reach execution)")
+            _cancel(comfy_server, data)
+            continue
+        if ng.TARGET not in (data.get("node_errors") or {}):
+            failures.append(f"{where}: node_errors do not name the node: {str(data)[:600]}")
+            continue
+        if not ng.names_input(data, w.name):
+            failures.append(f"{where}: the error does not name the input: {ng.node_error_texts(data)}")
+            continue
+        texts = " ".join(t for _, t in ng.node_error_texts(data))
+        if not any(v in texts for v in ng.value_texts(value)):
+            failures.append(f"{where}: the error does not show the value: {texts[:400]}")
+    assert not failures, f"{len(failures)} of {len(cases)} invalid values not refused as they should be:\n" + \
+        "\n".join(failures)
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_numeric_inputs_linked_from_primitives_are_accepted_and_run(comfy_server, coefficients, node_id):
+    spec = _declaration(node_id)
+    values = ng.quick_values(node_id, spec, comfy_server)
+    link = {w.name: w.kind for w in ng.numeric_widgets(spec)}
+    prompt = ng.target_graph(node_id, values, link=link, coefficients_name=coefficients)
+    try:
+        entry = comfy_server.run_prompt(prompt, check=False, timeout=300)
+    except RuntimeError as e:
+        pytest.fail(f"{spec.node} ({node_id}) with {sorted(link)} linked from PrimitiveInt/PrimitiveFloat: refused "
+                    f"before the run: {str(e)[:2000]}", pytrace=False)
+    error = ng.execution_error(entry)
+    assert error is None, (f"{spec.node} ({node_id}) with {sorted(link)} linked: the run failed in "
+                           f"{error.get('node_type')} (node {error.get('node_id')}): {error.get('exception_message')}")
+    assert entry["status"]["status_str"] == "success"
+    assert comfy_server.proc.poll() is None, "the server died"
+
+
+def test_every_pack_node_has_an_input_declaration():
+    assert NODES, "no pack nodes found (no ComfyUI host?)"
+    missing = [n for n, cls in NODES.items() if ng.declaration(cls) is None]
+    assert not missing, f"{len(missing)} of {len(NODES)} nodes have no INPUTS declaration: {missing}"
+
+
+def test_the_server_stays_up_and_the_next_valid_prompt_runs(comfy_server):
+    """Runs after the refused prompts above (file order)."""
+    assert comfy_server.proc.poll() is None, "the server died during the invalid-input tests"
+    prompt = ng.target_graph("TFG_AdaptiveGuidance", ng.schema_values("TFG_AdaptiveGuidance"))
+    entry = comfy_server.run_prompt(prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success"
+    assert comfy_server.image_arrays(entry), "the valid prompt produced no image"
