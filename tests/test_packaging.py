@@ -12,8 +12,9 @@ import tomllib
 import host
 
 ROOT = host.PACK_ROOT
-PACK_SOURCES = [p for p in ROOT.rglob("*.py")
-                if not {"tests", ".cache", ".git"} & set(p.relative_to(ROOT).parts)]
+PACK_SOURCES = [p for p in ROOT.rglob("*.py")   # hidden folders (.git, caches, local staging) are not the pack
+                if "tests" not in p.relative_to(ROOT).parts
+                and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
 
 
 def _requirements() -> list[str]:
