@@ -9,6 +9,7 @@ import comfy.samplers
 from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
                                          AdaptiveGuidanceTracker)
 from . import adapters
+from . import inputs as inp
 
 DEFAULTS = AdaptiveGuidanceParams()
 CATEGORY = "TFG/guidance"
@@ -25,30 +26,48 @@ _DESCRIPTION = (
 )
 
 
-def adaptive_guidance_inputs() -> list:
-    """The AG parameter inputs, shared with LinearAG's nodes."""
+def ag_widgets(prefix: str = "") -> list:
+    """The AG parameter inputs, declared once; LinearAG's nodes reuse them with prefix "guidance." (the nested
+    Params field)."""
     return [
-        io.Float.Input("threshold", default=DEFAULTS.threshold, min=0.0, max=1.0, step=0.0001,
-                       tooltip="gamma-bar: stop guiding a sample once cos(cond, uncond) reaches this. Neutral: 1.0 "
-                               "(latches only on identical predictions). Paper range, eps space: 0.991-0.996; "
-                               "x0 space needs 0.98-0.999 (see README)."),
-        io.Combo.Input("space", options=list(SPACES), default=DEFAULTS.space,
-                       tooltip="Where the cosine is measured. x0: the denoised predictions (rises smoothly, "
-                               "what ComfyUI users calibrate against; default). eps: x - D, the paper's noise "
-                               "space; at high noise it is ~1 and can latch at the first step."),
-        io.Float.Input("start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
-                       tooltip="No latch before this fraction of the schedule. Neutral: 1.0 (never latches: "
-                               "identical to plain CFG). The paper has no guard (0.0); 0.2-0.4 protects "
-                               "composition with eps space."),
-        io.Combo.Input("decision", options=list(DECISIONS), default=DEFAULTS.decision,
-                       tooltip="per_sample: each image latches on its own cosine; the uncond pass stops once "
-                               "all have latched. batch: one cosine over the whole batch decides for all "
-                               "(the existing ComfyUI port's rule)."),
-        io.Combo.Input("crossing_step", options=list(CROSSING_RULES), default=DEFAULTS.crossing_step,
-                       tooltip="On the step where the cosine crosses the threshold: cond = use the conditional "
-                               "prediction already (the paper's rule); cfg = still apply CFG there and skip "
-                               "from the next step (the existing ComfyUI port's rule)."),
+        inp.Float("threshold",
+                  "gamma-bar: stop guiding an image once cos(cond, uncond) reaches this. Start with the default "
+                  "(x0 space); lower (0.99, 0.98) saves more evaluations and departs more from CFG",
+                  neutral="1.0 (latches only on identical predictions)",
+                  paper="0.991–0.996, measured in eps space, where these values latch at the first step on the "
+                        "pack's measurements (the node warns when that happens)",
+                  param=prefix + "threshold", min=0.0, max=1.0, step=0.0001),
+        inp.Choice("space", "Where the cosine is measured. x0: the denoised predictions (rises smoothly; what "
+                            "ComfyUI users calibrate against). eps: x - D, the paper's noise space; near 1 at high "
+                            "noise, so it can latch at the first step", SPACES,
+                   paper="eps", param=prefix + "space"),
+        inp.Float("start_percent", "No latch before this fraction of the schedule (0.2–0.4 protects the "
+                                   "composition with eps space)",
+                  neutral="1.0 (never latches: identical to plain CFG)", paper="0.0 (no guard)",
+                  param=prefix + "start_percent", min=0.0, max=1.0, step=0.01),
+        inp.Choice("decision", "per_sample: each image latches on its own cosine and its unconditional pass stops "
+                               "then. batch: one cosine over the whole batch decides for all (the existing "
+                               "ComfyUI port's rule)", DECISIONS, param=prefix + "decision"),
+        inp.Choice("crossing_step", "On the step where the cosine crosses the threshold: cond = use the "
+                                    "conditional prediction already (the paper's rule); cfg = still apply CFG there "
+                                    "and skip from the next step (the existing ComfyUI port's rule)", CROSSING_RULES,
+                   paper="cond", param=prefix + "crossing_step"),
     ]
+
+
+def guider_cfg_widget(meaning: str):
+    """The cfg input of the pack's CFG guiders (AG, LinearAG)."""
+    return inp.Float("cfg", meaning, param=None, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                     neutral="1 (no unconditional pass: the guider samples cond-only)", paper="7.5")
+
+
+def model_socket(tooltip: str) -> inp.Socket:
+    return inp.Socket(io.Model.Input("model", tooltip=tooltip))
+
+
+def conditioning_sockets(negative_tooltip: str) -> list:
+    return [inp.Socket(io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."), finite=True),
+            inp.Socket(io.Conditioning.Input("negative", tooltip=negative_tooltip), finite=True)]
 
 
 class _RunState:
@@ -137,6 +156,10 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
 class AdaptiveGuidance(io.ComfyNode):
     """MODEL patch: works with the plain KSampler and with any guider that runs standard CFG."""
 
+    INPUTS = inp.NodeInputs(PATCH_NODE, [model_socket("The model to patch (sampled with cfg > 1).")] + ag_widgets(),
+                            defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -145,15 +168,14 @@ class AdaptiveGuidance(io.ComfyNode):
             category=CATEGORY,
             description=_DESCRIPTION + " Use this patch with KSampler; use Adaptive Guider (TFG) with "
                                        "SamplerCustomAdvanced.",
-            inputs=[io.Model.Input("model", tooltip="The model to patch (sampled with cfg > 1).")] + adaptive_guidance_inputs(),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model with Adaptive Guidance installed.")],
         )
 
     @classmethod
-    def execute(cls, model, threshold, space, start_percent, decision, crossing_step) -> io.NodeOutput:
-        params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
-                                        decision=decision, crossing_step=crossing_step)
-        patched, _ = apply_adaptive_guidance(model, params, PATCH_NODE)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        patched, _ = apply_adaptive_guidance(v.model, cls.INPUTS.params(v), PATCH_NODE)
         return io.NodeOutput(patched)
 
 
@@ -162,25 +184,6 @@ class AdaptiveGuider(comfy.samplers.CFGGuider):
     kept in `tfg_adaptive_guidance_report`."""
 
     tfg_adaptive_guidance_report: str | None = None
-
-
-def guider_cfg_input(meaning: str):
-    """The cfg input of the pack's CFG guiders (AG, LinearAG)."""
-    return io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                          tooltip=f"{meaning} Must not be 1 (no uncond pass). Paper: 7.5.")
-
-
-def validate_guider_cfg(cfg, technique: str) -> bool | str:
-    # Only cfg is listed in the guiders' validate_inputs: ComfyUI then skips its own min/max check for it (done
-    # here) and keeps its per-input range/option checks for the other inputs, which the schema expresses.
-    if cfg is None:  # linked: checked when the run starts
-        return True
-    if not 0.0 <= cfg <= 100.0:
-        return f"cfg must be in [0, 100], got {cfg}"
-    if abs(cfg - 1.0) < 1e-9:
-        return (f"cfg = 1 computes no unconditional pass, so {technique} has nothing to skip; "
-                "set cfg above 1 or use BasicGuider")
-    return True
 
 
 def make_guider(patched_model, positive, negative, cfg) -> AdaptiveGuider:
@@ -193,6 +196,13 @@ def make_guider(patched_model, positive, negative, cfg) -> AdaptiveGuider:
 class AdaptiveGuiderNode(io.ComfyNode):
     """GUIDER for SamplerCustomAdvanced."""
 
+    INPUTS = inp.NodeInputs(GUIDER_NODE, [
+        model_socket("The model to sample."),
+        *conditioning_sockets("Negative (unconditional) prompt; AG keeps it until the latch."),
+        guider_cfg_widget("CFG scale until the latch"),
+    ] + ag_widgets(), defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -201,27 +211,15 @@ class AdaptiveGuiderNode(io.ComfyNode):
             category=CATEGORY,
             description=_DESCRIPTION + " A GUIDER for SamplerCustomAdvanced; use Adaptive Guidance (TFG) with "
                                        "KSampler.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to sample."),
-                io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."),
-                io.Conditioning.Input("negative", tooltip="Negative (unconditional) prompt; AG keeps it until "
-                                                          "the latch."),
-                guider_cfg_input("CFG scale until the latch."),
-            ] + adaptive_guidance_inputs(),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Guider.Output(tooltip="A CFG guider that skips the uncond pass once latched.")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg) -> bool | str:
-        return validate_guider_cfg(cfg, "Adaptive Guidance")
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, threshold, space, start_percent, decision,
-                crossing_step) -> io.NodeOutput:
-        params = AdaptiveGuidanceParams(threshold=threshold, space=space, start_percent=start_percent,
-                                        decision=decision, crossing_step=crossing_step)
-        patched, _ = apply_adaptive_guidance(model, params, GUIDER_NODE)
-        return io.NodeOutput(make_guider(patched, positive, negative, cfg))
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        patched, _ = apply_adaptive_guidance(v.model, cls.INPUTS.params(v), GUIDER_NODE)
+        return io.NodeOutput(make_guider(patched, v.positive, v.negative, v.cfg))
 
 
 NODES = [AdaptiveGuidance, AdaptiveGuiderNode]

@@ -15,8 +15,9 @@ import safetensors.torch
 
 from ..kernels.linear_ag import AFTER_RULES, ESTIMATORS, LinearAGParams, TrajectoryStats, UncondEstimator, to_score
 from . import adapters, files
-from .adaptive_guidance import (adaptive_guidance_inputs, apply_adaptive_guidance, guider_cfg_input,
-                                make_guider, validate_guider_cfg)
+from . import inputs as inp
+from .adaptive_guidance import (ag_widgets, apply_adaptive_guidance, conditioning_sockets, guider_cfg_widget,
+                                make_guider, model_socket)
 
 DEFAULTS = LinearAGParams()
 CATEGORY = "TFG/guidance"
@@ -216,34 +217,49 @@ def apply_linear_ag(model, params: LinearAGParams, coefficients: LinearAGCoeffic
 # ----------------------------------------------------------------------------------------------
 # Nodes
 # ----------------------------------------------------------------------------------------------
-def _estimation_inputs() -> list:
+def estimation_widgets() -> list:
     return [
-        io.Combo.Input("estimator", options=list(ESTIMATORS), default=DEFAULTS.estimator,
-                       tooltip="How the skipped uncond predictions are estimated. fitted: the per-step affine "
-                               "regression (the paper's LinearAG; needs coefficients). hold_delta / "
-                               "extrapolate_delta: online, no fitting (reuse or extrapolate the last guidance "
-                               "delta). previous_uncond: reuse the last uncond (a baseline). off: plain "
-                               "Adaptive Guidance (neutral)."),
-        io.Float.Input("estimate_until", default=DEFAULTS.estimate_until, min=0.0, max=1.0, step=0.01,
-                       tooltip="Odd steps in this first fraction of the run are estimated instead of computed; "
-                               "later steps follow 'after'. Paper: 0.5 (the first half). Neutral: "
-                               "estimator=off."),
-        io.Combo.Input("after", options=list(AFTER_RULES), default=DEFAULTS.after,
-                       tooltip="After the estimated part: cond_only = conditional prediction only (the paper); "
-                               "adaptive = Adaptive Guidance's latch rule decides. Ignored with estimator=off."),
+        inp.Choice("estimator", "How the skipped uncond predictions are estimated. fitted: the per-step affine "
+                                "regression (the paper's LinearAG; needs coefficients from LinearAG Load/Fit). "
+                                "hold_delta / extrapolate_delta: online, no fitting (reuse or extrapolate the last "
+                                "guidance delta). previous_uncond: reuse the last uncond (a baseline)", ESTIMATORS,
+                   neutral="off (plain Adaptive Guidance)", paper="fitted"),
+        inp.Float("estimate_until", "Odd steps in this first fraction of the run are estimated instead of computed; "
+                                    "later steps follow 'after'", neutral="estimator=off", paper="0.5 (the first half)",
+                  min=0.0, max=1.0, step=0.01),
+        inp.Choice("after", "After the estimated part: cond_only = conditional prediction only (the paper); "
+                            "adaptive = Adaptive Guidance's latch rule decides. Ignored with estimator=off",
+                   AFTER_RULES, paper="cond_only"),
     ]
+
+
+def coefficients_socket() -> inp.Socket:
+    return inp.Socket(CoefficientsType.Input("coefficients", optional=True,
+                                             tooltip="From LinearAG Load Coefficients / Fit; needed by "
+                                                     "estimator=fitted."))
 
 
 _SAMPLE_DESCRIPTION = (
     f"{PAPER}: estimates the unconditional prediction on alternating steps of the first part of the run from "
-    "past predictions (an affine per-step regression fitted offline, or an online delta rule), then latches to "
-    "conditional-only like Adaptive Guidance. Works on SD1.x, SD2.x, SDXL, SD3 and Flux with real CFG "
+    "past predictions (an online delta rule by default, or an affine per-step regression fitted offline), then "
+    "latches to conditional-only like Adaptive Guidance. Works on SD1.x, SD2.x, SDXL, SD3 and Flux with real CFG "
     "(cfg > 1). Fitted coefficients only fit the model family, sampler, scheduler and step count they were "
     "recorded with (a mismatch raises an error). Cost: one model pass on estimated and latched steps instead of "
     "two (the paper: about 25 evaluations where CFG needs 40); negligible arithmetic.")
 
+NOTHING_FITTED = (f"no coefficients have been fitted yet (models/{COEFFICIENTS_FOLDER}/ holds no file). Fit them "
+                  "first: sample with LinearAG Record's model (cfg > 1) and connect its recording and the sampler's "
+                  "output to LinearAG Fit; or use LinearAG with an online estimator (extrapolate_delta, the "
+                  "default), which needs no file")
+
 
 class LinearAGRecord(io.ComfyNode):
+    INPUTS = inp.NodeInputs("LinearAG Record", [
+        inp.Socket(io.Model.Input("model", tooltip="The model to record (sample it with cfg > 1).")),
+        inp.Int("history", "K: past steps used as regressors", paper="not stated (our default 2)", min=1, max=8),
+    ], defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -254,23 +270,31 @@ class LinearAGRecord(io.ComfyNode):
                         "the cond/uncond trajectories LinearAG is fitted on. Runs accumulate while the schedule "
                         "stays the same. Works on SD1.x, SD2.x, SDXL, SD3 and Flux with cfg > 1. Cost: a small "
                         "least-squares update per step; sampling itself is unchanged.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to record (sample it with cfg > 1)."),
-                io.Int.Input("history", default=DEFAULTS.history, min=1, max=8,
-                             tooltip="K: past steps used as regressors. Neutral: none. Our default 2 "
-                                     "(the paper does not state K)."),
-            ],
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model, recording every sampling run."),
                      RecordingType.Output(display_name="recording", tooltip="Connect to LinearAG Fit.")],
         )
 
     @classmethod
-    def execute(cls, model, history) -> io.NodeOutput:
-        recording = LinearAGRecording(history)
-        return io.NodeOutput(install_recorder(model, recording, "LinearAG Record"), recording)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        recording = LinearAGRecording(v.history)
+        return io.NodeOutput(install_recorder(v.model, recording, "LinearAG Record"), recording)
 
 
 class LinearAGFit(io.ComfyNode):
+    INPUTS = inp.NodeInputs("LinearAG Fit", [
+        inp.Socket(RecordingType.Input("recording", tooltip="From LinearAG Record.")),
+        inp.Socket(io.Latent.Input("samples", tooltip="The recorded sampler's output: connecting it makes the fit "
+                                                      "run after the recording run.")),
+        inp.FileStem("filename", f"Name of the coefficients file written to models/{COEFFICIENTS_FOLDER}/ (letters, "
+                                 "digits, - and _)", param=None, default="linear_ag", check=files.stem_problem),
+        inp.Float("ridge", "Relative Tikhonov regularisation of the fit", neutral="0", min=0.0, max=1.0, step=1e-6),
+        inp.Bool("overwrite", "Replace an existing file of that name. Off: a numbered file (name_00001, …) is "
+                              "written instead, as SaveImage does", param=None, default=False, optional=True),
+    ], defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -279,45 +303,30 @@ class LinearAGFit(io.ComfyNode):
             category=CATEGORY,
             description=f"{PAPER}, step 2 of 3: fits one affine coefficient set per step (least squares over all "
                         f"pixels of the recorded trajectories) and saves it to models/{COEFFICIENTS_FOLDER}/ with "
-                        "the model family, sampler, schedule and K in its metadata. Works for every family the "
-                        "recording came from. Cost: a small linear solve per step.",
-            inputs=[
-                RecordingType.Input("recording", tooltip="From LinearAG Record."),
-                io.Latent.Input("samples", tooltip="The recorded sampler's output: connecting it makes the fit run "
-                                                   "after the recording run."),
-                io.String.Input("filename", default="linear_ag",
-                                tooltip="Name of the coefficients file (letters, digits, - and _). Neutral: none."),
-                io.Float.Input("ridge", default=DEFAULTS.ridge, min=0.0, max=1.0, step=1e-6,
-                               tooltip="Relative Tikhonov regularisation of the fit. Neutral: 0. Default 1e-6."),
-                io.Boolean.Input("overwrite", default=False, optional=True,
-                                 tooltip="Replace an existing file of that name. Off: a numbered file "
-                                         "(name_00001, …) is written instead, as SaveImage does."),
-            ],
+                        "the model family, sampler, schedule and K in its metadata (never over an existing file "
+                        "unless 'overwrite' is on). Works for every family the recording came from. Cost: a small "
+                        "linear solve per step.",
+            inputs=cls.INPUTS.schema(),
             outputs=[CoefficientsType.Output(display_name="coefficients", tooltip="Connect to LinearAG.")],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, filename) -> bool | str:
-        if filename is None:  # linked: checked again when the node executes
-            return True
-        problem = files.stem_problem(filename)
-        return True if problem is None else f"LinearAG Fit: filename {problem}"
-
-    @classmethod
-    def execute(cls, recording, samples, filename, ridge, overwrite=False) -> io.NodeOutput:
-        problem = files.stem_problem(filename)
-        if problem:
-            raise adapters.node_error("LinearAG Fit", None, f"filename {problem}.",
-                                      f"type a plain name; the file is written to models/{COEFFICIENTS_FOLDER}/.")
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)  # a linked filename is known now: same checks as at validation
+        recording = v.recording
         if recording.stats is None or not recording.stats.equations:
             raise adapters.node_error("LinearAG Fit", None, "the recording holds no trajectories.",
                                       "sample (cfg > 1, at least history + 1 steps) with the model from LinearAG "
                                       "Record and connect that sampler's output to 'samples'.")
         folder = coefficients_folder()
+        try:
+            path = files.new_file(folder, v.filename, ".safetensors", overwrite=bool(v.overwrite))
+        except files.FileNameError as exc:
+            raise adapters.node_error("LinearAG Fit", None, f"filename {exc}.",
+                                      f"type a plain name; the file is written to models/{COEFFICIENTS_FOLDER}/.")
         os.makedirs(folder, exist_ok=True)
-        path = files.new_file(folder, filename, ".safetensors", overwrite=bool(overwrite))
-        coefficients = fit_recording(recording, ridge, path.name)
+        coefficients = fit_recording(recording, v.ridge, path.name)
         replaced = path.exists()
         coefficients.to_file(str(path))
         text = f"{'replaced' if replaced else 'wrote'} models/{COEFFICIENTS_FOLDER}/{coefficients.describe()}"
@@ -326,33 +335,50 @@ class LinearAGFit(io.ComfyNode):
 
 
 class LinearAGLoad(io.ComfyNode):
+    INPUTS = inp.NodeInputs("LinearAG Load Coefficients", [
+        inp.Choice("coefficients_name", f"A file written by LinearAG Fit (models/{COEFFICIENTS_FOLDER}/)",
+                   fitted_files, param=None),
+    ])
+
+    @classmethod
+    def validate_inputs(cls, coefficients_name=None) -> bool | str:
+        if not fitted_files():
+            return f"{inp.PACK_NAME} LinearAG Load Coefficients: {NOTHING_FITTED}."
+        problems = cls.INPUTS.problems({"coefficients_name": coefficients_name})
+        return cls.INPUTS.message(problems) if problems else True
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TFG_LinearAGLoad",
             display_name="LinearAG Load Coefficients (TFG)",
             category=CATEGORY,
-            description=f"{PAPER}: loads coefficients saved by LinearAG Fit from models/{COEFFICIENTS_FOLDER}/. "
-                        "Any family. Cost: none.",
-            inputs=[io.Combo.Input("coefficients_name", options=folder_paths.get_filename_list(COEFFICIENTS_FOLDER),
-                                   tooltip="A file written by LinearAG Fit.")],
+            description=f"{PAPER}: loads coefficients saved by LinearAG Fit from models/{COEFFICIENTS_FOLDER}/ "
+                        "(the list is read again when the node list is refreshed). Any family. Cost: none.",
+            inputs=cls.INPUTS.schema(),
             outputs=[CoefficientsType.Output(display_name="coefficients", tooltip="Connect to LinearAG.")],
         )
 
     @classmethod
-    def execute(cls, coefficients_name) -> io.NodeOutput:
-        path = coefficients_path(coefficients_name)
-        return io.NodeOutput(LinearAGCoefficients.from_file(path))
+    def execute(cls, **values) -> io.NodeOutput:
+        if not fitted_files():
+            raise adapters.node_error("LinearAG Load Coefficients", None, NOTHING_FITTED + ".",
+                                      "run LinearAG Record → Fit once, then refresh the node list.")
+        v = cls.INPUTS.checked(values)
+        return io.NodeOutput(LinearAGCoefficients.from_file(coefficients_path(v.coefficients_name)))
 
 
-def _params(estimator, estimate_until, after, threshold, space, start_percent, decision,
-            crossing_step) -> LinearAGParams:
-    guidance = DEFAULTS.guidance.replace(threshold=threshold, space=space, start_percent=start_percent,
-                                         decision=decision, crossing_step=crossing_step)
-    return DEFAULTS.replace(estimator=estimator, estimate_until=estimate_until, after=after, guidance=guidance)
+def sample_inputs(node: str, head: list) -> inp.NodeInputs:
+    """LinearAG / LinearAG Guider: `head` sockets, the estimation inputs, AG's inputs (declared once in
+    adaptive_guidance.py, as the nested `guidance` Params), the optional coefficients socket."""
+    return inp.NodeInputs(node, head + estimation_widgets() + ag_widgets("guidance.") + [coefficients_socket()],
+                          defaults=DEFAULTS)
 
 
 class LinearAG(io.ComfyNode):
+    INPUTS = sample_inputs("LinearAG", [model_socket("The model to patch (sampled with cfg > 1).")])
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -360,21 +386,24 @@ class LinearAG(io.ComfyNode):
             display_name="LinearAG (TFG)",
             category=CATEGORY,
             description=_SAMPLE_DESCRIPTION + " Use with KSampler; use LinearAG Guider with SamplerCustomAdvanced.",
-            inputs=[io.Model.Input("model", tooltip="The model to patch (sampled with cfg > 1).")]
-            + _estimation_inputs() + adaptive_guidance_inputs()
-            + [CoefficientsType.Input("coefficients", optional=True,
-                                      tooltip="From LinearAG Load Coefficients / Fit; needed by estimator=fitted.")],
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model with LinearAG installed.")],
         )
 
     @classmethod
-    def execute(cls, model, estimator, estimate_until, after, threshold, space, start_percent, decision,
-                crossing_step, coefficients=None) -> io.NodeOutput:
-        params = _params(estimator, estimate_until, after, threshold, space, start_percent, decision, crossing_step)
-        return io.NodeOutput(apply_linear_ag(model, params, coefficients, "LinearAG"))
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        return io.NodeOutput(apply_linear_ag(v.model, cls.INPUTS.params(v), v.coefficients, "LinearAG"))
 
 
 class LinearAGGuider(io.ComfyNode):
+    INPUTS = sample_inputs("LinearAG Guider", [
+        model_socket("The model to sample."),
+        *conditioning_sockets("Negative prompt. Fitted coefficients assume the negative they were recorded with."),
+        guider_cfg_widget("CFG scale"),
+    ])
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -382,28 +411,15 @@ class LinearAGGuider(io.ComfyNode):
             display_name="LinearAG Guider (TFG)",
             category=CATEGORY,
             description=_SAMPLE_DESCRIPTION + " A GUIDER for SamplerCustomAdvanced; use LinearAG with KSampler.",
-            inputs=[
-                io.Model.Input("model", tooltip="The model to sample."),
-                io.Conditioning.Input("positive", tooltip="Positive (conditional) prompt."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt. Fitted coefficients assume the "
-                                                          "negative they were recorded with."),
-                guider_cfg_input("CFG scale."),
-            ] + _estimation_inputs() + adaptive_guidance_inputs()
-            + [CoefficientsType.Input("coefficients", optional=True,
-                                      tooltip="From LinearAG Load Coefficients / Fit; needed by estimator=fitted.")],
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Guider.Output(tooltip="A CFG guider with estimated uncond passes.")],
         )
 
     @classmethod
-    def validate_inputs(cls, cfg) -> bool | str:
-        return validate_guider_cfg(cfg, "LinearAG")
-
-    @classmethod
-    def execute(cls, model, positive, negative, cfg, estimator, estimate_until, after, threshold, space,
-                start_percent, decision, crossing_step, coefficients=None) -> io.NodeOutput:
-        params = _params(estimator, estimate_until, after, threshold, space, start_percent, decision, crossing_step)
-        return io.NodeOutput(make_guider(apply_linear_ag(model, params, coefficients, "LinearAG Guider"),
-                                         positive, negative, cfg))
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        patched = apply_linear_ag(v.model, cls.INPUTS.params(v), v.coefficients, "LinearAG Guider")
+        return io.NodeOutput(make_guider(patched, v.positive, v.negative, v.cfg))
 
 
 NODES = [LinearAGRecord, LinearAGFit, LinearAGLoad, LinearAG, LinearAGGuider]

@@ -37,11 +37,11 @@ def test_family_detection(setup, adapters):
 def test_unsupported_family_is_reported_by_name(comfy_root, adapters):
     import types
     import comfy.supported_models
-    config = object.__new__(comfy.supported_models.WAN21_T2V)
+    config = object.__new__(comfy.supported_models.AuraFlow)
     fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
     family = adapters.detect_family(fake)
-    assert not family.supported and family.name == "WAN21_T2V"
-    with pytest.raises(ValueError, match=r"TFG Some Node \[model family: WAN21_T2V\].*not supported.*Fix:"):
+    assert not family.supported and family.name == "AuraFlow"
+    with pytest.raises(ValueError, match=r"TFG Some Node \[model family: AuraFlow\].*not supported.*Fix:"):
         adapters.require_family("Some Node", fake, ("sd1", "sdxl"))
 
 
@@ -207,19 +207,35 @@ def test_input_model_is_not_mutated(sd15, ag):
 
 # ------------------------------------------------------------------------------------------------
 def test_validate_inputs(ag):
-    # AG parameters are range/option-checked by ComfyUI from the schema (per input); the guider adds cfg.
+    # every widget is listed in validate_inputs (ComfyUI then skips its own checks): range, options, linked None
     by_id = {i.id: i for i in ag.AdaptiveGuidance.GET_SCHEMA().inputs}
     assert (by_id["threshold"].min, by_id["threshold"].max) == (0.0, 1.0)
     assert (by_id["start_percent"].min, by_id["start_percent"].max) == (0.0, 1.0)
-    assert "cfg = 1" in ag.AdaptiveGuiderNode.validate_inputs(cfg=1.0)
-    assert "cfg must be in" in ag.AdaptiveGuiderNode.validate_inputs(cfg=-2.0)
-    assert ag.AdaptiveGuiderNode.validate_inputs(cfg=7.5) is True
-    assert ag.AdaptiveGuiderNode.validate_inputs(cfg=None) is True  # linked: checked at run time
+    guider = ag.AdaptiveGuiderNode
+    assert "input 'cfg' must be at least 0" in guider.validate_inputs(cfg=-2.0)
+    assert "input 'cfg' must be at most 100" in guider.validate_inputs(cfg=101.0)
+    assert guider.validate_inputs(cfg=7.5) is True and guider.validate_inputs(cfg=1.0) is True
+    assert guider.validate_inputs(cfg=None, threshold=None, space=None) is True  # linked: checked at run time
+    assert "input 'space' unknown choice 'noise'" in ag.AdaptiveGuidance.validate_inputs(space="noise")
+    assert "input 'threshold' must be at most 1" in ag.AdaptiveGuidance.validate_inputs(threshold=1.5)
+    assert "input 'decision'" in ag.AdaptiveGuidance.validate_inputs(decision="all")
+
+
+def test_linked_values_are_checked_at_execute(sd15, ag):
+    inputs = host.pack_module("nodes.inputs")
+    with pytest.raises(inputs.InputError, match=r"TFG Adaptive Guidance: input 'threshold' must be at most 1"):
+        patch(ag, sd15.model, threshold=1.5)
+    with pytest.raises(inputs.InputError, match=r"TFG Adaptive Guider: input 'cfg' must be at most 100"):
+        ag.AdaptiveGuiderNode.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative, cfg=150.0)
+    nan_cond = [[sd15.positive[0][0] * float("nan"), sd15.positive[0][1]]]
+    with pytest.raises(inputs.InputError, match=r"input 'positive' holds NaN"):
+        ag.AdaptiveGuiderNode.execute(model=sd15.model, positive=nan_cond, negative=sd15.negative, cfg=5.0)
 
 
 def test_invalid_params_raise_when_called_directly(sd15, ag):
+    kernel = host.pack_module("kernels.adaptive_guidance")
     with pytest.raises(ValueError, match="threshold must be in"):
-        patch(ag, sd15.model, threshold=1.5)
+        ag.apply_adaptive_guidance(sd15.model, kernel.AdaptiveGuidanceParams(threshold=1.5))
 
 
 def test_schema_defaults_come_from_the_params_object(ag):
