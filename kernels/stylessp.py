@@ -30,11 +30,18 @@ from dataclasses import dataclass
 import torch
 
 from .frequency import apply_shifted_gain, gaussian_lowfreq_gain, reference_band_mask
+from .inversion import InversionParams
 
 MODES = ("faithful", "improved")
 SCHEDULES = ("reference", "inversion")
 """Where sampling resumes: ``reference`` (the official pipeline's UniPC "leading" timesteps, see the module doc)
 or ``inversion`` (the inversion's own schedule, from skip_steps on: matched schedules)."""
+
+OFFICIAL_INVERSION = InversionParams(cfg=1.5, renoise_steps=1, average="reference", noise_regularization=True)
+"""The official code's inversion (``infer_style.py`` over ``src/config.py``): negative guidance
+``inv_guidance_scale`` 1.5, ``num_renoise_steps`` 1 with ReNoise's reference averaging (at most 5 iterations below
+DDPM t = 250), and the pix2pix-zero noise regulariser (lambda_kl 0.065, lambda_ac 20, 4 steps, 5 rolls: the
+InversionParams defaults). It runs along 50 DDIM 'leading' timesteps (ComfyUI: ddim_uniform, 50 steps)."""
 
 
 @dataclass(frozen=True)
@@ -70,14 +77,11 @@ class StyleSSPParams:
     """Sampling starts this many steps into the sampling schedule (official: strength 0.9999 of 50 steps = 1 step
     skipped, the inverted latent reinterpreted there). Neutral: 0 with schedule 'inversion' (start where the
     inversion ended)."""
-    inversion_cfg: float = 1.5
-    """Negative-guidance scale of the inversion (paper range 1-3). Used by the workflows/Inversion node."""
-    renoise_steps: int = 1
-    """ReNoise iterations of the official inversion."""
-    renoise_average: str = "reference"
-    """ReNoise averaging of the official inversion."""
-    noise_regularization: bool = True
-    """The official inversion's pix2pix-zero noise regulariser (SDXL/eps models)."""
+    seed: int = 1234
+    """Seed of the frequency-manipulation noise and of the content term's noise (the official seed; its noise
+    streams differ from diffusers')."""
+    inversion: InversionParams = OFFICIAL_INVERSION
+    """The official inversion's settings (the defaults of Inversion (TFG) and Inversion Sampler (TFG))."""
     steps: int = 50
     """Official inversion and sampling steps (DDIM 'leading' timesteps = ComfyUI's ddim_uniform scheduler)."""
     sampling_cfg: float = 5.0
@@ -105,7 +109,9 @@ class StyleSSPParams:
             problems.append(f"content_weight must be in [0, 4], got {self.content_weight}")
         if not 0 <= int(self.skip_steps) <= 1000:
             problems.append(f"skip_steps must be in [0, 1000], got {self.skip_steps}")
-        return problems
+        if not 0 <= int(self.seed) <= 0xFFFFFFFFFFFFFFFF:
+            problems.append(f"seed must be in [0, 2^64 - 1], got {self.seed}")
+        return problems + self.inversion.validate()
 
     def replace(self, **changes) -> "StyleSSPParams":
         return dataclasses.replace(self, **changes)

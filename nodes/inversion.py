@@ -31,9 +31,14 @@ import comfy.samplers
 
 from ..kernels.inversion import (AVERAGES, REFERENCE_EARLY_TIMESTEP, InversionParams, InversionResult, invert,
                                  inversion_schedule, start_noise)
+from ..kernels.stylessp import OFFICIAL_INVERSION
 from . import adapters
+from . import inputs as inp
 
 DEFAULTS = InversionParams()
+"""Defaults of the Python API (InversionSampler, invert_latent): plain DDIM inversion, as TALE uses it."""
+NODE_DEFAULTS = OFFICIAL_INVERSION
+"""Defaults of the two nodes: the official StyleSSP inversion they exist for."""
 CATEGORY = "TFG/editing"
 NODE = "Inversion"
 SAMPLER_NODE = "Inversion Sampler"
@@ -92,11 +97,15 @@ class InversionSampler(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        self.last_result = None
         inner = model_wrap.inner_model
         family = adapters.detect_family(getattr(model_wrap, "model_patcher", inner))
         if latent_image is None:
             raise adapters.node_error(self.node_name, family, "no latent to invert was given.",
                                       "connect the VAE-encoded image as the latent.")
+        if inp.non_finite(latent_image):  # once per run, before the loop
+            raise adapters.node_error(self.node_name, family, "the latent to invert holds NaN or infinite values.",
+                                      "check the node that makes it (e.g. a VAE in fp16 or a broken image).")
         if noise is not None and bool(torch.count_nonzero(noise)):
             adapters.warn_once(f"inversion.noise.{self.node_name}",
                                f"{adapters.PACK_NAME} {self.node_name} [model family: {family.name}]: inversion is "
@@ -114,9 +123,11 @@ class InversionSampler(comfy.samplers.Sampler):
         model_sampling = inner.model_sampling
         params = self.params
         if params.noise_regularization and isinstance(model_sampling, comfy.model_sampling.CONST):
-            raise adapters.node_error(self.node_name, family, "the noise regulariser pushes noise predictions toward "
-                                      "Gaussian statistics, but a flow model predicts velocities.",
-                                      "turn noise_regularization off for this model.")
+            adapters.logger.warning(
+                "%s %s [model family: %s]: noise_regularization skipped: the regulariser pushes noise predictions "
+                "toward Gaussian statistics, but a flow model predicts velocities. Turn it off to silence this.",
+                adapters.PACK_NAME, self.node_name, family.name)
+            params = params.replace(noise_regularization=False)
         if params.average == "reference":
             params = params.replace(early_sigma=reference_early_sigma(model_sampling))
         model_options = extra_args.get("model_options", {})
@@ -258,6 +269,10 @@ def invert_latent(model, positive, negative, latent, sigmas: torch.Tensor, param
         raise adapters.node_error(node_name, family, f"the latent is {samples.dim()}-D; this inversion handles image "
                                   "latents (B, C, H, W).", "use an image model and its VAE-encoded image.")
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    channels = model.get_model_object("latent_format").latent_channels
+    if samples.shape[1] != channels:
+        raise adapters.node_error(node_name, family, f"the latent has {samples.shape[1]} channels, the model uses "
+                                  f"{channels}.", "encode the image with this model's VAE.")
     try:
         steps = len(inversion_schedule(sigmas)) - 1
     except ValueError as e:
@@ -280,29 +295,29 @@ def invert_latent(model, positive, negative, latent, sigmas: torch.Tensor, param
 # ----------------------------------------------------------------------------------------------
 # Nodes
 # ----------------------------------------------------------------------------------------------
-def renoise_inputs() -> list:
-    return [
-        io.Int.Input("renoise_steps", default=DEFAULTS.renoise_steps, min=0, max=100,
-                     tooltip="ReNoise fixed-point iterations per step, after the first evaluation: each re-evaluates "
-                             "the model on the current estimate of the next latent (one more guider call each). "
-                             "Neutral: 0 (plain DDIM inversion). StyleSSP official: 1; ReNoise paper: 1-9."),
-        io.Combo.Input("renoise_average", options=list(AVERAGES), default=DEFAULTS.average,
-                       tooltip="How ReNoise iterations are combined. last: the last iterate (plain fixed point). "
-                               "mean: the mean of all iterations' predictions. reference: the StyleSSP/ReNoise "
-                               "setting (below DDPM t=250: at most 5 iterations, averaged; above: iterations 8-9 "
-                               "averaged, i.e. the last iterate with fewer). No effect at renoise_steps 0."),
-        io.Boolean.Input("noise_regularization", default=DEFAULTS.noise_regularization,
-                         tooltip="The pix2pix-zero noise regulariser of the StyleSSP/ReNoise code (eps models only): "
-                                 "gradient steps pulling each noise prediction toward Gaussian statistics (patch KL "
-                                 "to the prediction on the forward-noised image, zero auto-correlation; official "
-                                 "lambdas 0.065 / 20, 4 steps, 5 rolls), on the iterations the reference regularises "
-                                 "(renoise_average reference: the early steps). One more guider call on those "
-                                 "steps; fixed seed. Neutral: off. StyleSSP official: on."),
-    ]
+RENOISE_INPUTS = [
+    inp.Int("renoise_steps", "ReNoise fixed-point iterations per step, after the first evaluation: each "
+            "re-evaluates the model on the current estimate of the next latent (one more guider call each)",
+            neutral="0 (plain DDIM inversion)", paper="StyleSSP official 1; ReNoise paper 1-9", min=0, max=100),
+    inp.Choice("renoise_average", "How ReNoise iterations are combined. last: the last iterate (plain fixed point). "
+               "mean: the mean of all iterations' predictions. reference: the StyleSSP/ReNoise setting (below DDPM "
+               "t=250: at most 5 iterations, averaged; above: iterations 8-9 averaged, i.e. the last iterate with "
+               "fewer). No effect at renoise_steps 0", AVERAGES, param="average",
+               paper="StyleSSP official: reference"),
+    inp.Bool("noise_regularization", "The pix2pix-zero noise regulariser of the StyleSSP/ReNoise code: gradient "
+             "steps pulling each noise prediction toward Gaussian statistics (patch KL to the prediction on the "
+             "forward-noised image, zero auto-correlation; lambdas 0.065 / 20, 4 steps, 5 rolls), on the iterations "
+             "the reference regularises (renoise_average reference: the early steps). One more guider call on "
+             "those steps; fixed seed. eps/v models (SD1.x, SD2.x, SDXL) only: a flow model (SD3, Flux) predicts "
+             "velocities, so there it is skipped with a warning", neutral="off", paper="StyleSSP official: on"),
+]
 
 
 class InversionSamplerNode(io.ComfyNode):
     """SAMPLER for SamplerCustomAdvanced: inverts the connected latent instead of sampling."""
+
+    INPUTS = inp.NodeInputs(SAMPLER_NODE, list(RENOISE_INPUTS), defaults=NODE_DEFAULTS)
+    validate_inputs = INPUTS.validator()
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -314,29 +329,45 @@ class InversionSamplerNode(io.ComfyNode):
                 f"{_PAPERS}. A SAMPLER for SamplerCustomAdvanced that inverts instead of sampling: from the clean "
                 "latent it walks the sigmas upward with deterministic DDIM steps (the model evaluated at the next "
                 "sigma on the current latent, as DDIM inversion does), guided by the GUIDER you connect (CFGGuider: "
-                "eps(negative) + cfg * (eps(positive) - eps(negative)), the negative guidance of StyleSSP; "
-                "BasicGuider: plain conditional inversion). Connect DisableNoise (the noise is ignored), the "
+                "eps(negative) + cfg * (eps(positive) - eps(negative)), the negative guidance of StyleSSP at cfg "
+                "1.5; BasicGuider: plain conditional inversion). Connect DisableNoise (the noise is ignored), the "
                 "image's latent, and a scheduler's sigmas (descending or flipped). The output is the inverted "
-                f"latent. {_FAMILIES} Cost: (1 + renoise_steps) guider calls per step (+1 where the noise regulariser "
+                f"latent. Defaults: the official StyleSSP inversion (ReNoise 1, reference averaging, regulariser). "
+                f"{_FAMILIES} Cost: (1 + renoise_steps) guider calls per step (+1 where the noise regulariser "
                 "acts). For the per-step latents and a NOISE to sample back, use Inversion (TFG)."),
-            inputs=renoise_inputs(),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Sampler.Output(tooltip="The inversion sampler: use in SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def validate_inputs(cls, renoise_steps, renoise_average) -> bool | str:
-        problems = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average).validate()
-        return "; ".join(problems) if problems else True
-
-    @classmethod
-    def execute(cls, renoise_steps, renoise_average, noise_regularization) -> io.NodeOutput:
-        params = DEFAULTS.replace(renoise_steps=renoise_steps, average=renoise_average,
-                                  noise_regularization=noise_regularization)
-        return io.NodeOutput(InversionSampler(params, SAMPLER_NODE))
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        return io.NodeOutput(InversionSampler(cls.INPUTS.params(v), SAMPLER_NODE))
 
 
 class InvertNode(io.ComfyNode):
     """One-node inversion with outputs to sample back from and the per-step latents."""
+
+    INPUTS = inp.NodeInputs(NODE, [
+        inp.Socket(io.Model.Input("model", tooltip="The model to invert with.")),
+        inp.Socket(io.Conditioning.Input("positive", tooltip="The conditioning to invert with (StyleSSP: content "
+                                                             "prompt + style tokens)."), finite=True),
+        inp.Socket(io.Latent.Input("latent", tooltip="The clean latent of the image (VAE Encode)."), finite=True),
+        inp.Socket(io.Sigmas.Input("sigmas", tooltip="The schedule (e.g. BasicScheduler; StyleSSP: ddim_uniform, 50 "
+                                                     "steps). Descending or flipped: walked from low to high sigma. "
+                                                     "Use the same sigmas to sample back."), finite=True),
+        inp.Float("cfg", "Inversion guidance scale between positive and negative: eps(negative) + cfg * "
+                  "(eps(positive) - eps(negative)); more reduces content leakage. Used only with a negative "
+                  "connected: without one the inversion is plain conditional (a warning says so unless cfg is 1)",
+                  neutral="1 (plain conditional inversion, one pass per evaluation)",
+                  paper="StyleSSP official 1.5; paper range 1-3", min=0.0, max=100.0, step=0.05),
+        *RENOISE_INPUTS,
+        inp.Socket(io.Conditioning.Input("negative", optional=True,
+                                         tooltip="Optional conditioning to guide away from at cfg (StyleSSP: the "
+                                                 "style image's content and the content image's style). Without it "
+                                                 "the inversion is plain conditional."), finite=True),
+    ], defaults=NODE_DEFAULTS)
+    validate_inputs = INPUTS.validator()
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -347,30 +378,16 @@ class InvertNode(io.ComfyNode):
             description=(
                 f"{_PAPERS}. Inverts a VAE-encoded image deterministically along the sigmas (a scheduler's "
                 "sampling schedule; walked upward), with guidance eps(negative) + cfg * (eps(positive) - "
-                "eps(negative)) (StyleSSP's negative guidance: cfg 1.5) or, without a negative, plain conditional "
-                "inversion; optional ReNoise iterations. Outputs: the inverted latent; every step's latent as one "
+                "eps(negative)) (StyleSSP's negative guidance) or, without a negative, plain conditional "
+                "inversion; optional ReNoise iterations. Defaults: the official StyleSSP inversion (cfg 1.5 "
+                "against the negative, ReNoise 1 with reference averaging, noise regulariser on eps/v models; "
+                "with ddim_uniform 50-step sigmas). Outputs: the inverted latent; every step's latent as one "
                 "batch (step-major, for reuse); the sigmas to sample back with (descending); and a NOISE that makes "
                 "SamplerCustomAdvanced start exactly at the inverted latent with those sigmas (connect any latent of "
                 "the same size, e.g. the original). The inverted LATENT can also be sampled directly with add_noise "
                 f"disabled on SD1.x/SDXL (not on flow models: use the NOISE). {_FAMILIES} Cost: (1 + renoise_steps) "
                 "guider calls per step (+1 where the noise regulariser acts), each 2 model passes when cfg != 1."),
-            inputs=[
-                io.Model.Input("model", tooltip="The model to invert with."),
-                io.Conditioning.Input("positive", tooltip="The conditioning to invert with (StyleSSP: content "
-                                                          "prompt + style tokens)."),
-                io.Latent.Input("latent", tooltip="The clean latent of the image (VAE Encode)."),
-                io.Sigmas.Input("sigmas", tooltip="The schedule (e.g. BasicScheduler; StyleSSP: ddim_uniform, 50 "
-                                                  "steps). Descending or flipped: walked from low to high sigma. "
-                                                  "Use the same sigmas to sample back."),
-                io.Float.Input("cfg", default=DEFAULTS.cfg, min=0.0, max=100.0, step=0.05,
-                               tooltip="Inversion guidance scale between positive and negative. Neutral: 1 (plain "
-                                       "conditional inversion, one pass per evaluation). StyleSSP: 1.5 (paper "
-                                       "range 1-3; more reduces content leakage)."),
-            ] + renoise_inputs() + [
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Optional conditioning to guide away from (StyleSSP: the style image's "
-                                              "content). Needed when cfg != 1."),
-            ],
+            inputs=cls.INPUTS.schema(),
             outputs=[
                 io.Latent.Output("inverted", tooltip="The inverted latent (the state at the highest sigma)."),
                 io.Latent.Output("trajectory", tooltip="Every step's latent, from the clean one to the inverted "
@@ -383,16 +400,17 @@ class InvertNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg, renoise_steps, renoise_average) -> bool | str:
-        problems = DEFAULTS.replace(cfg=cfg, renoise_steps=renoise_steps, average=renoise_average).validate()
-        return "; ".join(problems) if problems else True
-
-    @classmethod
-    def execute(cls, model, positive, latent, sigmas, cfg, renoise_steps, renoise_average, noise_regularization,
-                negative=None) -> io.NodeOutput:
-        params = DEFAULTS.replace(cfg=cfg, renoise_steps=renoise_steps, average=renoise_average,
-                                  noise_regularization=noise_regularization)
-        inv = invert_latent(model, positive, negative, latent, sigmas, params, NODE)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        params = cls.INPUTS.params(v)
+        if v.negative is None and not math.isclose(params.cfg, 1.0):
+            adapters.logger.warning(
+                "%s %s [model family: %s]: cfg is %g but no negative conditioning is connected, so the inversion is "
+                "plain conditional (cfg not used). Connect a negative (StyleSSP: the style image's content) for the "
+                "negative guidance, or set cfg to 1 to silence this.", adapters.PACK_NAME, NODE,
+                adapters.detect_family(v.model).name, params.cfg)
+            params = params.replace(cfg=1.0)
+        inv = invert_latent(v.model, v.positive, v.negative, v.latent, v.sigmas, params, NODE)
         return io.NodeOutput(inv.latent(), inv.trajectory_latent(), inv.sampling_sigmas(), inv.noise())
 
 

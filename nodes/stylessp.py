@@ -12,6 +12,7 @@ import comfy.model_sampling
 from ..kernels.inversion import inversion_schedule
 from ..kernels.stylessp import MODES, SCHEDULES, StyleSSPParams, manipulate, reference_resume_timesteps, start_point
 from . import adapters
+from . import inputs as inp
 from .inversion import StartNoise, model_input_scale
 
 DEFAULTS = StyleSSPParams()
@@ -35,40 +36,28 @@ def _seed_noise(seed: int, shape, count: int) -> list[torch.Tensor]:
     return [torch.randn(tuple(shape), generator=g) for _ in range(count)]
 
 
-def frequency_inputs() -> list:
-    return [
-        io.Combo.Input("mode", options=list(MODES), default=DEFAULTS.mode,
-                       tooltip="faithful: the official freq_exp (3-D FFT over channels and space, band mask, "
-                               "range-matched noise). improved: per-channel 2-D low-frequency reduction with "
-                               "radius/strength and std-matched noise (ours)."),
-        io.Float.Input("alpha", default=DEFAULTS.alpha, min=0.0, max=2.0, step=0.01,
-                       tooltip="faithful: spectral gain alpha*M + (1-M). Neutral: 1. Official: 0.7 (DC gain 0.70)."),
-        io.Float.Input("d_s", default=DEFAULTS.d_s, min=0.0, max=4.0, step=0.01,
-                       tooltip="faithful: low-pass stop frequency of the band mask (normalised, 1 = Nyquist). "
-                               "Official: 0.3. 0 disables the mask (gain 1)."),
-        io.Float.Input("d_t", default=DEFAULTS.d_t, min=0.0, max=4.0, step=0.01,
-                       tooltip="faithful: high-pass stop frequency of the band mask (normalised). Official: 0.9."),
-        io.Float.Input("radius", default=DEFAULTS.radius, min=0.0, max=4.0, step=0.01,
-                       tooltip="improved: Gaussian radius of the reduced low-frequency band (normalised frequency, "
-                               "1 = Nyquist). Neutral: 0. Default 0.3 (like d_s)."),
-        io.Float.Input("strength", default=DEFAULTS.strength, min=-1.0, max=1.0, step=0.01,
-                       tooltip="improved: attenuation at the zero frequency (gain 1 - strength). Neutral: 0. "
-                               "Default 0.3 = the faithful DC gain 0.70."),
-        io.Float.Input("noise_strength", default=DEFAULTS.noise_strength, min=0.0, max=4.0, step=0.01,
-                       tooltip="Added Gaussian noise relative to the latent (faithful: scaled to the range of "
-                               "the latent, official 1 - alpha = 0.3 - the reference ties it to alpha, so change "
-                               "both together to stay faithful; improved: std-matched per channel). Neutral: 0."),
-    ]
+SEED = inp.Seed("seed", "Seed of the added frequency-manipulation noise (Start Point: and of the content term's "
+                "noise)", paper="official seed 1234 (its noise streams differ from diffusers')")
 
-
-def _params(mode, alpha, d_s, d_t, radius, strength, noise_strength, **extra) -> StyleSSPParams:
-    return DEFAULTS.replace(mode=mode, alpha=alpha, d_s=d_s, d_t=d_t, radius=radius, strength=strength,
-                            noise_strength=noise_strength, **extra)
-
-
-def _check(params: StyleSSPParams) -> bool | str:
-    problems = params.validate()
-    return "; ".join(problems) if problems else True
+FREQUENCY_INPUTS = [
+    inp.Choice("mode", "faithful: the official freq_exp (3-D FFT over channels and space, band mask, range-matched "
+               "noise). improved: per-channel 2-D low-frequency reduction with radius/strength and std-matched "
+               "noise (ours)", MODES, paper="faithful (the official code)"),
+    inp.Float("alpha", "faithful: spectral gain alpha*M + (1-M) (DC gain = alpha)", neutral="1",
+              paper="official 0.7 (DC gain 0.70)", min=0.0, max=2.0, step=0.01),
+    inp.Float("d_s", "faithful: low-pass stop frequency of the band mask (normalised, 1 = Nyquist); 0 disables the "
+              "mask (gain 1)", neutral="0", paper="official 0.3", min=0.0, max=4.0, step=0.01),
+    inp.Float("d_t", "faithful: high-pass stop frequency of the band mask (normalised)", paper="official 0.9",
+              min=0.0, max=4.0, step=0.01),
+    inp.Float("radius", "improved: Gaussian radius of the reduced low-frequency band (normalised frequency, "
+              "1 = Nyquist); default 0.3 like d_s", neutral="0", min=0.0, max=4.0, step=0.01),
+    inp.Float("strength", "improved: attenuation at the zero frequency (gain 1 - strength); default 0.3 = the "
+              "faithful DC gain 0.70", neutral="0", min=-1.0, max=1.0, step=0.01),
+    inp.Float("noise_strength", "Added Gaussian noise relative to the latent (faithful: scaled to the range of the "
+              "latent; the reference ties it to alpha as 1 - alpha, so change both together to stay faithful; "
+              "improved: std-matched per channel)", neutral="0", paper="official 1 - alpha = 0.3",
+              min=0.0, max=4.0, step=0.01),
+]
 
 
 def _model_space(model, latent: dict, what: str, node: str, family) -> torch.Tensor:
@@ -87,6 +76,15 @@ def _model_space(model, latent: dict, what: str, node: str, family) -> torch.Ten
 class StyleSSPFrequency(io.ComfyNode):
     """LATENT -> LATENT: StyleSSP's frequency manipulation alone."""
 
+    INPUTS = inp.NodeInputs(FREQ_NODE, [
+        inp.Socket(io.Model.Input("model", tooltip="The model whose latents these are (for the latent format).")),
+        inp.Socket(io.Latent.Input("latent", tooltip="The latent to manipulate, normally Inversion (TFG)'s inverted "
+                                                     "output."), finite=True),
+        SEED,
+        *FREQUENCY_INPUTS,
+    ], defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -96,33 +94,53 @@ class StyleSSPFrequency(io.ComfyNode):
             description=(f"{_PAPER}. {_FM} Applied to the latent in the model's space (the model input gives its "
                          f"latent format). {_FAMILIES} Cost: two FFTs of the latent, no model pass. For the full "
                          "start point (with the sigmas to sample from), use StyleSSP Start Point (TFG)."),
-            inputs=[io.Model.Input("model", tooltip="The model whose latents these are (for the latent format)."),
-                    io.Latent.Input("latent", tooltip="The latent to manipulate, normally Inversion (TFG)'s inverted "
-                                                      "output."),
-                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                                 tooltip="Seed of the added noise.")] + frequency_inputs(),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Latent.Output("manipulated", tooltip="The manipulated latent.")],
         )
 
     @classmethod
-    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength) -> bool | str:
-        return _check(_params(mode, alpha, d_s, d_t, radius, strength, noise_strength))
-
-    @classmethod
-    def execute(cls, model, latent, seed, mode, alpha, d_s, d_t, radius, strength, noise_strength) -> io.NodeOutput:
-        params = _params(mode, alpha, d_s, d_t, radius, strength, noise_strength)
-        family = adapters.require_family(FREQ_NODE, model, SUPPORTED)
-        x = _model_space(model, latent, "input", FREQ_NODE, family)
-        noise, = _seed_noise(seed, x.shape, 1)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        params = cls.INPUTS.params(v)
+        family = adapters.require_family(FREQ_NODE, v.model, SUPPORTED)
+        x = _model_space(v.model, v.latent, "input", FREQ_NODE, family)
+        noise, = _seed_noise(params.seed, x.shape, 1)
         out = manipulate(x, noise, params)
-        base = getattr(model, "model", model)
-        result = {k: v for k, v in latent.items() if k != "samples"}
-        result["samples"] = base.process_latent_out(out).to(latent["samples"].dtype)
+        base = getattr(v.model, "model", v.model)
+        result = {k: val for k, val in v.latent.items() if k != "samples"}
+        result["samples"] = base.process_latent_out(out).to(v.latent["samples"].dtype)
         return io.NodeOutput(result)
 
 
 class StyleSSPStartPoint(io.ComfyNode):
     """Inverted latent -> StyleSSP start point: LATENT + SIGMAS (+ NOISE) for the user's sampler."""
+
+    INPUTS = inp.NodeInputs(NODE, [
+        inp.Socket(io.Model.Input("model", tooltip="The model that inverted the latent and will sample.")),
+        inp.Socket(io.Latent.Input("inverted", tooltip="Inversion (TFG)'s inverted output (the content image "
+                                                       "inverted along sigmas)."), finite=True),
+        inp.Socket(io.Latent.Input("content", tooltip="The clean content latent (VAE Encode of the content image), "
+                                                      "for the hidden extra term. Batch 1 or the inverted latent's "
+                                                      "batch (batch 1 is used for every image)."), finite=True),
+        inp.Socket(io.Sigmas.Input("sigmas", tooltip="The schedule the inversion used (descending; official: "
+                                                     "ddim_uniform, 50 steps): gives the inverted latent's sigma and "
+                                                     "the step count of the sampling schedule."), finite=True),
+        SEED,
+        *FREQUENCY_INPUTS,
+        inp.Float("content_weight", "Weight of the reference's hidden extra term: + weight x (content latent noised "
+                  "to the start sigma)", neutral="0", paper="official 0.2 (not in the paper's text)",
+                  min=0.0, max=4.0, step=0.01),
+        inp.Choice("schedule", "The sigmas sampling resumes along. reference: the official pipeline's - diffusers' "
+                   "UniPC 'leading' timesteps for as many steps as the inversion (1000 // (steps + 1) apart, "
+                   "offset 1), minus the first skip_steps: for 50 steps t = 932, 913, ..., 20, then 0 (the "
+                   "inversion ended at t = 981; flow models: the same fractions of their schedule). inversion: the "
+                   "inversion's own sigmas from skip_steps on (matched schedules; with skip_steps 0 the neutral "
+                   "hand-off)", SCHEDULES, paper="official: reference"),
+        inp.Int("skip_steps", "Start sampling this many steps into the sampling schedule (must be below the "
+                "inversion's step count)", neutral="0 with schedule inversion (start where the inversion ended)",
+                paper="official 1 (strength 0.9999 of 50 steps)", min=0, max=1000),
+    ], defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -146,35 +164,7 @@ class StyleSSPStartPoint(io.ComfyNode):
                 "when sampling starts at sigma 1). Attach "
                 f"your style adapter (IPAdapter style transfer) and ControlNets to that sampler. {_FAMILIES} "
                 "Cost: FFTs only, no model pass."),
-            inputs=[
-                io.Model.Input("model", tooltip="The model that inverted the latent and will sample."),
-                io.Latent.Input("inverted", tooltip="Inversion (TFG)'s inverted output (the content image inverted "
-                                                    "along sigmas)."),
-                io.Latent.Input("content", tooltip="The clean content latent (VAE Encode of the content image), for "
-                                                   "the hidden extra term."),
-                io.Sigmas.Input("sigmas", tooltip="The schedule the inversion used (descending; official: "
-                                                  "ddim_uniform, 50 steps): gives the inverted latent's sigma and "
-                                                  "the step count of the sampling schedule."),
-                io.Int.Input("seed", default=1234, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the frequency-manipulation noise and of the content term's noise "
-                                     "(official seed 1234; its noise streams differ from diffusers')."),
-            ] + frequency_inputs() + [
-                io.Float.Input("content_weight", default=DEFAULTS.content_weight, min=0.0, max=4.0, step=0.01,
-                               tooltip="Weight of the reference's hidden extra term: + weight x (content latent "
-                                       "noised to the start sigma). Neutral: 0. Official: 0.2."),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default=DEFAULTS.schedule,
-                               tooltip="The sigmas sampling resumes along. reference: the official pipeline's - "
-                                       "diffusers' UniPC 'leading' timesteps for as many steps as the inversion "
-                                       "(1000 // (steps + 1) apart, offset 1), minus the first skip_steps: for 50 "
-                                       "steps t = 932, 913, ..., 20, then 0 (the inversion ended at t = 981; flow "
-                                       "models: the same fractions of their schedule). inversion: the inversion's "
-                                       "own sigmas from skip_steps on (matched schedules; with skip_steps 0 the "
-                                       "neutral hand-off). Official: reference."),
-                io.Int.Input("skip_steps", default=DEFAULTS.skip_steps, min=0, max=1000,
-                             tooltip="Start sampling this many steps into the sampling schedule (official: 1, from "
-                                     "strength 0.9999 of 50 steps). Neutral: 0 with schedule inversion (start "
-                                     "where the inversion ended)."),
-            ],
+            inputs=cls.INPUTS.schema(),
             outputs=[
                 io.Latent.Output("start_latent",
                                  tooltip="The start latent for a sampler with add_noise disabled (starts at the first "
@@ -188,17 +178,10 @@ class StyleSSPStartPoint(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight, schedule,
-                        skip_steps) -> bool | str:
-        return _check(_params(mode, alpha, d_s, d_t, radius, strength, noise_strength,
-                              content_weight=content_weight, schedule=schedule, skip_steps=skip_steps))
-
-    @classmethod
-    def execute(cls, model, inverted, content, sigmas, seed, mode, alpha, d_s, d_t, radius, strength,
-                noise_strength, content_weight, schedule, skip_steps) -> io.NodeOutput:
-        params = _params(mode, alpha, d_s, d_t, radius, strength, noise_strength, content_weight=content_weight,
-                         schedule=schedule, skip_steps=skip_steps)
-        start = build_start_point(model, inverted, content, sigmas, seed, params)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        params = cls.INPUTS.params(v)
+        start = build_start_point(v.model, v.inverted, v.content, v.sigmas, params.seed, params)
         return io.NodeOutput(start.latent, start.sigmas, start.noise)
 
 
@@ -232,8 +215,11 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
     if x0.shape[0] == 1 and x.shape[0] > 1:
         x0 = x0.expand(x.shape[0], -1, -1, -1)
     if x0.shape != x.shape:
+        what = "batch size" if x0.shape[1:] == x.shape[1:] else "size"
         raise adapters.node_error(node, family, f"the content latent is {tuple(x0.shape)} but the inverted latent "
-                                  f"is {tuple(x.shape)}.", "connect the latent that was inverted as content.")
+                                  f"is {tuple(x.shape)} (different {what}).",
+                                  "connect the latent that was inverted as content (or a batch-1 content latent of "
+                                  "the same size, used for every image).")
     fm_noise, content_noise = _seed_noise(seed, x.shape, 2)
     manipulated = manipulate(x, fm_noise, params)
     sigma_end, sigma_start = float(schedule[0]), float(sampling[0])

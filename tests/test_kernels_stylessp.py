@@ -42,7 +42,13 @@ def test_defaults_are_the_official_values():
     assert p.validate() == []
     assert (p.mode, p.alpha, p.d_s, p.d_t, p.d_l, p.noise_strength, p.content_weight, p.schedule, p.skip_steps) == \
         ("faithful", 0.7, 0.3, 0.9, 0.3, 0.3, 0.2, "reference", 1)
-    assert (p.inversion_cfg, p.renoise_steps, p.steps, p.sampling_cfg) == (1.5, 1, 50, 5.0)
+    assert (p.seed, p.steps, p.sampling_cfg) == (1234, 50, 5.0)
+    inv = p.inversion  # the official inversion: infer_style.py's settings over src/config.py's
+    assert (inv.cfg, inv.renoise_steps, inv.average, inv.noise_regularization) == (1.5, 1, "reference", True)
+    assert (inv.lambda_kl, inv.lambda_ac, inv.regularization_steps, inv.ac_rolls) == (0.065, 20.0, 4, 5)
+    assert inv.validate() == []
+    assert "renoise_steps" in " ".join(K.StyleSSPParams(inversion=inv.replace(renoise_steps=-1)).validate())
+    assert "seed" in " ".join(K.StyleSSPParams(seed=-1).validate())
     bad = " ".join(K.StyleSSPParams(mode="x", alpha=-1, noise_strength=-1, skip_steps=-1).validate())
     for word in ("mode", "alpha", "noise_strength", "skip_steps"):
         assert word in bad

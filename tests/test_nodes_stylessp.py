@@ -228,3 +228,110 @@ def test_errors(sd15, ssp, inv):
     assert ssp.StyleSSPStartPoint.validate_inputs(**checks) is True
     assert "mode" in ssp.StyleSSPStartPoint.validate_inputs(**dict(checks, mode="x"))
     assert "schedule" in ssp.StyleSSPStartPoint.validate_inputs(**dict(checks, schedule="x"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Input declarations (issue 13), defaults (issue 18), broken inputs and fresh runs (issue 17)
+# ------------------------------------------------------------------------------------------------
+def test_declared_inputs_validate_and_linked_inputs_pass(comfy_root, ssp):
+    """A linked alpha (None at validation) used to crash validation; now every linked widget passes."""
+    from test_nodes_inversion import check_declared_validation
+    check_declared_validation(ssp.StyleSSPFrequency, "StyleSSP Frequency")
+    check_declared_validation(ssp.StyleSSPStartPoint, "StyleSSP Start Point")
+    assert ssp.StyleSSPFrequency.validate_inputs(alpha=None, seed=None, mode="faithful") is True
+
+
+def test_linked_values_are_checked_when_the_node_executes(sd15, ssp):
+    inputs = host.pack_module("nodes.inputs")
+    lat = content(sd15)
+    with pytest.raises(inputs.InputError, match="'alpha'"), torch.inference_mode():
+        ssp.StyleSSPFrequency.execute(model=sd15.model, latent=lat, alpha=2.5)
+    with pytest.raises(inputs.InputError, match="'schedule'"):
+        start(ssp, sd15, lat, lat, sigmas_for(sd15), schedule="leading")
+
+
+def test_one_seed_default_for_both_nodes(setup, ssp):
+    """Both nodes start from the official seed 1234, and at one seed they draw the same frequency-manipulation
+    noise: the Frequency node's output is the Start Point's state at the neutral hand-off without the content term."""
+    for node in (ssp.StyleSSPFrequency, ssp.StyleSSPStartPoint):
+        assert {i.id: i for i in node.define_schema().inputs}["seed"].default == ssp.DEFAULTS.seed == 1234
+    lat = content(setup)
+    with torch.inference_mode():
+        freq = ssp.StyleSSPFrequency.execute(model=setup.model, latent=lat).args[0]["samples"]
+    sp = state_of(ssp, setup, lat, lat, sigmas_for(setup), content_weight=0.0, schedule="inversion", skip_steps=0)
+    expected = setup.model.model.process_latent_out(sp.state)
+    assert torch.allclose(freq, expected, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(freq, lat["samples"], atol=1e-3)
+
+
+def test_every_input_at_its_default_runs(setup, ssp, inv):
+    """The smallest graph: Inversion (its defaults) -> Start Point (its defaults) -> SamplerCustomAdvanced with
+    the start NOISE and sigmas; the Frequency node on the inverted latent with its defaults."""
+    import comfy.samplers
+    lat = content(setup)
+    sigmas = comfy.samplers.calculate_sigmas(setup.model.get_model_object("model_sampling"), "normal", STEPS)
+    with torch.inference_mode():
+        inverted_latent = inv.InvertNode.execute(model=setup.model, positive=setup.positive, latent=lat,
+                                                 sigmas=sigmas).args[0]
+        latent, out_sigmas, noise = ssp.StyleSSPStartPoint.execute(model=setup.model, inverted=inverted_latent,
+                                                                   content=lat, sigmas=sigmas).args
+        manipulated = ssp.StyleSSPFrequency.execute(model=setup.model, latent=inverted_latent).args[0]
+    assert latent["samples"].shape == lat["samples"].shape and torch.isfinite(latent["samples"]).all()
+    assert len(out_sigmas) == STEPS and torch.isfinite(manipulated["samples"]).all()
+    out = sample(setup, noise, out_sigmas, lat)
+    assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
+
+
+def _poisoned(lat: dict, value=float("nan")) -> dict:
+    x = lat["samples"].clone()
+    x.view(-1)[5] = value
+    return {"samples": x}
+
+
+def test_non_finite_inputs_are_refused_naming_the_input(sd15, ssp):
+    inputs = host.pack_module("nodes.inputs")
+    lat = content(sd15)
+    sigmas = sigmas_for(sd15)
+    with pytest.raises(inputs.InputError, match="StyleSSP Frequency.*'latent' holds NaN"), torch.inference_mode():
+        ssp.StyleSSPFrequency.execute(model=sd15.model, latent=_poisoned(lat, float("inf")))
+    for name, value in (("inverted", _poisoned(lat)), ("content", _poisoned(lat, -float("inf"))),
+                        ("sigmas", torch.cat([sigmas[:2], torch.tensor([float("nan")]), sigmas[3:]]))):
+        args = dict(inverted=lat, content=lat, sigmas=sigmas)
+        args[name] = value
+        with pytest.raises(inputs.InputError, match=f"StyleSSP Start Point.*'{name}' holds NaN"):
+            start(ssp, sd15, args["inverted"], args["content"], args["sigmas"])
+
+
+def test_content_batch_must_be_one_or_the_inverted_batch(sd15, ssp):
+    """Documented behaviour: a batch-1 content latent serves every inverted image; another batch size is an
+    error naming both inputs and the fix."""
+    sigmas = sigmas_for(sd15)
+    inverted_latent = content(sd15, batch=2, seed=3)
+    one = content(sd15)
+    sp = state_of(ssp, sd15, inverted_latent, one, sigmas)
+    no_content = state_of(ssp, sd15, inverted_latent, one, sigmas, content_weight=0.0)
+    x0 = sd15.model.model.process_latent_in(one["samples"])
+    term = (sp.state - no_content.state) / 0.2 - x0       # = start sigma x content noise, per image
+    assert sp.state.shape[0] == 2 and not torch.allclose(term[0], term[1])
+    with pytest.raises(ValueError, match="content latent is .*inverted latent is .*batch size"):
+        start(ssp, sd15, content(sd15, batch=3), content(sd15, batch=2), sigmas)
+    with pytest.raises(ValueError, match="different size"):
+        start(ssp, sd15, inverted_latent, {"samples": torch.zeros(1, 4, 16, 16)}, sigmas)
+
+
+def test_after_an_error_the_next_run_equals_a_fresh_one(sd15, ssp):
+    lat = content(sd15)
+    sigmas = sigmas_for(sd15)
+    fresh = start(ssp, sd15, lat, lat, sigmas)
+    with torch.inference_mode():
+        fresh_freq = ssp.StyleSSPFrequency.execute(model=sd15.model, latent=lat).args[0]["samples"]
+    with pytest.raises(ValueError):
+        start(ssp, sd15, _poisoned(lat), lat, sigmas)
+    with pytest.raises(ValueError):
+        start(ssp, sd15, lat, lat, sigmas, skip_steps=STEPS)
+    again = start(ssp, sd15, lat, lat, sigmas)
+    assert torch.equal(again[0]["samples"], fresh[0]["samples"]) and torch.equal(again[1], fresh[1])
+    assert torch.equal(again[2].generate_noise(lat), fresh[2].generate_noise(lat))
+    with torch.inference_mode():
+        assert torch.equal(ssp.StyleSSPFrequency.execute(model=sd15.model, latent=lat).args[0]["samples"],
+                           fresh_freq)
