@@ -23,6 +23,9 @@ def test_defaults_are_the_reference_and_validate():
     (dict(t_prime=20), "t_prime"), (dict(t_prime=16, tau=4), "t_prime + tau"), (dict(tau=-1), "tau"),
     (dict(inner_steps=-1), "inner_steps"), (dict(adain_max=1.5), "adain_max"), (dict(energy="x"), "energy"),
     (dict(style_gradient="x"), "style_gradient"), (dict(text_weight=-1.0), "text_weight"),
+    (dict(placement=K.PlacementParams(mode="x")), "placement"),
+    (dict(placement=K.PlacementParams(box_x=1.5)), "box_x"),
+    (dict(placement=K.PlacementParams(box_scale=0.0)), "box_scale"),
 ])
 def test_invalid_params_are_named(changes, word):
     problems = " ".join(K.TALEParams(**changes).validate())
@@ -38,10 +41,12 @@ def test_schedule_fractions_give_the_reference_steps():
 
 
 def test_optimising_needs_energy_steps_and_weights():
-    assert K.TALEParams().optimising
+    # the default energy is none (needs no optional input); the reference's clip optimises
+    assert K.TALEParams().energy == "none" and not K.TALEParams().optimising
+    assert K.TALEParams(energy="clip").optimising
     for changes in (dict(energy="none"), dict(inner_steps=0), dict(tau=0), dict(text_weight=0.0, style_weight=0.0),
                     dict(energy="latent", latent_weight=0.0)):
-        assert not K.TALEParams(**changes).optimising, changes
+        assert not K.TALEParams(**dict(dict(energy="clip"), **changes)).optimising, changes
     assert K.TALEParams(energy="latent", text_weight=0.0, style_weight=0.0).optimising
 
 

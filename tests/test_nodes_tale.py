@@ -297,16 +297,39 @@ def test_validate_inputs(tn):
     assert tn.TALEComposite.validate_inputs(**ok) is True
     for changes, word in ((dict(t_prime_percent=1.0), "t_prime"), (dict(tau_percent=0.4), "t_prime + tau"),
                           (dict(steps=3), "at 3 steps"),
-                          (dict(box_scale=0.0), "box_scale"), (dict(adain_max=2.0), "adain_max"),
+                          (dict(box_scale=0.0), "'box_scale'"), (dict(adain_max=2.0), "'adain_max'"),
                           # ComfyUI skips its own min/max checks for inputs validate_inputs names
-                          (dict(cfg=-1.0), "cfg must be in [0.0, 100.0]"), (dict(steps=500), "steps must be in"),
+                          (dict(cfg=-1.0), "'cfg' must be at least 0"), (dict(steps=500), "'steps' must be at most"),
                           (dict(inner_steps=-2), "inner_steps"), (dict(text_weight=float("nan")), "text_weight"),
-                          (dict(steps=None, cfg=-1.0), "cfg")):
+                          (dict(steps=None, cfg=-1.0), "cfg"), (dict(energy="clip_l"), "'energy' unknown choice"),
+                          (dict(placement="corner"), "'placement' unknown choice"),
+                          (dict(scheduler="nope"), "'scheduler' unknown choice"), (dict(steps=2.5), "whole number")):
         result = tn.TALEComposite.validate_inputs(**{**ok, **changes})
         assert isinstance(result, str) and word in result and "TALE Composite" in result, (changes, result)
     # linked inputs arrive as None (unknown before the run): not an error, and what is known is still checked
     assert tn.TALEComposite.validate_inputs(**{k: None for k in ok}) is True
     assert tn.TALEComposite.validate_inputs(**{**ok, "steps": None, "tau_percent": 0.9}) is True
+
+
+def test_declaration_covers_every_input_with_limits(tn):
+    """One declaration per input, in the shipped order; every number has min and max, every choice its options,
+    every widget a meaning and a default read from the Params object."""
+    import json
+    from pathlib import Path
+    spec = tn.TALEComposite.INPUTS
+    names = [i.name for i in spec.items]
+    golden = json.loads((Path(__file__).parent / "golden" / "node_schema.json").read_text())["TFG_TALEComposite"]
+    assert names[:len(golden)] == golden
+    for w in spec.widgets:
+        assert w.meaning and spec.default(w) is not None, w.name
+        if w.kind in ("int", "float"):
+            assert w.min is not None and w.max is not None and w.problem(spec.default(w)) is None, w.name
+        if w.kind == "combo":
+            assert spec.default(w) in w.option_list(), w.name
+    # the node's defaults are the kernel's (fractions give the reference's T' and tau)
+    defaults = {w.name: spec.default(w) for w in spec.widgets}
+    params = tn.params_of(spec.params(defaults), defaults["t_prime_percent"], defaults["tau_percent"])
+    assert params == tn.DEFAULTS
 
 
 def test_energy_errors_before_the_run(tn, K, sd):
@@ -319,8 +342,7 @@ def test_energy_errors_before_the_run(tn, K, sd):
         _run(tn, K, (model, vae, controlled, negative), energy="latent")
 
 
-def test_execute_outputs_and_interrupt(tn, K, sd):
-    import comfy.model_management
+def _values(sd, **changes):
     model, vae, positive, negative = sd
     bg, fg, mask = _images()
     values = dict(model=model, positive=positive, negative=negative, vae=vae, background=bg, foreground=fg,
@@ -328,15 +350,198 @@ def test_execute_outputs_and_interrupt(tn, K, sd):
                   t_prime_percent=0.25, tau_percent=0.25, cfg=4.0, solver="dpmpp_2m", scheduler="normal",
                   energy="none", text_weight=15.0, style_weight=0.15, latent_weight=0.02, inner_steps=3,
                   adain_max=0.5, style_gradient="kept", history="reset", trajectories="inverted")
+    values.update(changes)
+    return values
+
+
+def _execute(tn, values):
     with torch.inference_mode():
-        out = tn.TALEComposite.execute(**values).args
+        return tn.TALEComposite.execute(**values).args
+
+
+def test_execute_outputs_interrupts_and_the_next_run_is_a_fresh_run(tn, K, sd, monkeypatch):
+    import comfy.model_management
+    values = _values(sd)
+    out = _execute(tn, values)
     assert out[0]["samples"].shape == (1, 4, 6, 10) and out[1].shape == (1, 48, 80, 3) and out[2].shape == (1, 48, 80)
     comfy.model_management.interrupt_current_processing(True)
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
-            tn.TALEComposite.execute(**values)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _execute(tn, values)
     finally:
         comfy.model_management.interrupt_current_processing(False)
+    # an interrupt in the middle of the composition (after 4 progress steps), then the same prompt again
+    real = comfy.model_management.throw_exception_if_processing_interrupted
+    calls = {"n": 0}
+
+    def interrupt_later():
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise comfy.model_management.InterruptProcessingException()
+        return real()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_later)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _execute(tn, values)
+    monkeypatch.undo()
+    again = _execute(tn, values)
+    assert torch.equal(again[0]["samples"], out[0]["samples"]) and torch.equal(again[1], out[1])
+
+
+def test_linked_values_are_checked_when_the_node_executes(tn, sd):
+    """Linked widgets pass validation (None) and their values are checked at execute, with the same messages."""
+    for changes, word in ((dict(steps=500), "'steps' must be at most 200"), (dict(energy="clip_l"), "'energy'"),
+                          (dict(t_prime_percent=0.9, tau_percent=0.5), "t_prime + tau")):
+        with pytest.raises(ValueError, match="TFG TALE Composite") as info:
+            _execute(tn, _values(sd, **changes))
+        assert word in str(info.value), (changes, str(info.value))
+
+
+@pytest.mark.parametrize("name", ["background", "foreground", "object_mask", "placement_mask", "positive",
+                                  "negative", "energy_text"])
+def test_non_finite_inputs_are_refused_naming_the_input(tn, sd, name):
+    values = _values(sd)
+    if name in ("positive", "negative", "energy_text"):
+        source = values["positive" if name == "energy_text" else name]
+        bad = [[c[0].clone(), dict(c[1])] for c in source]
+        bad[0][0][0, 0, 0] = float("nan")
+    else:
+        if name == "placement_mask":
+            values["placement"] = "mask"
+            base = torch.ones(1, 48, 80)
+        else:
+            base = values[name]
+        bad = base.clone()
+        bad.view(-1)[3] = float("inf")
+    values[name] = bad
+    with pytest.raises(ValueError, match=rf"TFG TALE Composite.*'{name}' holds NaN or infinite values"):
+        _execute(tn, values)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def test_a_mask_of_the_same_aspect_at_another_resolution_is_resized_like_comfyui_masks(tn):
+    import torch.nn.functional as F
+    bg, fg, mask = _images()                                   # foreground 40x32 (h x w), object rows 4..35
+    half = F.interpolate(mask[:, None], size=(20, 16), mode="bilinear")[:, 0]
+    resized = tn.make_placement(bg, fg, half, "box", None, 0.5, 0.5, 0.75, 8)
+    # the same as resizing it first the way ComfyUI's ImageCompositeMasked / VAEEncodeForInpaint do
+    comfy_way = F.interpolate(half.reshape(-1, 1, 20, 16), size=(40, 32), mode="bilinear")[:, 0]
+    expected = tn.make_placement(bg, fg, comfy_way, "box", None, 0.5, 0.5, 0.75, 8)
+    assert torch.equal(resized.latent_mask, expected.latent_mask) and resized.box == expected.box
+    full_res = tn.make_placement(bg, fg, mask, "box", None, 0.5, 0.5, 0.75, 8)
+    assert abs(resized.box.height - full_res.box.height) <= 1 and abs(resized.box.width - full_res.box.width) <= 1
+    # a placement mask at twice the background's resolution: the same box as the mask at its size
+    pm = torch.zeros(1, 48, 80)
+    pm[:, 8:40, 16:64] = 1.0
+    big = F.interpolate(pm[:, None], size=(96, 160), mode="nearest")[:, 0]
+    a = tn.make_placement(bg, fg, mask, "mask", pm, 0.5, 0.5, 1.0, 8)
+    b = tn.make_placement(bg, fg, mask, "mask", big, 0.5, 0.5, 1.0, 8)
+    assert a.box == b.box and torch.equal(a.latent_mask, b.latent_mask)
+
+
+def test_full_masks_are_the_whole_image(tn, K, sd):
+    bg, fg, _ = _images()
+    full = torch.ones(1, *fg.shape[1:3])
+    place = tn.make_placement(bg, fg, full, "mask", torch.ones(1, 48, 80), 0.5, 0.5, 1.0, 8)
+    # the whole 40x32 foreground fitted into the whole 48x80 background: 48 x 38, centred
+    assert (place.box.height, place.box.width, place.box.top) == (48, 38, 0)
+    latent, _, _, report = _run(tn, K, sd, trace=False, images=(bg, fg, full), placement="mask",
+                                placement_mask=torch.ones(1, 48, 80))
+    assert torch.isfinite(latent["samples"]).all() and report.passes["cfg"] == STEPS - T_PRIME
+
+
+@pytest.mark.parametrize("case, match", [
+    ("background_batch", r"background is a batch of 2 images.*ImageFromBatch"),
+    ("foreground_batch", r"foreground is a batch of 2 images"),
+    ("mask_batch", r"object_mask is a batch of 2 masks"),
+    ("placement_batch", r"placement_mask is a batch of 2 masks"),
+    ("tiny_background", r"background is 8x8 px.*Fix: upscale the background"),
+    ("tiny_foreground", r"covers 1 latent pixel.*make the object larger"),
+])
+def test_batches_and_tiny_images_are_clear_errors(tn, case, match):
+    bg, fg, mask = _images()
+    args = dict(placement="box", placement_mask=None, box_x=0.5, box_y=0.5, box_scale=0.75)
+    if case == "background_batch":
+        bg = bg.repeat(2, 1, 1, 1)
+    elif case == "foreground_batch":
+        fg = fg.repeat(2, 1, 1, 1)
+    elif case == "mask_batch":
+        mask = mask.repeat(2, 1, 1)
+    elif case == "placement_batch":
+        args.update(placement="mask", placement_mask=torch.ones(2, 48, 80))
+    elif case == "tiny_background":
+        bg = bg[:, :8, :8]
+    elif case == "tiny_foreground":
+        fg, mask = fg[:, :4, :4], torch.ones(1, 4, 4)
+        args["box_scale"] = 1.0
+    with pytest.raises(ValueError, match=match) as info:
+        tn.make_placement(bg, fg, mask, factor=8, **args)
+    assert "TFG TALE Composite" in str(info.value) and "Fix:" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+@pytest.fixture(scope="module")
+def te(comfy_root):
+    return host.pack_module("nodes.tale_energy")
+
+
+def test_a_gradient_run_larger_than_the_free_memory_is_refused_before_it_starts(tn, K, sd, te, monkeypatch,
+                                                                                base_run):
+    import comfy.model_management
+    model, vae = sd[0], sd[1]
+    params = K.TALEParams(**dict(SMALL, energy="latent"))
+    small = te.gradient_memory(model, vae, None, params, (6, 10))
+    assert small.total > 0 and te.gradient_memory(model, vae, None, params, (12, 20)).total > small.total
+    free = {"bytes": 2 * 1024 ** 2}
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda dev=None, torch_free_too=False: (
+        (free["bytes"], free["bytes"]) if torch_free_too else free["bytes"]))
+    monkeypatch.setattr(te, "loaded_model_bytes", lambda device: 0)
+    encodes = {"n": 0}
+    real_encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: (encodes.__setitem__("n", encodes["n"] + 1), real_encode(
+        *a, **k))[1])
+    with pytest.raises(ValueError, match=r"energy=latent .* needs about [0-9.]+ GiB .*UNet activations.* but 0\.00 "
+                                         r"GiB is free.*Fix: use energy none") as info:
+        _run(tn, K, sd, energy="latent", latent_weight=0.001, inner_steps=1)
+    assert "TFG TALE Composite [model family: SD1.x]" in str(info.value) and encodes["n"] == 0
+    # no gradients: plain sampling's memory, which ComfyUI manages (here with attention sliced for the small
+    # free memory); not refused
+    latent, _, _, _ = _run(tn, K, sd, trace=False, energy="none")
+    assert torch.isfinite(latent["samples"]).all()
+    monkeypatch.undo()
+    # after the refusal, the same run as a fresh one
+    latent, _, _, _ = _run(tn, K, sd, trace=False, energy="none")
+    assert torch.equal(latent["samples"], base_run[0]["samples"])
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+def _default_values(tn, model, vae, positive, negative):
+    spec = tn.TALEComposite.INPUTS
+    bg, fg, mask = _images()
+    values = {w.name: spec.default(w) for w in spec.widgets}
+    values.update(model=model, vae=vae, positive=positive, negative=negative, background=bg, foreground=fg,
+                  object_mask=mask)
+    return values
+
+
+def test_every_input_at_its_default_runs_on_sd15(tn, sd):
+    """The smallest graph: model, prompts, VAE, two images and a mask; every widget at its default (energy none:
+    the default that needs no optional input)."""
+    values = _default_values(tn, *sd)
+    assert values["energy"] == "none" and tn.TALEComposite.validate_inputs(
+        **{w.name: values[w.name] for w in tn.TALEComposite.INPUTS.widgets}) is True
+    latent, preview, mask = _execute(tn, values)
+    assert latent["samples"].shape == (1, 4, 6, 10) and torch.isfinite(latent["samples"]).all()
+    assert preview.shape == (1, 48, 80, 3) and mask.shape == (1, 48, 80)
+
+
+def test_every_input_at_its_default_runs_on_sdxl(tn, comfy_root, tmp_path_factory):
+    from sampling_helpers import get_setup
+    import tiny_models
+    s = get_setup("sdxl", tmp_path_factory)
+    latent, _, _ = _execute(tn, _default_values(tn, s.model, tiny_models.build_tiny_vae("sdxl"), s.positive,
+                                                s.negative))
+    assert latent["samples"].shape == (1, 4, 6, 10) and torch.isfinite(latent["samples"]).all()
 
 
 def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_factory, tiny_clip_vision):
