@@ -129,8 +129,9 @@ def _linear_ag_methods(eval_model, args, classes):
     k1, _, _ = h.fit_linear_ag(eval_model, classes, args.fit_per_class, args.batch, args.steps, LINEAR_AG_FIT_SEED,
                                args.cfg, args.sampler, args.scheduler, history=1, ridge=defaults.ridge)
     estimators = {
-        f"fitted K={defaults.history}": (defaults, (coefficients.coefficients, coefficients.fitted)),
-        "fitted K=1": (defaults.replace(history=1), (k1.coefficients, k1.fitted)),
+        f"fitted K={defaults.history}": (defaults.replace(estimator="fitted"),
+                                         (coefficients.coefficients, coefficients.fitted)),
+        "fitted K=1": (defaults.replace(estimator="fitted", history=1), (k1.coefficients, k1.fitted)),
         "hold_delta": (defaults.replace(estimator="hold_delta"), ()),
         "extrapolate_delta": (defaults.replace(estimator="extrapolate_delta"), ()),
         "previous_uncond": (defaults.replace(estimator="previous_uncond"), ()),

@@ -219,11 +219,13 @@ def apply_linear_ag(model, params: LinearAGParams, coefficients: LinearAGCoeffic
 # ----------------------------------------------------------------------------------------------
 def estimation_widgets() -> list:
     return [
-        inp.Choice("estimator", "How the skipped uncond predictions are estimated. fitted: the per-step affine "
-                                "regression (the paper's LinearAG; needs coefficients from LinearAG Load/Fit). "
-                                "hold_delta / extrapolate_delta: online, no fitting (reuse or extrapolate the last "
-                                "guidance delta). previous_uncond: reuse the last uncond (a baseline)", ESTIMATORS,
-                   neutral="off (plain Adaptive Guidance)", paper="fitted"),
+        inp.Choice("estimator", "How the skipped uncond predictions are estimated. extrapolate_delta (default): "
+                                "online, no fitting; extrapolates the last two guidance deltas; chosen because the "
+                                "pack's benchmark measures it closest to the true uncond of the estimators that "
+                                "need no fit (BENCHMARKS.md). hold_delta: reuse the last delta. fitted: the "
+                                "per-step affine regression (the paper's LinearAG; needs coefficients from LinearAG "
+                                "Record → Fit → Load). previous_uncond: reuse the last uncond (a baseline)",
+                   ESTIMATORS, neutral="off (plain Adaptive Guidance)", paper="fitted"),
         inp.Float("estimate_until", "Odd steps in this first fraction of the run are estimated instead of computed; "
                                     "later steps follow 'after'", neutral="estimator=off", paper="0.5 (the first half)",
                   min=0.0, max=1.0, step=0.01),

@@ -57,7 +57,8 @@ def test_fitted_estimator_reproduces_the_relation_in_denoised_space():
     coef = (0.8, 0.1, 0.2, 0.0)
     steps = 4
     coefficients = torch.tensor([coef] * steps)
-    est = la.UncondEstimator(la.LinearAGParams(history=1), coefficients, torch.ones(steps, dtype=torch.bool))
+    est = la.UncondEstimator(la.LinearAGParams(estimator="fitted", history=1), coefficients,
+                             torch.ones(steps, dtype=torch.bool))
     eps_c, eps_u = _synthetic_trajectory(steps, 1, coef, g)
     sigmas = [4.0, 2.0, 1.0, 0.5]
     x = [torch.randn(1, 2, 3, 3, generator=g) for _ in range(steps)]
@@ -103,7 +104,8 @@ def test_online_estimators_work_in_score_space():
 
 
 def test_fitted_estimator_needs_fitted_steps():
-    est = la.UncondEstimator(la.LinearAGParams(history=1), torch.zeros(3, 4), torch.tensor([False, False, True]))
+    est = la.UncondEstimator(la.LinearAGParams(estimator="fitted", history=1), torch.zeros(3, 4),
+                             torch.tensor([False, False, True]))
     est.record(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 1.0, computed=True)
     assert not est.can_estimate(1, 1) and est.can_estimate(2, 1)
     assert not est.can_estimate(2, 3)  # another batch size than the recorded history

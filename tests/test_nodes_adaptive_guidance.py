@@ -62,6 +62,14 @@ def test_neutral_guider_is_bit_identical_to_cfg_guider(setup, ag):
     assert torch.equal(advanced_sample(setup, plain), advanced_sample(setup, guider))
 
 
+def test_nodes_run_with_every_input_at_its_default(sd15, ag):
+    counted, counts = with_counter(ag.AdaptiveGuidance.execute(model=sd15.model).args[0])
+    assert torch.isfinite(ksample(sd15, counted)).all() and counts["cond"] == STEPS and counts["uncond"] >= 1
+    guider = ag.AdaptiveGuiderNode.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative).args[0]
+    assert guider.cfg == 8.0 and torch.isfinite(advanced_sample(sd15, guider)).all()
+    assert "threshold=0.995" in guider.tfg_adaptive_guidance_report
+
+
 def test_latched_run_skips_uncond_passes(setup, ag):
     counted, counts = with_counter(patch(ag, setup.model, threshold=0.0))
     out = ksample(setup, counted, batch=2)

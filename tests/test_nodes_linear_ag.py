@@ -25,6 +25,7 @@ def models_dir(tmp_path, monkeypatch, la):
     import folder_paths
     folder = tmp_path / la.COEFFICIENTS_FOLDER
     monkeypatch.setitem(folder_paths.folder_names_and_paths, la.COEFFICIENTS_FOLDER, ([str(folder)], {".safetensors"}))
+    monkeypatch.delitem(folder_paths.filename_list_cache, la.COEFFICIENTS_FOLDER, raising=False)  # ComfyUI's list cache
     return folder
 
 
@@ -185,3 +186,28 @@ def test_load_refuses_names_outside_the_folder(la, models_dir, hostile):
     (models_dir.parent / "fit.safetensors").write_bytes(b"not inside")
     with pytest.raises(ValueError, match=r"TFG LinearAG Load Coefficients: .*Fix:"):
         la.LinearAGLoad.execute(coefficients_name=hostile)
+
+
+# ------------------------------------------------------------------------------------------------
+# Defaults: every node runs with nothing but its links (issue 18)
+# ------------------------------------------------------------------------------------------------
+def test_linear_ag_runs_with_every_input_at_its_default(sd15, la):
+    assert la.DEFAULTS.estimator == "extrapolate_delta"
+    steps = 8
+    counted, counts = with_counter(la.LinearAG.execute(model=sd15.model).args[0])
+    out = ksample(sd15, counted, steps=steps)
+    assert torch.isfinite(out).all() and counts["cond"] == steps and 1 <= counts["uncond"] <= 2
+    guider = la.LinearAGGuider.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative).args[0]
+    assert guider.cfg == 8.0
+    assert torch.isfinite(advanced_sample(sd15, guider, steps=steps)).all()
+    assert "model passes" in guider.tfg_adaptive_guidance_report
+
+
+def test_load_before_any_fit_says_what_to_do(la, models_dir):
+    assert la.fitted_files() == []
+    message = la.LinearAGLoad.validate_inputs(coefficients_name="linear_ag.safetensors")
+    assert "no coefficients have been fitted yet" in message and "LinearAG Fit" in message
+    assert la.LinearAGLoad.GET_SCHEMA().inputs[0].options == []
+    with pytest.raises(ValueError, match=r"TFG LinearAG Load Coefficients: no coefficients have been fitted yet.*"
+                                         r"Fix: run LinearAG Record → Fit"):
+        la.LinearAGLoad.execute(coefficients_name=None)
