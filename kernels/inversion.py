@@ -258,8 +258,11 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, params: In
 def patch_kl(e: torch.Tensor, target: torch.Tensor, patch: int = 4) -> torch.Tensor:
     """Sum over 4x4 (x 4-channel) patches of sum over channels of |KL-like divergence| between the per-channel
     statistics of e and target (the reference's patchify_latents_kl_divergence; unbiased variances, eps 1e-6).
-    Channels are grouped in fours, as the reference's channel unfold; leftover rows/columns are dropped."""
+    Channels are grouped in fours, as the reference's channel unfold; leftover rows/columns are dropped; with no
+    whole patch (fewer than 4 rows, columns or channels) the term is 0 (the reference's unfold would fail)."""
     eps = 1e-6
+    if min(e.shape[1:4]) < patch:  # no whole patch (a latent under 4x4 or with fewer than 4 channels): no term
+        return (e * 0.0).sum()
 
     def patches(v):
         p = v.unfold(1, patch, patch).unfold(2, patch, patch).unfold(3, patch, patch)

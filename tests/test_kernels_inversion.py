@@ -196,6 +196,19 @@ def test_patch_kl_is_zero_for_identical_statistics_and_positive_otherwise():
     assert float(K.patch_kl(e * 3.0 + 1.0, e)) > 1.0
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 3, 8), (1, 4, 8, 2), (1, 4, 1, 1)])
+def test_latents_smaller_than_a_patch_have_no_kl_term_and_still_regularise(shape):
+    """Documented behaviour for tiny images (latent under 4x4): the patch-KL term is 0 (no whole patch), the
+    auto-correlation term still acts, and the result is finite."""
+    e = x0(shape)
+    assert float(K.patch_kl(e * 3.0 + 1.0, e)) == 0.0
+    g = torch.Generator().manual_seed(0)
+    out = K.regularize_noise(e, e, steps=2, rolls=2, generator=g)
+    assert out.shape == e.shape and torch.isfinite(out).all()
+    only_kl = K.regularize_noise(e, e * 3.0, lambda_ac=0.0, steps=2)
+    assert torch.equal(only_kl, e)
+
+
 def test_regulariser_moves_toward_white_gaussian_noise_and_works_under_inference_mode():
     g = torch.Generator().manual_seed(0)
     white = torch.randn(1, 4, 16, 16, generator=g)

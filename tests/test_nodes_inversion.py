@@ -468,3 +468,14 @@ def test_after_an_error_or_interrupt_the_next_run_equals_a_fresh_one(sd15, inv):
     assert torch.equal(sampler_run(sd15.model), fresh_sampler)
     assert sampler.last_result is not first_result and torch.equal(sampler.last_result.latent,
                                                                    first_result.latent)
+
+
+def test_tiny_images_invert_at_the_defaults(sd15, inv):
+    """A latent under the regulariser's 4x4 patch (an image under 32 px) inverts at the defaults: the patch-KL term
+    is 0 there (documented in kernels.inversion.patch_kl), the rest runs as usual."""
+    for size in (1, 3):
+        lat = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.inference_mode():
+            out = inv.InvertNode.execute(model=sd15.model, positive=sd15.positive, latent={"samples": lat},
+                                         sigmas=sigmas_for(sd15, 2), negative=sd15.negative).args[0]["samples"]
+        assert out.shape == lat.shape and torch.isfinite(out).all()
