@@ -94,6 +94,8 @@ class ASGParams:
     """Node default: the k-diffusion sampler run in each stage (CutDiffusion: Euler)."""
     scheduler: str = "normal"
     """Node default: the noise schedule (no paper value; ComfyUI's default)."""
+    seed: int = 0
+    """Node default: the noise seed."""
 
     def replace(self, **changes) -> "ASGParams":
         return dataclasses.replace(self, **changes)

@@ -37,6 +37,21 @@ OFFICIAL_SHARPEN_SIGMA_RANGE = (0.1, 2.0)
 """torchvision GaussianBlur(sigma=(0.1, 2.0)) of the reference: sigma uniform in this range per call."""
 OFFICIAL_SIZE = 1024
 """SDXL micro-conditioning (original and target size) the reference keeps at every stage."""
+MIN_STAGE_SIDE = 32
+"""Smallest stage side in pixels (4 latent pixels): below it the VAE and the wavelet bands have nothing to work
+on (a stage of a few pixels is refused with the inputs to change)."""
+MAX_STAGE_SIDE = 16384
+"""Largest stage side in pixels (the width/height inputs' maximum)."""
+AUTO = "auto"
+AUTO_STAGES = {
+    "sd1": "x2",                  # SD1.x: 512 -> 1024 (the port's and the paper's x2 per stage)
+    "sd2": "x2",
+    "sd_unet": "x2",
+    "sdxl": "2048, 3072, 4096",   # the official SDXL schedule
+    "sd3": "x2",                  # DiT families: one x2 stage (1024 -> 2048); attention cost grows with the
+    "flux": "x2",                 # square of the tokens, so 4096² is left to an explicit list
+}
+"""`stages = auto`: the stage list per model family key (anything else: x2)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +97,15 @@ class DiffuseHighParams:
     `conditioning`: whatever the conditioning says (ComfyUI's default is the latent's size)."""
     scale_by: float = 2.0
     """One-stage node: output size = input size * scale_by when width/height are 0."""
-    stages: str = "2048, 3072, 4096"
-    """Progressive node: comma-separated stage sizes (see `plan_stages`). Official SDXL: 2048, 3072, 4096."""
+    stages: str = AUTO
+    """Progressive node: comma-separated stage sizes (see `plan_stages`), or `auto`: from the model family
+    (`AUTO_STAGES`: official SDXL 2048, 3072, 4096; x2 for SD1.x/SD2.x, SD3 and Flux)."""
+    width: int = 0
+    """One-stage node: target width in pixels; 0 = from scale_by (or from height, keeping the aspect)."""
+    height: int = 0
+    """One-stage node: target height in pixels; 0 = from scale_by (or from width, keeping the aspect)."""
+    seed: int = 0
+    """Noise seed (stage i uses seed + i) and seed of the sharpening sigma."""
 
     def replace(self, **changes) -> "DiffuseHighParams":
         return dataclasses.replace(self, **changes)
@@ -235,6 +257,44 @@ def target_size(width: int, height: int, source: tuple[int, int], scale_by: floa
     else:
         w, h = sw * scale_by, sh * scale_by
     return round_to(w, multiple), round_to(h, multiple)
+
+
+def resolve_stages(spec: str, family_key: str) -> str:
+    """The stage list a `stages` value means for a model family (`auto` -> AUTO_STAGES; lists unchanged)."""
+    if spec.strip().lower() == AUTO:
+        return AUTO_STAGES.get(family_key, "x2")
+    return spec
+
+
+def stage_spec_problem(spec: str) -> str | None:
+    """What is wrong with a `stages` value before the source size is known (None when it is fine): syntax, and
+    absolute sizes outside [MIN_STAGE_SIDE, MAX_STAGE_SIDE]."""
+    if not isinstance(spec, str):
+        return f"must be text, got {spec!r}"
+    if spec.strip().lower() == AUTO:
+        return None
+    try:
+        sizes = plan_stages(spec, (1024, 1024))
+    except ValueError as e:
+        return f"{e} (write e.g. 'auto', '2048, 3072, 4096', 'x2' or '1536x1024')"
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        m = _STAGE_RE.match(entry)
+        if m is not None and not m.group("f"):
+            values = [int(m.group(g)) for g in ("w", "h", "n") if m.group(g)]
+            if any(v < MIN_STAGE_SIDE or v > MAX_STAGE_SIDE for v in values):
+                return (f"stage {entry!r} is outside {MIN_STAGE_SIDE}-{MAX_STAGE_SIDE} px per side")
+    del sizes
+    return None
+
+
+def size_problem(size: tuple[int, int]) -> str | None:
+    """A planned stage size (W, H) outside [MIN_STAGE_SIDE, MAX_STAGE_SIDE] px per side, or None."""
+    w, h = size
+    if min(w, h) < MIN_STAGE_SIDE:
+        return f"a stage of {w}x{h} px is below the {MIN_STAGE_SIDE} px per side DiffuseHigh needs"
+    if max(w, h) > MAX_STAGE_SIDE:
+        return f"a stage of {w}x{h} px is above the {MAX_STAGE_SIDE} px per side allowed"
+    return None
 
 
 _STAGE_RE = re.compile(r"^\s*(?:(?P<w>\d+)\s*[x×]\s*(?P<h>\d+)|[x×]\s*(?P<f>\d+(?:\.\d+)?)|(?P<n>\d+))\s*$")

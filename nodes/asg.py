@@ -29,6 +29,7 @@ from ..kernels import patches as P
 from ..kernels.asg import (MASKS, MAX_SCALE, ASGParams, DetailDenoiser, StructureDenoiser, heat_from_attention,
                            patch_size, resize_map, split_steps)
 from . import adapters
+from . import inputs as inp
 
 DEFAULTS = ASGParams()
 NODE = "ASGDiffusion"
@@ -310,110 +311,96 @@ def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sam
 # ----------------------------------------------------------------------------------------------
 # Node
 # ----------------------------------------------------------------------------------------------
+def _samplers() -> list:
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def _schedulers() -> list:
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
 def validate_scales(scale_width, scale_height) -> bool | str:
-    """Before the run: whole-number scale factors in range (the target size itself is checked when the latent
-    arrives, before the first model call)."""
-    for name, value in (("scale_width", scale_width), ("scale_height", scale_height)):
-        if value is None:
-            continue  # linked: checked when the node runs
-        if isinstance(value, bool) or not float(value).is_integer() or not 1 <= value <= MAX_SCALE:
-            return (f"{name} must be a whole number from 1 to {MAX_SCALE} (ASGDiffusion's dilated patches interleave "
-                    f"whole native-size patches, so only integer scale factors exist), got {value}")
-    return True
+    """Whole-number scale factors in range (linked (None) values pass; the node checks them when it runs)."""
+    problems = INPUTS.problems({"scale_width": scale_width, "scale_height": scale_height})
+    return INPUTS.message(problems) if problems else True
+
+
+INPUTS = inp.NodeInputs(NODE, [
+    inp.Socket(io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL; Flux/SD3 with mask=none).")),
+    inp.Socket(io.Conditioning.Input("positive", tooltip="Positive prompt (no area, mask or ControlNet entries)."),
+               finite=True),
+    inp.Socket(io.Conditioning.Input("negative", tooltip="Negative prompt (no area, mask or ControlNet entries)."),
+               finite=True),
+    inp.Seed("seed", "Noise seed: the target-size noise is drawn exactly as KSampler draws it (same seed, same size "
+             "-> same noise)"),
+    inp.Int("steps", "Total steps of both stages", paper="50 (25 + 25)", min=1, max=10000),
+    inp.Float("cfg", "CFG scale for both stages", neutral="1 (no unconditional pass)",
+              paper="CutDiffusion's script: 7.5 for both (SDXL)", min=0.0, max=100.0, step=0.1, round=0.01),
+    inp.Choice("sampler_name", "Sampler for each stage (it restarts at the stage switch, so multistep samplers lose "
+               "their history there)", _samplers, paper="CutDiffusion: Euler (SDXL default)"),
+    inp.Choice("scheduler", "Noise schedule over all steps (split between the stages at structure_fraction); "
+               "normal is ComfyUI's default", _schedulers, paper="no value given"),
+    inp.Socket(io.Latent.Input("latent_image",
+                               tooltip="The target-size latent, normally an Empty Latent Image (e.g. 2048x2048 for "
+                                       "SDXL). Its size divided by the scale factors is the native patch size (at "
+                                       "least 64 px per side)."), finite=True),
+    inp.Int("scale_width", "Integer scale factor across: target width / the model's native width (SDXL 2048 from "
+            "1024: 2). Only whole numbers: the dilated patches interleave whole native-size patches",
+            neutral="1 (with scale_height 1: plain sampling)", paper="2-4 (quality collapses at 16x the pixels)",
+            min=1, max=MAX_SCALE),
+    inp.Int("scale_height", "Integer scale factor down: target height / the model's native height. Non-square grids "
+            "(e.g. 3x1) are allowed", neutral="1", paper="2-4", min=1, max=MAX_SCALE),
+    inp.Float("structure_fraction", "Share of the steps in the structure stage (patches); the rest is the detail "
+              "stage (windows). 0 = windows only (MultiDiffusion-like); 1 = patches only",
+              paper="0.5 (paper and CutDiffusion)", min=0.0, max=1.0, step=0.01),
+    inp.Float("guidance_scale", "w of the structure guidance: how far each patch's noise moves toward the key "
+              "patch's noise (times the mask). Not published (no code); the paper's ablation shows high values "
+              "blur; 0.5 is our default", neutral="0 (= CutDiffusion)", min=0.0, max=1.0, step=0.01),
+    inp.Choice("mask", "cross_attention: the paper's mask, each patch's own attention map from the UNet up blocks "
+               "(attention mass on all text tokens but the first), min-max normalised (SD1.x/SDXL only). none: "
+               "unmasked guidance (paper Eq. 3; all families)", MASKS,
+               neutral="none with guidance_scale 0 (guidance_scale 0 is the neutral setting)",
+               paper="cross_attention (Eq. 4)"),
+    inp.Bool("asynchronous", "True: guidance uses the key patch's prediction from the previous evaluation, so "
+             "patches never wait for it (what makes multi-GPU parallelism possible); the first evaluation is "
+             "unguided. False: the same evaluation's prediction (synchronous)", paper="true (ASG)"),
+    inp.Bool("pixel_interaction", "CutDiffusion's pixel interaction: at every latent pixel the patches are randomly "
+             "permuted before the model and put back after (structure stage)", neutral="off",
+             paper="CutDiffusion README: on"),
+    inp.Float("window_overlap", "Detail stage: overlap of neighbouring native-size windows; stride = window x "
+              "(1 - overlap)", paper="CutDiffusion: 0.5 (stride 64 of 128)", min=0.0, max=0.95, step=0.05),
+    inp.Bool("jitter", "Detail stage: CutDiffusion's random window jitter (up to a quarter of the overlap) each "
+             "evaluation", neutral="off", paper="CutDiffusion: on"),
+    inp.Choice("blend", "Detail stage: uniform = CutDiffusion's plain average of overlapping windows; feather (our "
+               "option) = linear ramps toward inner window sides, which hides seams", P.BLENDS,
+               paper="uniform (CutDiffusion)"),
+    inp.Int("window_batch", "Detail stage: windows per model call (memory bound)",
+            paper="CutDiffusion's view_batch_size (16 in its script, 1 in its README)", min=1, max=64),
+], defaults=DEFAULTS)
 
 
 class ASGDiffusion(io.ComfyNode):
+    INPUTS = INPUTS
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        d = DEFAULTS
         return io.Schema(
             node_id="TFG_ASGDiffusion",
             display_name="ASGDiffusion High-Res Sampler (TFG)",
             category=CATEGORY,
             description=_DESCRIPTION,
-            inputs=[
-                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL; Flux/SD3 with mask=none)."),
-                io.Conditioning.Input("positive", tooltip="Positive prompt (no area, mask or ControlNet entries)."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (no area, mask or ControlNet entries)."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
-                             tooltip="Noise seed: the target-size noise is drawn exactly as KSampler draws it "
-                                     "(same seed, same size -> same noise)."),
-                io.Int.Input("steps", default=d.steps, min=1, max=10000,
-                             tooltip="Total steps of both stages. Paper: 50 (25 + 25)."),
-                io.Float.Input("cfg", default=d.cfg, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="CFG scale for both stages. CutDiffusion's script: 7.5 for both (SDXL)."),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS),
-                               default=d.sampler_name,
-                               tooltip="Sampler for each stage (it restarts at the stage switch, so multistep "
-                                       "samplers lose their history there). CutDiffusion: Euler (SDXL default)."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default=d.scheduler,
-                               tooltip="Noise schedule over all steps (split between the stages at "
-                                       "structure_fraction). No paper value; normal is ComfyUI's default."),
-                io.Latent.Input("latent_image",
-                                tooltip="The target-size latent, normally an Empty Latent Image (e.g. 2048x2048 for "
-                                        "SDXL). Its size divided by the scale factors is the native patch size."),
-                io.Int.Input("scale_width", default=d.scale_width, min=1, max=MAX_SCALE,
-                             tooltip="Integer scale factor across: target width / the model's native width (SDXL "
-                                     "2048 from 1024: 2). 1 with scale_height 1 = plain sampling (neutral). Paper: "
-                                     "2-4 (quality collapses at 16x the pixels)."),
-                io.Int.Input("scale_height", default=d.scale_height, min=1, max=MAX_SCALE,
-                             tooltip="Integer scale factor down: target height / the model's native height. "
-                                     "Non-square grids (e.g. 3x1) are allowed."),
-                io.Float.Input("structure_fraction", default=d.structure_fraction, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the steps in the structure stage (patches); the rest is the "
-                                       "detail stage (windows). Paper/CutDiffusion: 0.5. 0 = windows only "
-                                       "(MultiDiffusion-like); 1 = patches only."),
-                io.Float.Input("guidance_scale", default=d.guidance_scale, min=0.0, max=1.0, step=0.01,
-                               tooltip="w of the structure guidance: how far each patch's noise moves toward the "
-                                       "key patch's noise (times the mask). Neutral: 0 (= CutDiffusion). Not "
-                                       "published (no code); the paper's ablation shows high values blur; 0.5 is "
-                                       "our default."),
-                io.Combo.Input("mask", options=list(MASKS), default=d.mask,
-                               tooltip="cross_attention: the paper's mask, each patch's own attention map from the "
-                                       "UNet up blocks (attention mass on all text tokens but the first), min-max "
-                                       "normalised (SD1.x/SDXL only). none: unmasked guidance (paper Eq. 3; all "
-                                       "families). No neutral value; guidance_scale 0 is neutral."),
-                io.Boolean.Input("asynchronous", default=d.asynchronous,
-                                 tooltip="True (paper): guidance uses the key patch's prediction from the previous "
-                                         "evaluation, so patches never wait for it (what makes multi-GPU "
-                                         "parallelism possible); the first evaluation is unguided. False: the same "
-                                         "evaluation's prediction (synchronous)."),
-                io.Boolean.Input("pixel_interaction", default=d.pixel_interaction,
-                                 tooltip="CutDiffusion's pixel interaction: at every latent pixel the patches are "
-                                         "randomly permuted before the model and put back after (structure stage). "
-                                         "CutDiffusion README: on."),
-                io.Float.Input("window_overlap", default=d.window_overlap, min=0.0, max=0.95, step=0.05,
-                               tooltip="Detail stage: overlap of neighbouring native-size windows; stride = window "
-                                       "x (1 - overlap). CutDiffusion: 0.5 (stride 64 of 128)."),
-                io.Boolean.Input("jitter", default=d.jitter,
-                                 tooltip="Detail stage: CutDiffusion's random window jitter (up to a quarter of the "
-                                         "overlap) each evaluation. CutDiffusion: on."),
-                io.Combo.Input("blend", options=list(P.BLENDS), default=d.blend,
-                               tooltip="Detail stage: uniform = CutDiffusion's plain average of overlapping "
-                                       "windows; feather (our option) = linear ramps toward inner window sides, "
-                                       "which hides seams."),
-                io.Int.Input("window_batch", default=d.window_batch, min=1, max=64,
-                             tooltip="Detail stage: windows per model call (memory bound). CutDiffusion's "
-                                     "view_batch_size (16 in its script, 1 in its README)."),
-            ],
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Latent.Output(tooltip="The target-size latent (decode with the model's VAE; tiled decode "
                                               "for very large images).")],
         )
 
     @classmethod
-    def validate_inputs(cls, scale_width, scale_height) -> bool | str:
-        return validate_scales(scale_width, scale_height)
-
-    @classmethod
-    def execute(cls, model, positive, negative, seed, steps, cfg, sampler_name, scheduler, latent_image,
-                scale_width, scale_height, structure_fraction, guidance_scale, mask, asynchronous,
-                pixel_interaction, window_overlap, jitter, blend, window_batch) -> io.NodeOutput:
-        params = ASGParams(scale_width=scale_width, scale_height=scale_height,
-                           structure_fraction=structure_fraction, guidance_scale=guidance_scale, mask=mask,
-                           asynchronous=asynchronous, pixel_interaction=pixel_interaction,
-                           window_overlap=window_overlap, jitter=jitter, blend=blend, window_batch=window_batch)
-        latent, _stats = sample_asg(model, positive, negative, seed, steps, cfg, sampler_name, scheduler, params,
-                                    latent_image)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        params = cls.INPUTS.params(v)
+        latent, _stats = sample_asg(v.model, v.positive, v.negative, v.seed, v.steps, v.cfg, v.sampler_name,
+                                    v.scheduler, params, v.latent_image)
         return io.NodeOutput(latent)
 
 

@@ -224,3 +224,135 @@ def test_target_size():
     assert K.target_size(1000, 0, (1024, 768), 2.0) == (1000, 752)
     assert K.target_size(0, 504, (1024, 768), 2.0) == (672, 504)
     assert K.target_size(640, 480, (10, 10), 2.0) == (640, 480)
+
+
+def test_stage_spec_problems_and_sizes():
+    for good in ("auto", " AUTO ", "2048, 3072, 4096", "x2", "1536x1024, x1.5", "32"):
+        assert K.stage_spec_problem(good) is None, good
+    for bad, word in (("big", "not WxH"), ("", "empty"), ("16", "outside 32-16384"), ("20000", "outside"),
+                      ("8x64", "outside"), ("x0", "> 0")):
+        assert word in (K.stage_spec_problem(bad) or ""), bad
+    assert K.size_problem((32, 32)) is None and "below" in K.size_problem((8, 64))
+    assert "above" in K.size_problem((16392, 64))
+
+
+# ------------------------------------------------------------------------------------------------
+# The structure guide and the stage loop (kernels/structure_guide.py), with a fake VAE and denoiser
+# ------------------------------------------------------------------------------------------------
+SG = host.pack_module("kernels.structure_guide")
+
+
+class FakeVAE:
+    """Pixels (B, 3, H, W) <-> 'latents' (B, 4, H/2, W/2): average pooling / nearest upsampling, counted."""
+
+    def __init__(self):
+        self.encodes, self.decodes = [], []
+
+    def encode(self, pixels):
+        self.encodes.append(pixels.clone())
+        pooled = torch.nn.functional.avg_pool2d(pixels, 2)
+        return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1)
+
+    def decode(self, latent):
+        self.decodes.append(latent.clone())
+        return torch.nn.functional.interpolate(latent[:, :3], scale_factor=2, mode="nearest")
+
+    def codec(self):
+        return SG.Codec(encode=self.encode, decode=self.decode, to_model=lambda z: z * 2.0,
+                        from_model=lambda z: z / 2.0)
+
+
+def test_guide_latent_mode_sets_the_low_band_on_guided_steps_only():
+    p = K.DiffuseHighParams(guidance_mode="latent", guidance_steps=2, guidance_factor=1.0)
+    ref = _x((1, 4, 24, 24), seed=1)
+    guide = SG.StructureGuide(p, K.reference_low_band(ref))
+    x0 = _x((1, 4, 24, 24), seed=2)
+    for step in range(4):
+        out = guide(x0, step)
+        if step < 2:
+            inner = (..., slice(3, -3), slice(3, -3))
+            torch.testing.assert_close(W.low_band(out)[inner], K.reference_low_band(ref)[inner], atol=1e-5, rtol=0)
+        else:
+            assert out is x0
+    assert guide(x0, -1) is x0
+
+
+def test_guide_image_mode_decodes_replaces_and_encodes_once_per_guided_step():
+    vae = FakeVAE()
+    p = K.DiffuseHighParams(guidance_mode="image", guidance_steps=1, guidance_factor=0.5)
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    guide = SG.StructureGuide(p, SG.reference_low_band(p, pixels, None), vae.codec())
+    x0 = _x((1, 4, 16, 16), seed=4).to(torch.float16)
+    out = guide(x0, 0)
+    assert len(vae.decodes) == 1 and len(vae.encodes) == 1
+    torch.testing.assert_close(vae.decodes[0], x0.float() / 2.0)          # from_model before the decode
+    decoded = torch.nn.functional.interpolate(x0.float()[:, :3] / 2.0, scale_factor=2, mode="nearest")
+    expected_low = torch.lerp(W.low_band(decoded), K.reference_low_band(pixels), 0.5)
+    inner = (..., slice(3, -3), slice(3, -3))
+    torch.testing.assert_close(W.low_band(vae.encodes[0])[inner], expected_low[inner], atol=1e-5, rtol=0)
+    assert out.dtype == torch.float16 and out.shape == x0.shape            # back in the prediction's dtype
+    assert guide(x0, 1) is x0 and len(vae.decodes) == 1
+
+
+def test_guide_mismatch_names_the_space():
+    p = K.DiffuseHighParams(guidance_mode="latent")
+    guide = SG.StructureGuide(p, K.reference_low_band(_x((1, 4, 16, 16))))
+    with pytest.raises(SG.ReferenceMismatch) as e:
+        guide(_x((1, 4, 24, 24)), 0)
+    assert e.value.space == "latent"
+
+
+def test_run_stages_chains_stages_with_the_denoiser_passed_in():
+    """Each stage: upsample + sharpen the previous decoded image, encode, denoise(stage, guide), decode; sizes in
+    order, sharpen sigma seeded per stage, no guide when the guidance is off, check() between the pieces."""
+    vae = FakeVAE()
+    p = K.DiffuseHighParams(guidance_mode="latent", guidance_steps=1)
+    calls, checks = [], []
+
+    def denoise(stage, guide):
+        calls.append((stage.index, stage.size, tuple(stage.latent.shape), guide))
+        assert stage.sharpen_sigma == K.draw_sharpen_sigma(5, stage.index)
+        return stage.latent * 0.5
+
+    image = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    out, latent = SG.run_stages(image, [(48, 32), (96, 64)], p, 5, vae.codec(), denoise,
+                                check=lambda: checks.append(1))
+    assert [(c[0], c[1], c[2]) for c in calls] == [(0, (48, 32), (2, 4, 16, 24)), (1, (96, 64), (2, 4, 32, 48))]
+    assert all(isinstance(c[3], SG.StructureGuide) for c in calls)
+    assert out.shape == (2, 3, 64, 96) and latent.shape == (2, 4, 32, 48) and len(checks) == 6
+    # stage 1 starts from the decoded stage-0 latent, upsampled and sharpened
+    first = K.sharpen(K.upsample(image, (32, 48)), 1.0, 3, K.draw_sharpen_sigma(5, 0))
+    torch.testing.assert_close(vae.encodes[0], first)
+    stage0_image = vae.decode(vae.encode(first) * 0.5)
+    second = K.sharpen(K.upsample(stage0_image, (64, 96)), 1.0, 3, K.draw_sharpen_sigma(5, 1))
+    torch.testing.assert_close(vae.encodes[1], second)
+    calls.clear()
+    SG.run_stages(image, [(48, 32)], p.replace(guidance_steps=0), 5, vae.codec(), denoise, first_stage=3)
+    assert calls[0][0] == 3 and calls[0][3] is None
+
+
+def test_run_stages_stops_when_check_raises():
+    vae = FakeVAE()
+    seen = []
+
+    def check():
+        if seen:
+            raise KeyboardInterrupt
+
+    def denoise(stage, guide):
+        seen.append(stage.index)
+        return stage.latent
+
+    with pytest.raises(KeyboardInterrupt):
+        SG.run_stages(torch.rand(1, 3, 8, 8), [(16, 16), (32, 32)], K.DiffuseHighParams(), 0, vae.codec(), denoise,
+                      check=check)
+    assert seen == [0]
+
+
+def test_auto_stages_per_family():
+    assert K.DiffuseHighParams().stages == "auto"
+    assert K.resolve_stages("auto", "sdxl") == "2048, 3072, 4096"
+    assert K.resolve_stages("auto", "sd1") == "x2" and K.plan_stages(K.resolve_stages("auto", "sd1"),
+                                                                     (512, 512)) == [(1024, 1024)]
+    assert K.resolve_stages("auto", "flux") == "x2" and K.resolve_stages("Auto", "sd3") == "x2"
+    assert K.resolve_stages("x1.5", "sdxl") == "x1.5"

@@ -137,6 +137,33 @@ def test_sdxl_mask_over_every_output_cross_attention(comfy_root, asg, tmp_path_f
     assert stats.masked_evaluations == 2
 
 
+def test_every_input_declared_once_and_checked(asg):
+    """Generated from the declarations: schema order = declaration order = validate_inputs' signature; each numeric
+    input above max / below min / of the wrong type and each choice with an unknown value is refused naming it
+    (validation and execute); every input linked (None) passes validation."""
+    import inspect
+    node = asg.ASGDiffusion
+    assert [i.id for i in node.define_schema().inputs] == [i.name for i in node.INPUTS.items]
+    names = [w.name for w in node.INPUTS.widgets]
+    assert list(inspect.signature(node.validate_inputs).parameters) == names
+    assert node.validate_inputs(**{n: None for n in names}) is True
+    inputs = host.pack_module("nodes.inputs")
+    for w in node.INPUTS.widgets:
+        assert w.meaning and (w.field is None or hasattr(asg.DEFAULTS, w.field)), w.name
+        bad = []
+        if w.kind in ("int", "float"):
+            bad += [w.max + 1, w.min - 1, "ten"] + ([1.5] if w.kind == "int" else [])
+        elif w.kind == "combo":
+            bad.append("no-such-option")
+        elif w.kind == "bool":
+            bad.append("yes")
+        for value in bad:
+            msg = node.validate_inputs(**{w.name: value})
+            assert isinstance(msg, str) and f"'{w.name}'" in msg, (w.name, value, msg)
+            with pytest.raises(inputs.InputError, match=w.name):
+                node.INPUTS.checked({w.name: value})
+
+
 def test_pixel_interaction_changes_the_result(sd15, asg):
     a, _ = run(asg, sd15, pixel_interaction=True, guidance_scale=0.0)
     b, _ = run(asg, sd15, pixel_interaction=False, guidance_scale=0.0)
@@ -144,9 +171,9 @@ def test_pixel_interaction_changes_the_result(sd15, asg):
 
 
 def test_invalid_scale_rejected_before_the_run(sd15, asg):
-    for bad in (0, 9, 1.5):
+    for bad, why in ((0, "at least 1"), (9, "at most 8"), (1.5, "whole number")):
         msg = asg.ASGDiffusion.validate_inputs(scale_width=bad, scale_height=2)
-        assert isinstance(msg, str) and "scale_width must be a whole number" in msg, msg
+        assert isinstance(msg, str) and "'scale_width'" in msg and why in msg, msg
     assert asg.ASGDiffusion.validate_inputs(scale_width=3, scale_height=1) is True
     assert asg.ASGDiffusion.validate_inputs(scale_width=None, scale_height=2) is True
     # a latent that does not split into whole patches: refused before the first model call
@@ -297,7 +324,7 @@ def test_invalid_scale_is_an_http_400_before_the_run(comfy_server, bad):
     status, data = comfy_server.post_prompt(prompt)
     assert status == 400, data
     assert set(data["node_errors"]) == {asg_id}, data["node_errors"]
-    assert "scale_width must be a whole number" in repr(data["node_errors"][asg_id]["errors"])
+    assert "input 'scale_width' must be at" in repr(data["node_errors"][asg_id]["errors"])
 
 
 def test_latent_not_divisible_by_the_scale_fails_naming_node_and_family(comfy_server):

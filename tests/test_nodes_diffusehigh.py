@@ -399,6 +399,71 @@ def test_validation_and_errors(sd15, nd):
                                    vae=vae_of(sd15), width=0, height=0, scale_by=2.0, **node_kwargs(nd))
 
 
+def _nodes(nd):
+    return [nd.DiffuseHigh, nd.DiffuseHighProgressive, nd.DiffuseHighGuidance]
+
+
+def test_every_widget_is_declared_once_in_schema_order(nd):
+    """The schema, validate_inputs' signature and the Params fields all come from one declaration per input."""
+    import inspect
+    for node in _nodes(nd):
+        schema = [i.id for i in node.define_schema().inputs]
+        assert schema == [i.name for i in node.INPUTS.items]
+        widgets = [w.name for w in node.INPUTS.widgets]
+        assert list(inspect.signature(node.validate_inputs).parameters) == widgets
+        for w in node.INPUTS.widgets:
+            assert w.meaning and (w.field is None or hasattr(nd.DEFAULTS, w.field)), (node, w.name)
+
+
+def test_every_numeric_and_choice_input_is_checked_and_linked_inputs_pass(nd):
+    """Generated from the declarations: each numeric input above max / below min / of the wrong type, each choice
+    input with an unknown value is refused naming that input; every input linked (None) passes; the values the
+    issue found accepted (cfg 151, schedule_steps 1001, guidance_steps 1001, sharpen_sigma 16, vae_tile_size
+    8193) are refused."""
+    for node in _nodes(nd):
+        names = [w.name for w in node.INPUTS.widgets]
+        assert node.validate_inputs(**{n: None for n in names}) is True, node
+        assert node.validate_inputs() is True
+        for w in node.INPUTS.widgets:
+            bad_values = []
+            if w.kind in ("int", "float"):
+                if w.max is not None:
+                    bad_values.append(w.max + (1 if w.kind == "int" else 0.5))
+                if w.min is not None:
+                    bad_values.append(w.min - 1)
+                bad_values.append("ten")
+                if w.kind == "int":
+                    bad_values.append(1.5)
+            elif w.kind == "combo":
+                bad_values.append("no-such-option")
+            for value in bad_values:
+                result = node.validate_inputs(**{w.name: value})
+                assert isinstance(result, str) and f"'{w.name}'" in result, (node, w.name, value, result)
+                with pytest.raises(nd.inp.InputError, match=w.name):
+                    node.INPUTS.checked({w.name: value})
+    found = {("cfg", 151.0), ("schedule_steps", 1001), ("guidance_steps", 1001), ("sharpen_sigma", 16.0),
+             ("vae_tile_size", 8193)}
+    for name, value in found:
+        assert isinstance(nd.DiffuseHigh.validate_inputs(**{name: value}), str), name
+        assert isinstance(nd.DiffuseHighProgressive.validate_inputs(**{name: value}), str), name
+    assert isinstance(nd.DiffuseHighGuidance.validate_inputs(vae_tile_size=8193), str)
+    assert isinstance(nd.DiffuseHighGuidance.validate_inputs(guidance_steps=1001), str)
+
+
+def test_rules_tile_size_steps_and_stages(nd):
+    for node in (nd.DiffuseHigh, nd.DiffuseHighGuidance):
+        assert "vae_tile_size" in node.validate_inputs(vae_tile_size=32)
+        assert node.validate_inputs(vae_tile_size=0) is True and node.validate_inputs(vae_tile_size=64) is True
+    assert "must not exceed schedule_steps" in nd.DiffuseHigh.validate_inputs(schedule_steps=10, steps=11)
+    assert nd.DiffuseHigh.validate_inputs(schedule_steps=None, steps=11) is True, "a linked input skips the rule"
+    with pytest.raises(nd.inp.InputError, match="must not exceed schedule_steps"):
+        nd.DiffuseHigh.INPUTS.checked({"schedule_steps": 10, "steps": 11})
+    for stages in ("auto", "2048, 3072, 4096", "x2", "96x128, x1.5"):
+        assert nd.DiffuseHighProgressive.validate_inputs(stages=stages) is True, stages
+    for stages in ("twice", "16", "x2, 99999"):
+        assert "'stages'" in nd.DiffuseHighProgressive.validate_inputs(stages=stages), stages
+
+
 def test_reference_size_mismatch_is_a_loud_error(sd15, nd):
     """The MODEL patch with a reference of another size than the sampled latent raises, naming the fix."""
     import nodes
@@ -436,6 +501,80 @@ def test_headless_invalid_stages_rejected_with_node_errors(comfy_server):
     assert status == 400, data
     assert set(data.get("node_errors", {})) == {"5"}, data
     assert "stages" in repr(data["node_errors"]["5"]["errors"])
+
+
+_HTTP_VALUES = dict(seed=1, cfg=5.0, sampler_name="euler", scheduler="ddim_uniform", schedule_steps=10, steps=2,
+                   guidance_steps=1, guidance_mode="latent", guidance_factor=1.0, fadeout=0.0, wavelet="db4",
+                   dwt_levels=1, sharpen_alpha=1.0, sharpen_sigma=0.0, vae_tile_size=0,
+                   size_conditioning="official")
+
+
+def _http_graph(nd, linked: bool) -> dict:
+    """DiffuseHigh, Progressive and Guidance (+ KSamplerAdvanced) on the tiny SD1.5 checkpoint; with `linked`
+    every numeric widget of the three nodes comes from a PrimitiveInt / PrimitiveFloat / PrimitiveString node."""
+    from headless_server import TINY_SD15_NAME
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_SD15_NAME}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {"class_type": "ImageScale", "inputs": {"image": ["4", 0], "upscale_method": "bicubic", "width": 32,
+                                                     "height": 32, "crop": "disabled"}},
+    }
+    src = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "vae": ["1", 2], "image": ["5", 0]}
+    g["10"] = {"class_type": "TFG_DiffuseHigh", "inputs": {**src, "width": 0, "height": 0, "scale_by": 2.0,
+                                                           **_HTTP_VALUES}}
+    g["11"] = {"class_type": "TFG_DiffuseHighProgressive", "inputs": {**src, "stages": "48, 64", **_HTTP_VALUES}}
+    g["12"] = {"class_type": "ImageScale", "inputs": {"image": ["4", 0], "upscale_method": "bicubic", "width": 64,
+                                                      "height": 64, "crop": "disabled"}}
+    g["13"] = {"class_type": "TFG_DiffuseHighGuidance", "inputs": {
+        "model": ["1", 0], "vae": ["1", 2], "reference": ["12", 0],
+        **{k: _HTTP_VALUES[k] for k in ("guidance_steps", "guidance_mode", "guidance_factor", "fadeout", "wavelet",
+                                        "dwt_levels", "vae_tile_size")}}}
+    g["14"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["1", 2]}}
+    g["15"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["13", 0], "add_noise": "enable", "noise_seed": 1, "steps": 10, "cfg": 5.0, "sampler_name": "euler",
+        "scheduler": "ddim_uniform", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["14", 0],
+        "start_at_step": 8, "end_at_step": 10, "return_with_leftover_noise": "disable"}}
+    g["16"] = {"class_type": "VAEDecode", "inputs": {"samples": ["15", 0], "vae": ["1", 2]}}
+    for i, source in enumerate(("10", "11", "16")):
+        g[f"2{i}"] = {"class_type": "SaveImage", "inputs": {"images": [source, 0], "filename_prefix": "tfgtest/dhl"}}
+    if linked:
+        primitive = {"int": "PrimitiveInt", "float": "PrimitiveFloat", "string": "PrimitiveString"}
+        n = 100
+        for node_id, node in (("10", nd.DiffuseHigh), ("11", nd.DiffuseHighProgressive),
+                              ("13", nd.DiffuseHighGuidance)):
+            for w in node.INPUTS.widgets:
+                if w.kind in primitive:
+                    g[str(n)] = {"class_type": primitive[w.kind], "inputs": {"value": g[node_id]["inputs"][w.name]}}
+                    g[node_id]["inputs"][w.name] = [str(n), 0]
+                    n += 1
+    return g
+
+
+def test_headless_linked_numeric_inputs_run_and_invalid_values_are_400(comfy_server, nd):
+    """Every numeric (and the stages) widget of the three nodes fed by Primitive nodes: accepted, runs, and equals the
+    same graph with typed values. Out-of-range values (those the issue found accepted) are HTTP 400 naming node and
+    input; the server stays up."""
+    linked = comfy_server.run_prompt(_http_graph(nd, linked=True), timeout=600)
+    typed = comfy_server.run_prompt(_http_graph(nd, linked=False), timeout=600)
+    a, b = comfy_server.images_by_node(linked), comfy_server.images_by_node(typed)
+    assert len(a) == 3 and [x.shape for v in a.values() for x in v] == [(64, 64, 3), (64, 64, 3), (64, 64, 3)]
+    assert all((x == y).all() for k in a for x, y in zip(a[k], b[k]))
+    for node_id, name, value in (("10", "cfg", 151.0), ("11", "schedule_steps", 1001), ("10", "guidance_steps", 1001),
+                                 ("11", "sharpen_sigma", 16.0), ("13", "vae_tile_size", 8193),
+                                 ("10", "guidance_mode", "pixels"), ("11", "stages", "huge"),
+                                 ("10", "sampler_name", "nope")):
+        g = _http_graph(nd, linked=False)
+        g[node_id]["inputs"][name] = value
+        for other in {"10": "20", "11": "21", "13": "22"}.items():   # only the bad node's branch has an output
+            if other[0] != node_id:
+                del g[other[1]]
+        status, data = comfy_server.post_prompt(g)
+        assert status == 400, (name, data)
+        assert node_id in data["node_errors"], (name, data)
+        assert name in repr(data["node_errors"][node_id]["errors"]), (name, data)
+    assert comfy_server.run_prompt(_http_graph(nd, linked=False), timeout=600)["status"]["status_str"] == "success"
 
 
 def test_wrong_vae_is_a_loud_error(sd15, nd, comfy_root, tmp_path_factory):
