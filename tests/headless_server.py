@@ -326,8 +326,8 @@ def load_api_workflow(path, family_swaps: bool = True, size: int | None = 64, st
     if not path.is_absolute() and not path.exists():
         path = WORKFLOWS_API_DIR / path
     prompt = json.loads(path.read_text(encoding="utf-8"))
-    if family_swaps:
-        swap_loaders(prompt, workflow_family(path))
+    if family_swaps and any(node.get("class_type") in _LOADER_OUTPUTS for node in prompt.values()):
+        swap_loaders(prompt, workflow_family(path))   # the digits quick start loads its own shipped model
     for node in prompt.values():
         inputs = node.get("inputs", {})
         if size is not None and node.get("class_type") in _LATENT_NODES:

@@ -1,8 +1,12 @@
 """Headless acceptance tests: a real ComfyUI server (subprocess, CPU, loopback) with the pack installed,
-driven over HTTP + websocket with API-format prompts on the tiny random-weight models."""
+driven over HTTP + websocket with API-format prompts on the tiny random-weight models; and the quick-start demo
+(tools/quickstart.py) end to end, as a user runs it."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -270,3 +274,32 @@ def test_ui_workflows_are_listed_in_the_template_browser(comfy_server):
     listed = comfy_server.get("/workflow_templates").get(PACK_DIR_NAME, [])
     shipped = {p.stem for p in WORKFLOWS_API_DIR.parent.glob("*.json")}
     assert shipped and shipped <= set(listed), (shipped, listed)
+
+
+QUICKSTART_LINE = re.compile(
+    r"TFG quick start: Adaptive Guidance saved ([\d.]+)% of model evaluations \((\d+) of (\d+) passes of CFG\), "
+    r"SSIM ([\d.]+) vs CFG; NegToMe diversity ([+-][\d.]+)% vs CFG \(([\d.]+) vs ([\d.]+)\); (\d+) images in (.+)")
+
+
+def test_quickstart_demo_end_to_end(comfy_host_path, tmp_path):
+    """The quick-start command: starts its own headless ComfyUI with the pack, queues the shipped digits A/B graph
+    over HTTP, shows progress, saves every image and prints exactly one result line with measured figures."""
+    pack = WORKFLOWS_API_DIR.parents[1]
+    env = {**os.environ, "COMFYUI_PATH": str(comfy_host_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(pack / "tools" / "quickstart.py"), "--out", str(out), "--no-install"],
+                          capture_output=True, text=True, timeout=420, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout
+    m = QUICKSTART_LINE.fullmatch(lines[0])
+    assert m, lines[0]
+    pct, passes, cfg_passes = float(m[1]), int(m[2]), int(m[3])
+    assert cfg_passes == 2 * 20 * 8 and passes < cfg_passes           # CFG: cond + uncond row per step and image
+    assert abs(pct - 100.0 * (cfg_passes - passes) / cfg_passes) < 0.06
+    assert 0.0 < float(m[4]) < 1.0                                    # AG's images differ from CFG's, a little
+    assert float(m[6]) != float(m[7])                                 # NegToMe changed the batch
+    assert "step 20/20" in proc.stderr                                # progress was shown
+    pngs = sorted(out.rglob("*.png"))
+    assert int(m[8]) == len(pngs) == 24
+    assert {p.name.split("_0")[0] for p in pngs} == {"A_cfg", "B_adaptive_guidance", "C_negtome"}
