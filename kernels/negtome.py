@@ -19,12 +19,15 @@ Three matchings (`MATCHINGS`):
   away from its best match over the union of all *other* images' tokens, so every pair of images repels.
 
 The similarity matrix never materialises whole: it is computed in blocks of at most `budget_bytes` (at least
-one row/column of the reference, see `similarity_peak_bytes`); the source images of a CFG chunk share one block
-when they fit, and all chunks of a call go through together when their block, normalised copy and extrapolation
-temporaries each fit. Norms and similarities are computed in fp32 (or, `similarity="model"`, in the features' dtype as
-the released code does); the extrapolation is computed in fp32 and cast back to the input dtype; unmatched tokens
-are returned bit-identical. The hot path (`merge_batch`) never synchronises with the host: the merged-token count
-stays a device tensor. Pure torch; device and dtype follow the inputs; inputs are never modified.
+one row/column of the reference, see `similarity_peak_bytes`). When one source image of every CFG chunk fits a
+block, all chunks of a call go through together (one normalisation, one batched product per block of source
+images, one gather, one extrapolation); otherwise chunk by chunk, image blocks, then column/row blocks.
+Similarities (`SIMILARITIES`): `checked` (default) searches in the features' dtype as the released code does and
+re-scores each chosen match in fp32 for the threshold (`check_tolerance` states how close that is to `fp32`);
+`fp32` searches in fp32; `model` does everything in the features' dtype. The extrapolation is computed in fp32
+and rounded once to the input dtype; unmatched tokens are returned bit-identical. The hot path (`merge_batch`)
+never synchronises with the host: the merged-token count stays a device tensor. Pure torch; device and dtype
+follow the inputs; inputs are never modified.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 MATCHINGS = ("official", "best_match", "all_others")
 WINDOWS = ("paper", "custom")
 BLOCK_PRESETS = ("paper", "all", "custom")
-SIMILARITIES = ("fp32", "model")
+SIMILARITIES = ("fp32", "model", "checked")
 
 # Official active windows (pipeline timestep units): SDXL DDPM t in [800, 1000]; Flux t = sigma * 1000 in
 # [900, 1000]. SD1.5/SD3 have no official setting; we use the same as SDXL/Flux respectively.
@@ -50,6 +53,18 @@ PAPER_UNET_MIN_GRID = 32
 """SDXL pipeline default `min_attn_dim`: output-block layers whose token grid is at least this on both sides."""
 
 DEFAULT_BUDGET_MB = 64.0
+
+
+def check_tolerance(dtype: torch.dtype) -> float:
+    """The stated tolerance of `similarity="checked"` on features of `dtype` (0 for fp32: identical to fp32).
+
+    The search in the features' dtype errs by at most about 5 units of roundoff (normalised inputs rounded, the
+    similarity rounded), below 4 * eps. So, against the fp32 search on the same features: the chosen match's fp32
+    cosine is within this of the best fp32 cosine; the threshold is applied to the chosen match's fp32 cosine; and
+    the merged tokens are the same except where the best fp32 cosine lies in (tau, tau + tolerance]."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return 0.0
+    return 4.0 * torch.finfo(dtype).eps
 
 
 @dataclass(frozen=True)
@@ -78,9 +93,11 @@ class NegToMeParams:
     (Flux), `joint.0-23` (SD3)."""
     budget_mb: float = DEFAULT_BUDGET_MB
     """Largest similarity block computed at once, in MiB (fp32 values, or the model dtype's)."""
-    similarity: str = "fp32"
-    """One of SIMILARITIES: `fp32` norms and cosine similarities (our default: exact matching in half-precision
-    models), or `model`: in the features' own dtype (bf16/fp16), as the released code does (faster on GPUs)."""
+    similarity: str = "checked"
+    """One of SIMILARITIES: `checked` (default): the search in the features' dtype, the chosen match re-scored in
+    fp32 for the threshold (see `CHECK_TOLERANCE`); `fp32`: norms and cosine similarities in fp32 (exact, several
+    times slower on GPUs); `model`: in the features' own dtype (bf16/fp16), as the released code does. The three
+    are identical on fp32 features."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -148,10 +165,10 @@ def parse_block_list(text: str) -> frozenset[tuple[str, int]]:
 # Memory plan
 # ----------------------------------------------------------------------------------------------
 def similarity_dtype(x_dtype: torch.dtype, similarity: str = "fp32") -> torch.dtype:
-    """The dtype norms and similarities are computed in: fp32, or the features' own dtype for `model`."""
+    """The dtype the similarity search runs in: fp32, or the features' own dtype for `model` and `checked`."""
     if similarity == "fp32":
         return torch.float32
-    if similarity == "model":
+    if similarity in ("model", "checked"):
         return x_dtype if x_dtype.is_floating_point else torch.float32
     raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
 
@@ -199,18 +216,11 @@ def _piece_images(n_tokens: int, dim: int, budget_bytes: int) -> int:
 
 def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, matching: str = "official",
                      element_size: int = 4, similarity_size: int = 4) -> int:
-    """Upper bound on the extra memory of one group (CFG chunk): normalised copies (image-0 modes: the reference
-    and one block of source images; all_others: the whole group when its similarity or its normalised copy fits
-    the budget, else two images), one similarity block with its max/argmax, the gathered and extrapolated tokens of one
-    extrapolation piece (fp32, at least one image) and the output (in the input's element size). Only the output
-    (and all_others' normalised group) grows with the number of images; nothing grows with n_tokens^2."""
-    sources = max(1, n_images - 1)
-    if matching == "all_others":
-        norm_images = n_images if _all_others_joint(n_images, n_tokens, budget_bytes, similarity_size) or \
-            similarity_size * n_images * n_tokens * dim <= budget_bytes else 2
-    else:
-        norm_images = 1 + images_per_block(n_tokens, n_tokens, budget_bytes, sources, similarity_size)
-    normalised = similarity_size * norm_images * n_tokens * dim
+    """Upper bound on the extra memory of one group (CFG chunk): the normalised copy (at most the whole group),
+    one similarity block with its max/argmax, the gathered and extrapolated tokens of one extrapolation or
+    re-scoring piece (fp32, at least one image) and the output (in the input's element size). These grow linearly
+    with the number of images and tokens; nothing grows with n_tokens^2."""
+    normalised = similarity_size * n_images * n_tokens * dim  # at most the whole group (the batched path)
     best = (4 + 8) * n_images * n_tokens
     sim = similarity_peak_bytes(n_tokens, n_tokens, budget_bytes, matching, similarity_size, n_images)
     piece = min(n_images, _piece_images(n_tokens, dim, budget_bytes))
@@ -288,10 +298,17 @@ def _best_over_refs(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Te
 def _extrapolate(x: torch.Tensor, matched: torch.Tensor, merge: torch.Tensor, alpha: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """where(merge, (1 + alpha) x - alpha matched, x): fp32 arithmetic, input dtype out, x kept bit-exact.
-    `matched` is a temporary of the caller (it may be scaled in place); `out` receives the result."""
-    pushed = x.float() * (1.0 + alpha)  # a new tensor even for fp32 x
-    pushed.sub_(matched.float().mul_(alpha))
-    return torch.where(merge.unsqueeze(-1), pushed.to(x.dtype), x, out=out)
+    `matched` is a temporary of the caller (it may be scaled in place); `out` receives the result.
+
+    Half-precision features take one fused pass, lerp(x, matched, -alpha) = x + alpha (x - matched) computed in
+    fp32 (PyTorch's opmath) and rounded once: no fp32 copies of the tokens."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        pushed = torch.lerp(x, matched, -alpha)
+    else:
+        pushed = x.float() * (1.0 + alpha)  # a new tensor even for fp32 x
+        pushed.sub_(matched.float().mul_(alpha))
+        pushed = pushed.to(x.dtype)
+    return torch.where(merge.unsqueeze(-1), pushed, x, out=out)
 
 
 def _push(src: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, merge: torch.Tensor, alpha: float,
@@ -305,8 +322,37 @@ def _push(src: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, merge: torc
         _extrapolate(src[p0:p1], matched, merge[p0:p1], alpha, out=out[p0:p1])
 
 
+def _fp32_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of the row pairs of a (..., D) and b (broadcastable), in fp32 arithmetic (half-precision products are
+    exact in fp32), with F.normalize's eps."""
+    dot = a.to(torch.float32, copy=True).mul_(b).sum(-1)
+    na = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32).clamp_min_(1e-12)
+    nb = torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32).clamp_min_(1e-12)
+    return dot.div_(na * nb)
+
+
+def _rescore_image_zero(src: torch.Tensor, ref: torch.Tensor, idx: torch.Tensor, matching: str,
+                        budget_bytes: int) -> torch.Tensor:
+    """`checked`: the fp32 cosine of each chosen pair, for source images src (K, N, D) against ref (N, D).
+    official: position j pairs source token idx[k, j] with reference token j; best_match: source token i with
+    reference token idx[k, i]. Pieces of whole images keep the fp32 temporaries within the budget."""
+    n_src, n_tokens, dim = src.shape
+    piece = _piece_images(n_tokens, dim, budget_bytes)
+    parts = []
+    for p0 in range(0, n_src, piece):
+        p1 = min(n_src, p0 + piece)
+        if matching == "official":
+            chosen = torch.gather(src[p0:p1], 1, idx[p0:p1].unsqueeze(-1).expand(-1, -1, dim))
+            parts.append(_fp32_cosine(chosen, ref))
+        else:
+            parts.append(_fp32_cosine(src[p0:p1], ref.index_select(0, idx[p0:p1].reshape(-1)).view(-1, n_tokens,
+                                                                                                    dim)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, matching: str,
-                      ref_mask: torch.Tensor | None, budget_bytes: int, sim_dtype: torch.dtype) -> torch.Tensor:
+                      ref_mask: torch.Tensor | None, budget_bytes: int, sim_dtype: torch.dtype,
+                      check: bool = False) -> torch.Tensor:
     """`official` / `best_match` on one group x (F, N, D) into out; returns the merged-token count (device)."""
     n_images, n_tokens, dim = x.shape
     ref = x[0]
@@ -324,34 +370,63 @@ def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
         else:
             vals, idx = _best_over_refs(src_n, ref_n, ref_mask, budget_bytes)
         del src_n
+        idx = idx.reshape(f1 - f0, n_tokens)
+        if check:
+            vals = _masked(_rescore_image_zero(src, ref, idx, matching, budget_bytes), ref_mask, matching, idx)
         merge = (vals > threshold).reshape(f1 - f0, n_tokens)
-        _push(src, ref, idx.reshape(f1 - f0, n_tokens), merge, alpha, out[f0:f1], budget_bytes)
+        _push(src, ref, idx, merge, alpha, out[f0:f1], budget_bytes)
         merged = merge.sum()
         count = merged if count is None else count + merged
     return count
 
 
-def _image_zero_all_chunks(x4: torch.Tensor, out4: torch.Tensor, alpha: float, threshold: float, matching: str,
-                           ref_mask: torch.Tensor | None, sim_dtype: torch.dtype) -> torch.Tensor:
-    """`official` / `best_match` on every chunk of x4 (C, F, N, D) at once (batched over chunks: one normalisation,
-    one batched similarity product, one extrapolation), into out4; the caller checked that it fits the budget."""
+def _masked(vals: torch.Tensor, ref_mask: torch.Tensor | None, matching: str, idx: torch.Tensor) -> torch.Tensor:
+    """Re-scored values with masked reference tokens off again (official: the output position j is the reference
+    token; best_match: the chosen reference token idx, masked only when every reference token is)."""
+    if ref_mask is None:
+        return vals
+    off = ~ref_mask if matching == "official" else ~ref_mask[idx]
+    return vals.masked_fill(off, float("-inf"))
+
+
+def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, threshold: float, matching: str,
+                        ref_mask: torch.Tensor | None, budget_bytes: int, sim_dtype: torch.dtype,
+                        check: bool) -> torch.Tensor:
+    """`official` / `best_match` on every chunk of x4 (C, F, N, D) at once, into out4: one normalisation, then
+    per block of source images (the same images of every chunk) one batched similarity product of at most
+    budget_bytes; one gather and one extrapolation. The caller checked that one image per chunk fits."""
     n_chunks, n_images, n_tokens, dim = x4.shape
+    size = torch.empty((), dtype=sim_dtype).element_size()
+    k = min(n_images - 1, int(budget_bytes) // (size * n_chunks * n_tokens * n_tokens))
     xn = _normalise(x4, sim_dtype)
     ref_n = xn[:, 0]  # (C, N, D)
-    src_n = xn[:, 1:].reshape(n_chunks, (n_images - 1) * n_tokens, dim)
-    if matching == "official":  # (C, N_ref, (F-1) * N_src), reduced along the innermost (source) dimension
-        block = _similarity_block(ref_n, src_n)
-        vals, idx = block.view(n_chunks, n_tokens, n_images - 1, n_tokens).max(dim=3)
-        vals, idx = vals.transpose(1, 2), idx.transpose(1, 2)  # (C, F-1, N_ref)
-        if ref_mask is not None:
-            vals = vals.masked_fill(~ref_mask.view(1, 1, -1), float("-inf"))
-    else:  # (C, (F-1) * N_src, N_ref)
-        block = _similarity_block(src_n, ref_n)
-        if ref_mask is not None:
-            block.masked_fill_(~ref_mask.view(1, 1, -1), float("-inf"))
-        vals, idx = block.max(dim=2)
-        vals, idx = vals.view(n_chunks, n_images - 1, n_tokens), idx.view(n_chunks, n_images - 1, n_tokens)
-    del block, xn, ref_n, src_n
+    pieces = []
+    for f0 in range(1, n_images, k):
+        f1 = min(n_images, f0 + k)
+        n = f1 - f0
+        src_n = xn[:, f0:f1].reshape(n_chunks, n * n_tokens, dim)
+        if matching == "official":  # (C, N_ref, n * N_src), reduced along the innermost (source) dimension
+            block = _similarity_block(ref_n, src_n)
+            v, i = block.view(n_chunks, n_tokens, n, n_tokens).max(dim=3)
+            v, i = v.transpose(1, 2), i.transpose(1, 2)  # (C, n, N_ref)
+        else:  # (C, n * N_src, N_ref)
+            block = _similarity_block(src_n, ref_n)
+            if ref_mask is not None:
+                block.masked_fill_(~ref_mask.view(1, 1, -1), float("-inf"))
+            v, i = block.max(dim=2)
+            v, i = v.view(n_chunks, n, n_tokens), i.view(n_chunks, n, n_tokens)
+        del block
+        pieces.append((v, i))
+    del xn, ref_n
+    if len(pieces) == 1:
+        vals, idx = pieces[0]
+    else:
+        vals, idx = torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+    if ref_mask is not None and matching == "official":
+        vals = vals.masked_fill(~ref_mask.view(1, 1, -1), float("-inf"))
+    if check:
+        vals = _masked(torch.stack([_rescore_image_zero(x4[c, 1:], x4[c, 0], idx[c], matching, budget_bytes)
+                                    for c in range(n_chunks)]), ref_mask, matching, idx)
     merge = vals > threshold
     chunk = torch.arange(n_chunks, device=x4.device).view(n_chunks, 1, 1)
     matched = x4[:, 0][chunk, idx]  # (C, F-1, N, D): reference token idx of each chunk's image 0
@@ -360,18 +435,17 @@ def _image_zero_all_chunks(x4: torch.Tensor, out4: torch.Tensor, alpha: float, t
     return merge.sum()
 
 
-def _fits_all_chunks(n_chunks: int, n_images: int, n_tokens: int, dim: int, budget_bytes: int,
-                     similarity_size: int) -> bool:
-    """Whether a call's chunks go through at once: the similarity block, the normalised copy and the fp32
-    extrapolation temporaries of all chunks each fit in the budget."""
+def _fits_batched(n_chunks: int, n_images: int, n_tokens: int, dim: int, budget_bytes: int, similarity_size: int,
+                  element_size: int) -> bool:
+    """Whether a call's chunks go through `_image_zero_batched`: one source image of every chunk fits a similarity
+    block of the budget, and (fp32 features, whose extrapolation makes fp32 temporaries) those temporaries fit."""
     sources = n_chunks * (n_images - 1)
-    return (similarity_size * sources * n_tokens * n_tokens <= budget_bytes
-            and similarity_size * n_chunks * n_images * n_tokens * dim <= budget_bytes
-            and 4 * sources * n_tokens * dim <= budget_bytes)
+    temporaries = 0 if element_size < 4 else 4 * sources * n_tokens * dim
+    return similarity_size * n_chunks * n_tokens * n_tokens <= budget_bytes and temporaries <= budget_bytes
 
 
 def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, budget_bytes: int,
-                      sim_dtype: torch.dtype) -> torch.Tensor:
+                      sim_dtype: torch.dtype, check: bool = False) -> torch.Tensor:
     """`all_others` on one group x (F, N, D) into out; returns the merged-token count (device). Ties go to the
     lowest other image, then the lowest token (the order of a running strict maximum over images)."""
     n_images, n_tokens, dim = x.shape
@@ -386,8 +460,13 @@ def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
         del block, xn
     else:  # each pair of images once: S(f, g) gives f's best in g (rows) and g's best in f (columns)
         vals, idx = _all_others_pairs(x, budget_bytes, sim_dtype)
-    merge = (vals > threshold).view(n_images, n_tokens)
     idx = idx.view(n_images, n_tokens)
+    if check:
+        piece = _piece_images(n_tokens, dim, budget_bytes)
+        vals = torch.cat([_fp32_cosine(x[p0:p0 + piece], x[idx[p0:p0 + piece] // n_tokens,
+                                                             idx[p0:p0 + piece] % n_tokens])
+                          for p0 in range(0, n_images, piece)])
+    merge = (vals > threshold).view(n_images, n_tokens)
     if x.is_contiguous():
         _push(x, x.view(total, dim), idx, merge, alpha, out, budget_bytes)
     else:  # a strided token slice: gather (image, token) pairs instead of copying the group
@@ -486,21 +565,22 @@ def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, 
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
     sim_dtype = similarity_dtype(x.dtype, similarity)
+    check = similarity == "checked" and sim_dtype != torch.float32
     size = torch.empty((), dtype=sim_dtype).element_size()
-    if matching != "all_others" and _fits_all_chunks(n_chunks, per_chunk, x.shape[1], x.shape[2], budget_bytes,
-                                                      size):
+    if matching != "all_others" and _fits_batched(n_chunks, per_chunk, x.shape[1], x.shape[2], budget_bytes, size,
+                                                   x.element_size()):
         shape = (n_chunks, per_chunk) + tuple(x.shape[1:])
-        count = _image_zero_all_chunks(x.view(shape), out.view(shape), alpha, threshold, matching, ref_mask,
-                                       sim_dtype)
+        count = _image_zero_batched(x.view(shape), out.view(shape), alpha, threshold, matching, ref_mask,
+                                    budget_bytes, sim_dtype, check)
         return out, count
     count = None
     for c in range(n_chunks):
         rows = slice(c * per_chunk, (c + 1) * per_chunk)
         if matching == "all_others":
-            merged = _all_others_group(x[rows], out[rows], alpha, threshold, budget_bytes, sim_dtype)
+            merged = _all_others_group(x[rows], out[rows], alpha, threshold, budget_bytes, sim_dtype, check)
         else:
             merged = _image_zero_group(x[rows], out[rows], alpha, threshold, matching, ref_mask, budget_bytes,
-                                       sim_dtype)
+                                       sim_dtype, check)
         count = merged if count is None else count + merged
     return out, count
 

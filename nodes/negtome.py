@@ -22,9 +22,12 @@ import comfy.model_sampling
 import comfy.patcher_extension
 
 from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, PAPER_UNET_MIN_GRID,
-                               PAPER_UNET_MIN_TIMESTEP, WINDOWS, NegToMeParams, mask_to_tokens, merge_batch,
-                               parse_block_list, token_grid, SIMILARITIES)
+                               PAPER_UNET_MIN_TIMESTEP, SIMILARITIES, WINDOWS, NegToMeParams, mask_to_tokens,
+                               merge_batch, parse_block_list)
+from ..kernels.negtome_span import custom_block_problems
 from . import adapters
+from . import inputs as inp
+from .negtome_install import dit_block_counts, install_dit, install_unet
 
 DEFAULTS = NegToMeParams()
 CATEGORY = "TFG/guidance"
@@ -45,69 +48,75 @@ _DESCRIPTION = (
     "time). The log reports per step how many layers merged tokens."
 )
 
-_BLOCK_NAMES = {"unet": ("input", "middle", "output"), "flux": ("double", "single"), "sd3": ("joint",)}
+def _custom_blocks_problem(text: str) -> str | None:
+    try:
+        parse_block_list(text)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
-def negtome_inputs(matchings: tuple[str, ...] = MATCHINGS) -> list:
-    """The NegToMe parameter inputs, shared by the diversity and reference nodes."""
+def _window_rule(window, start_percent, end_percent) -> str | None:
+    if window == "custom" and start_percent > end_percent:
+        return f"start_percent ({start_percent:g}) must not exceed end_percent ({end_percent:g}) with window custom"
+    return None
+
+
+def _blocks_rule(blocks, custom_blocks) -> str | None:
+    if blocks == "custom" and _custom_blocks_problem(custom_blocks) is None and not parse_block_list(custom_blocks):
+        return "blocks custom needs a non-empty custom_blocks list, e.g. 'output.3-5'"
+    return None
+
+
+RULES = [inp.Rule(("window", "start_percent", "end_percent"), _window_rule),
+         inp.Rule(("blocks", "custom_blocks"), _blocks_rule)]
+
+
+def negtome_widgets(matchings: tuple[str, ...] = MATCHINGS) -> list:
+    """The NegToMe parameter inputs, shared by the diversity and reference nodes (defaults: NegToMeParams)."""
     return [
-        io.Float.Input("alpha", default=DEFAULTS.alpha, min=-10.0, max=10.0, step=0.05,
-                       tooltip="Strength: matched tokens become (1+alpha)*x - alpha*matched. Neutral: 0 (identical "
-                               "to no patch). Official default 0.9 (SDXL and Flux); the SDXL demo goes to 1.5-1.9. "
-                               "Negative values pull toward the reference (paper: down to -1)."),
-        io.Float.Input("threshold", default=DEFAULTS.threshold, min=-1.0, max=1.0, step=0.01,
-                       tooltip="tau: only tokens whose cosine similarity with their match exceeds this are merged. "
-                               "Neutral: 1.0 (nothing matches). Official: 0.7 (SDXL), 0.65 (Flux)."),
-        io.Combo.Input("matching", options=list(matchings), default=DEFAULTS.matching,
-                       tooltip="official: the released negtome() maths, reference = image 0 (for each reference "
+        inp.Float("alpha", "Strength: matched tokens become (1+alpha)*x - alpha*matched; negative values pull toward "
+                           "the reference (the paper's Fig. 2 goes down to -1). The default is the official one; on "
+                           "small token grids (the pack's 8x8 digits benchmark) it barely acts, where alpha 3 with "
+                           "threshold 0.3 raised diversity at unchanged accuracy",
+                  neutral="0 (bit-identical to no patch)", paper="0.9 (SDXL and Flux pipelines; SDXL demo 1.5-1.9)",
+                  min=-10.0, max=10.0, step=0.05),
+        inp.Float("threshold", "tau: only tokens whose cosine similarity with their match exceeds this are merged. "
+                               "One default for every family (Flux's official value is 0.65)",
+                  neutral="1.0 (nothing matches)", paper="0.7 (SDXL), 0.65 (Flux)", min=-1.0, max=1.0, step=0.01),
+        inp.Choice("matching", "official: the released negtome() maths, reference = image 0 (for each reference "
                                "token the best-matching token of the image decides; image 0 is unchanged). "
                                "best_match: the paper's wording, each token pushed from its own best match in "
-                               "image 0. all_others: our improvement, each image pushed from its best match over all "
-                               "other images (image 0 included). No neutral value; alpha=0 is neutral."),
-        io.Combo.Input("window", options=list(WINDOWS), default=DEFAULTS.window,
-                       tooltip="When merging is active. paper: the official window per family (SD1.x/SDXL: model "
-                               "timestep >= 800, about the first 20% of the schedule; Flux/SD3: sigma >= 0.9, "
-                               "which depends on the shift). custom: from start_percent to end_percent."),
-        io.Float.Input("start_percent", default=DEFAULTS.start_percent, min=0.0, max=1.0, step=0.01,
-                       tooltip="window=custom only: first active point of the schedule (0 = highest noise). "
-                               "Paper: 0."),
-        io.Float.Input("end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.01,
-                       tooltip="window=custom only: last active point of the schedule (1 = the end). Neutral: "
-                               "start_percent = end_percent = 1 (no step is active). Paper: about 0.2 (SDXL "
-                               "timestep 800) to 0.25-0.3 (Flux sigma 0.9, depends on the shift)."),
-        io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default=DEFAULTS.blocks,
-                       tooltip="Which attention layers. paper: SD1.x/SDXL output blocks whose token grid is at "
-                               f"least {PAPER_UNET_MIN_GRID}x{PAPER_UNET_MIN_GRID} (SDXL 1024px: output 0-5; "
-                               "SD1.5 512px: output 6-11; nothing below 256px), Flux every double+single block, "
-                               "SD3 every joint block. all: every attention layer. custom: the custom_blocks list."),
-        io.String.Input("custom_blocks", default=DEFAULTS.custom_blocks, multiline=False,
-                        tooltip="blocks=custom only: comma-separated NAME.INDEX or NAME.FIRST-LAST. SD1.x/SDXL: "
-                                "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
-                                "single.0-37'); SD3: joint (e.g. 'joint.0-23')."),
-        io.Combo.Input("similarity", options=list(SIMILARITIES), default=DEFAULTS.similarity,
-                       tooltip="Precision of the token cosine similarities. fp32 (our default): exact matching in "
-                               "half-precision models. model: in the model's dtype (bf16/fp16) as the released code "
-                               "does; cheaper on GPUs (H200, one Flux block: 14.7 -> 3.1 ms per call), near-ties may "
-                               "match differently. No effect on fp32 models (CPU). Not a paper parameter."),
+                               "image 0. all_others: our improvement, each image pushed from its best match over "
+                               "all other images (image 0 included)", matchings,
+                   neutral="none (alpha 0 is neutral)", paper="official"),
+        inp.Choice("window", "When merging is active. paper: the official window per family (SD1.x/SDXL: model "
+                             "timestep >= 800, about the first 20% of the schedule; Flux/SD3: sigma >= 0.9, which "
+                             "depends on the shift). custom: from start_percent to end_percent", WINDOWS,
+                   paper="paper"),
+        inp.Float("start_percent", "window=custom only: first active point of the schedule (0 = highest noise)",
+                  paper="0", min=0.0, max=1.0, step=0.01),
+        inp.Float("end_percent", "window=custom only: last active point of the schedule (1 = the end)",
+                  neutral="start_percent = end_percent = 1 (no step is active)",
+                  paper="about 0.2 (SDXL timestep 800) to 0.25-0.3 (Flux sigma 0.9, depends on the shift)",
+                  min=0.0, max=1.0, step=0.01),
+        inp.Choice("blocks", "Which attention layers. paper: SD1.x/SDXL output blocks whose token grid is at least "
+                             f"{PAPER_UNET_MIN_GRID}x{PAPER_UNET_MIN_GRID} (SDXL 1024px: output 0-5; SD1.5 512px: "
+                             "output 6-11; nothing below 256px), Flux every double+single block, SD3 every joint "
+                             "block. all: every attention layer. custom: the custom_blocks list", BLOCK_PRESETS,
+                   paper="paper"),
+        inp.Text("custom_blocks", "blocks=custom only: comma-separated NAME.INDEX or NAME.FIRST-LAST. SD1.x/SDXL: "
+                                  "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
+                                  "single.0-37'); SD3: joint (e.g. 'joint.0-23')",
+                 check=_custom_blocks_problem, allowed="NAME.INDEX or NAME.FIRST-LAST items, comma-separated"),
+        inp.Choice("similarity", "Precision of the token cosine similarities. checked (default): searched in the "
+                                 "model's dtype, the chosen match re-scored in fp32 for the threshold (costs about "
+                                 "what model does; the match may differ from fp32's only between near-equal "
+                                 "candidates). fp32: the whole search in fp32 (exact, several times slower per layer "
+                                 "on GPUs). model: everything in the model's dtype, as the released code. All three "
+                                 "are identical on fp32 models (CPU)", SIMILARITIES,
+                   paper="model (the released code's dtype)"),
     ]
-
-
-def _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-            similarity=DEFAULTS.similarity) -> NegToMeParams:
-    return NegToMeParams(alpha=alpha, threshold=threshold, matching=matching, window=window,
-                         start_percent=start_percent, end_percent=end_percent, blocks=blocks,
-                         custom_blocks=custom_blocks, similarity=similarity)
-
-
-def _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-              similarity) -> bool | str:
-    """Before the run (HTTP 400 with node_errors): the params object's own checks. Inputs fed by links arrive as
-    None here and are checked again when the node runs."""
-    values = (alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks, similarity)
-    if any(v is None for v in values):
-        return True
-    problems = _params(*values).validate()
-    return "; ".join(problems) if problems else True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,51 +207,26 @@ def _sigma_of(transformer_options: dict) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Block selection
+# Installation
 # ----------------------------------------------------------------------------------------------
 def _arch(family: adapters.ModelFamily) -> str:
     return "unet" if family.is_unet else family.key
 
 
-def _selected_custom(params: NegToMeParams, family: adapters.ModelFamily, counts: dict[str, int]) -> frozenset:
-    """Parse and check the custom block list against the model's block names (and counts for DiTs)."""
-    wanted = parse_block_list(params.custom_blocks)
-    names = _BLOCK_NAMES[_arch(family)]
-    for name, index in sorted(wanted):
-        if name not in names:
-            raise adapters.node_error(
-                NODE, family, f"custom_blocks names {name!r}, which this architecture does not have.",
-                f"use {', '.join(names)} (e.g. '{names[-1]}.0').")
-        if name in counts and index >= counts[name]:
-            raise adapters.node_error(
-                NODE, family, f"custom_blocks asks for {name}.{index}, but the model has {counts[name]} {name} "
-                              f"blocks (0-{counts[name] - 1}).", "use indices that exist.")
-    return wanted
+def _selected_custom(params: NegToMeParams, family: adapters.ModelFamily, counts: dict[str, int],
+                     node_name: str) -> frozenset:
+    """The custom block list, checked against the model's block names (and counts for DiTs)."""
+    problems = custom_block_problems(params.custom_blocks, _arch(family), counts)
+    if problems:
+        raise adapters.node_error(node_name, family, "; ".join(problems) + ".", "correct custom_blocks.")
+    return parse_block_list(params.custom_blocks)
 
 
-def _dit_counts(model, family: adapters.ModelFamily) -> dict[str, int]:
-    net = model.get_model_object("diffusion_model")
-    if family.key == "flux":
-        double, single = getattr(net, "double_blocks", None), getattr(net, "single_blocks", None)
-        if double is None or single is None:
-            raise adapters.node_error(NODE, family, f"{type(net).__name__} has no double_blocks/single_blocks, the "
-                                                    "patch points NegToMe needs.", "use a Flux model.")
-        return {"double": len(double), "single": len(single)}
-    joint = getattr(net, "joint_blocks", None)
-    if joint is None:
-        raise adapters.node_error(NODE, family, f"{type(net).__name__} has no joint_blocks, the patch points "
-                                                "NegToMe needs.", "use an SD3 MMDiT model.")
-    return {"joint": len(joint)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Installation
-# ----------------------------------------------------------------------------------------------
 def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference=None):
     """Clone `model` and install NegToMe on the clone. Returns (clone, key).
 
-    `reference` (reference-image mode) is an object with `insert(x, sigma) -> x_ref` (the (1, C, H, W) latent
-    to put at index 0 of every chunk) and `mask` ((H, W) tensor or None); None = diversity mode."""
+    `reference` (reference-image mode) is a `ReferenceImage` (its latent goes in as image 0 of every chunk on
+    active steps; its mask limits the reference tokens); None = diversity mode."""
     problems = params.validate()
     if problems:
         raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
@@ -261,10 +245,23 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                                       "use matching official or best_match.")
         reference.model_sampling = m.get_model_object("model_sampling")
     arch = _arch(family)
-    counts = {} if arch == "unet" else _dit_counts(m, family)
-    custom = _selected_custom(params, family, counts) if params.blocks == "custom" else None
-    budget = params.budget_bytes
-    n_warned_single = f"{key}.batch1"
+    counts = {} if arch == "unet" else dit_block_counts(m, family, node_name)
+    custom = _selected_custom(params, family, counts, node_name) if params.blocks == "custom" else None
+    merge = _make_merge(params, family, node_name, key, reference)
+    info_key = CALL_INFO + key
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
+                           _make_apply_model(params, key, info_key, reference))
+    adapters.install_run_state(m, key, *_run_state_hooks(params, family, node_name, key))
+    if arch == "unet":
+        install_unet(m, key, info_key, params.blocks, custom, merge)
+    else:
+        install_dit(m, key, info_key, family, counts, custom, merge, node_name)
+    return m, key
+
+
+def _run_state_hooks(params: NegToMeParams, family: adapters.ModelFamily, node_name: str, key: str):
+    """(make_state, finish) for adapters.install_run_state: a fresh NegToMeRunState per run, read back and
+    reported once when the run ends."""
 
     def make_state(guider, run: adapters.RunInfo) -> NegToMeRunState:
         high, low = _sigma_window(guider.model_patcher, family, params)
@@ -287,10 +284,17 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                 "Check window/start_percent/end_percent, blocks (paper needs a token grid of at least "
                 f"{PAPER_UNET_MIN_GRID} on SD1.x/SDXL, i.e. 256px latents and up), or lower threshold.")
 
+    return make_state, finish
+
+
+def _make_merge(params: NegToMeParams, family: adapters.ModelFamily, node_name: str, key: str, reference):
+    """The per-layer NegToMe call: merge(tokens (B, N, D), cond_or_uncond, state, step, grid, into=None)."""
+    n_warned_single = f"{key}.batch1"
+
     def merge(tokens: torch.Tensor, cond_or_uncond: list, state: NegToMeRunState, step: int,
               grid: tuple[int, int] | None, into: torch.Tensor | None = None) -> torch.Tensor:
-        """NegToMe on one layer's image tokens (B, N, D), cond/uncond chunks apart; the result goes to `into`
-        when given. No host synchronisation: the count is recorded as a device tensor."""
+        """NegToMe on one layer's image tokens, cond/uncond chunks apart; the result goes to `into` when given.
+        No host synchronisation: the count is recorded as a device tensor."""
         n_chunks = max(1, len(cond_or_uncond))
         per_chunk = tokens.shape[0] // n_chunks
         if per_chunk < 2 and reference is None:
@@ -307,17 +311,24 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
                                                              "resize the mask.", "report this with the latent size.")
             ref_mask = reference.token_mask(grid, tokens.device)
         out, merged = merge_batch(tokens, n_chunks, params.alpha, params.threshold, params.matching, ref_mask,
-                                  budget, params.similarity, out=into)
+                                  params.budget_bytes, params.similarity, out=into)
         if out is not tokens and state is not None:
             state.record(step, merged)
         return out
 
-    # ------------------------------------------------------------------ per network call
+    return merge
+
+
+def _make_apply_model(params: NegToMeParams, key: str, info_key: str, reference):
+    """The APPLY_MODEL wrapper: decides per network call whether the window is active (the one read-back per
+    call: the call's sigma), passes the call's info to the layer patches and, in reference mode, inserts the
+    reference row on active calls."""
+
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):
         transformer_options = {} if transformer_options is None else transformer_options
         state = adapters.run_state({"transformer_options": transformer_options}, key)
-        sigma = float(t.flatten()[0])  # the one read-back per model call (the window decides the call's layout)
+        sigma = float(t.flatten()[0])
         active = state is not None and state.active(sigma) and params.alpha != 0.0
         if state is not None:
             state.evaluations += 1
@@ -327,106 +338,12 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
         info = {"active": active, "step": adapters.step_index(sigma, schedule),
                 "height": x.shape[-2], "width": x.shape[-1],
                 "txt_len": None if c_crossattn is None else c_crossattn.shape[1]}
-        options = {**transformer_options, CALL_INFO + key: info}
+        options = {**transformer_options, info_key: info}
         if reference is not None and active:
             return reference.run(executor, x, t, c_concat, c_crossattn, control, options, kwargs, sigma)
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, apply_model)
-    adapters.install_run_state(m, key, make_state, finish)
-
-    if arch == "unet":
-        def unet_selected(block, grid) -> bool:
-            if block is None:
-                return False
-            if params.blocks == "all":
-                return True
-            if params.blocks == "custom":
-                return (block[0], int(block[1])) in custom
-            return block[0] == "output" and grid is not None and min(grid) >= PAPER_UNET_MIN_GRID
-
-        def attn_output_patch(n, extra_options):
-            info = extra_options.get(CALL_INFO + key)
-            if info is None or not info["active"]:
-                return n
-            shape = extra_options.get("original_shape")
-            grid = token_grid(shape[-2], shape[-1], n.shape[1]) if shape is not None else None
-            if not unet_selected(extra_options.get("block"), grid):
-                return n
-            state = adapters.run_state({"transformer_options": extra_options}, key)
-            return merge(n, extra_options.get("cond_or_uncond", [0]), state, info["step"], grid)
-
-        m.set_model_attn1_output_patch(attn_output_patch)
-        m.set_model_attn2_output_patch(attn_output_patch)
-        return m, key
-
-    # DiT families: one block replacement per selected block, chained to any previous occupant.
-    replace = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    net = m.get_model_object("diffusion_model")
-    patch_size = int(getattr(net, "patch_size", 2))
-    if family.key == "flux":
-        slots = [("double", "double_block", i) for i in range(counts["double"])] + \
-                [("single", "single_block", i) for i in range(counts["single"])]
-    else:
-        slots = [("joint", "double_block", i) for i in range(counts["joint"])]
-    if custom is not None:
-        slots = [s for s in slots if (s[0], s[2]) in custom]
-
-    def make_block_patch(name: str, slot: str, index: int, previous):
-        def block_patch(args, extra):
-            to = args.get("transformer_options") or {}
-            info = to.get(CALL_INFO + key)
-            call = previous if previous is not None else (lambda a, e: e["original_block"](a))
-            if info is None or not info["active"]:
-                return call(args, extra)
-            state = adapters.run_state({"transformer_options": to}, key)
-            img_len = args["img"].shape[1]
-            grid = (-(-info["height"] // patch_size), -(-info["width"] // patch_size))
-            n_main = grid[0] * grid[1]
-            if name == "double":  # Flux double block: [txt, img] joint attention
-                start = args["txt"].shape[1]
-                expected_len = start + img_len
-            elif name == "single":  # Flux single block: args["img"] is already [txt, img]
-                start = info["txt_len"] if info["txt_len"] is not None else img_len - n_main
-                expected_len = img_len
-            else:  # SD3 joint block: [context, x]
-                start = None if args.get("txt") is None else args["txt"].shape[1]
-                start = 0 if start is None else start
-                expected_len = start + img_len
-                n_main = img_len
-            calls = [0]
-            prev_override = to.get("optimized_attention_override")
-
-            def override(func, *a, **kw):
-                out = prev_override(func, *a, **kw) if prev_override is not None else func(*a, **kw)
-                calls[0] += 1
-                if calls[0] != 1 or out.dim() != 3 or out.shape[1] != expected_len \
-                        or start + n_main > out.shape[1]:
-                    return out  # e.g. SD3.5's extra image self-attention: not a joint attention output
-                img = out[:, start:start + n_main]
-                result = torch.empty_like(out, memory_format=torch.contiguous_format)
-                merged = merge(img, to.get("cond_or_uncond", [0]), state, info["step"], grid,
-                               into=result[:, start:start + n_main])  # written in place: no concatenation copy
-                if merged is img:
-                    return out
-                result[:, :start] = out[:, :start]
-                result[:, start + n_main:] = out[:, start + n_main:]
-                return result
-
-            new_args = {**args, "transformer_options": {**to, "optimized_attention_override": override}}
-            result = call(new_args, extra)
-            if calls[0] == 0:
-                raise adapters.node_error(
-                    node_name, family, f"{slot} {index} ran no attention through optimized_attention, so NegToMe "
-                                       "cannot reach its attention output.", "report this with your ComfyUI version.")
-            return result
-        return block_patch
-
-    for name, slot, index in slots:
-        previous = replace.get((slot, index))
-        m.set_model_patch_replace(make_block_patch(name, slot, index, previous), "dit", slot, index)
-    return m, key
-
+    return apply_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,6 +448,12 @@ def encode_reference(model, vae, image: torch.Tensor, node_name: str, family: ad
 class NegToMe(io.ComfyNode):
     """MODEL patch, diversity mode: images of a batch are pushed apart."""
 
+    INPUTS = inp.NodeInputs(NODE, [
+        inp.Socket(io.Model.Input("model", tooltip="The model to patch; sample a batch of 2 or more images.")),
+        *negtome_widgets(),
+    ], rules=RULES, defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -538,28 +461,46 @@ class NegToMe(io.ComfyNode):
             display_name="NegToMe (TFG)",
             category=CATEGORY,
             description=_DESCRIPTION,
-            inputs=[io.Model.Input("model", tooltip="The model to patch; sample a batch of 2 or more images.")]
-            + negtome_inputs(),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model with Negative Token Merging installed.")],
         )
 
     @classmethod
-    def validate_inputs(cls, alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                        similarity=DEFAULTS.similarity):
-        return _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                         similarity)
-
-    @classmethod
-    def execute(cls, model, alpha, threshold, matching, window, start_percent, end_percent, blocks,
-                custom_blocks, similarity=DEFAULTS.similarity) -> io.NodeOutput:
-        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                         similarity)
-        patched, _ = apply_negtome(model, params, NODE)
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        patched, _ = apply_negtome(v.model, cls.INPUTS.params(v), NODE)
         return io.NodeOutput(patched)
 
 
+MIN_REFERENCE_PIXELS = 16
+"""Smallest reference image side (two latent pixels of an 8x VAE)."""
+
+
 class NegToMeReference(io.ComfyNode):
-    """MODEL patch, reference-image mode: every generated image is pushed away from a reference image."""
+    """MODEL patch, reference-image mode: every generated image is pushed away from a reference image.
+
+    Shapes (tested): of a batch of reference images the first is used (one warning); a reference of another size
+    than the sampled latent is resized to it (bilinear, one warning per size); a mask of any size is resized to
+    each layer's token grid (area), and of a batch of masks the first is used; an image smaller than
+    MIN_REFERENCE_PIXELS on a side is an error."""
+
+    INPUTS = inp.NodeInputs(REFERENCE_NODE, [
+        inp.Socket(io.Model.Input("model", tooltip="The model to patch.")),
+        inp.Socket(io.Vae.Input("vae", tooltip="The VAE of this model, to encode the reference image.")),
+        inp.Socket(io.Image.Input("image", tooltip="The reference image to avoid (the first of a batch is used). "
+                                                   "Best at the generation size; otherwise its latent is resized "
+                                                   "(bilinear) to the sampled size."), finite=True),
+        inp.Bool("noise_reference", "False: insert the clean reference latent every step. True: noise it to the "
+                                    "current sigma first (fresh noise per step, seeded by the step's sigma)",
+                 paper="False (official noise_rag=False)", param=None, default=False),
+        inp.Socket(io.Mask.Input("mask", optional=True,
+                                 tooltip="Optional: only the reference's tokens under the mask (>= half covered) "
+                                         "can be matched; any size (resized to each layer's token grid), the first "
+                                         "of a batch is used. An empty mask matches nothing (the node then does "
+                                         "nothing and warns)."), finite=True),
+        *negtome_widgets(("official", "best_match")),
+    ], rules=RULES, defaults=DEFAULTS)
+    validate_inputs = INPUTS.validator()
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -573,38 +514,21 @@ class NegToMeReference(io.ComfyNode):
                 "sigma, and every generated image is pushed away from it (an optional mask limits which reference "
                 "tokens can be matched); its own output is discarded. Works on SD1.x, SD2.x, SDXL, Flux and SD3 "
                 "(not with ControlNet). Cost: one extra batch row per CFG chunk on active steps only."),
-            inputs=[
-                io.Model.Input("model", tooltip="The model to patch."),
-                io.Vae.Input("vae", tooltip="The VAE of this model, to encode the reference image."),
-                io.Image.Input("image", tooltip="The reference image to avoid (first of the batch). Best at the "
-                                                "generation size; otherwise its latent is resized."),
-                io.Boolean.Input("noise_reference", default=False,
-                                 tooltip="False: insert the clean reference latent every step (official default, "
-                                         "noise_rag=False). True: noise it to the current sigma first (fixed noise, "
-                                         "seed 0)."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional: only the reference's tokens under the mask (>= half covered) can "
-                                      "be matched. An empty mask matches nothing (the node then does nothing and "
-                                      "warns)."),
-            ] + negtome_inputs(("official", "best_match")),
+            inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model with NegToMe's reference mode installed.")],
         )
 
     @classmethod
-    def validate_inputs(cls, alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                        similarity=DEFAULTS.similarity):
-        return _validate(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                         similarity)
-
-    @classmethod
-    def execute(cls, model, vae, image, noise_reference, alpha, threshold, matching, window, start_percent,
-                end_percent, blocks, custom_blocks, mask=None, similarity=DEFAULTS.similarity) -> io.NodeOutput:
-        params = _params(alpha, threshold, matching, window, start_percent, end_percent, blocks, custom_blocks,
-                         similarity)
-        problems = params.validate()
-        if problems:
-            raise adapters.node_error(REFERENCE_NODE, None, "; ".join(problems), "correct the inputs.")
+    def execute(cls, **values) -> io.NodeOutput:
+        v = cls.INPUTS.checked(values)
+        params = cls.INPUTS.params(v)
+        model, image, mask = v.model, v.image, v.mask
         family = adapters.detect_family(model)
+        if image.dim() != 4 or min(image.shape[1], image.shape[2]) < MIN_REFERENCE_PIXELS:
+            raise adapters.node_error(
+                REFERENCE_NODE, family, f"the reference image is {tuple(image.shape[1:3])} pixels; it needs at least "
+                f"{MIN_REFERENCE_PIXELS} on each side to give a latent.", "connect a larger image (best: the "
+                "generation size).")
         if mask is not None:
             mask = mask[0] if mask.dim() == 3 else mask
             if not bool((mask >= 0.5).any()):
@@ -616,10 +540,10 @@ class NegToMeReference(io.ComfyNode):
                 return io.NodeOutput(model)
             mask = mask.float().cpu()
         if family.key in SUPPORTED or adapters.as_sd_unet(model, family) is not None:
-            latent = encode_reference(model, vae, image, REFERENCE_NODE, family)
+            latent = encode_reference(model, v.vae, image, REFERENCE_NODE, family)
         else:
             latent = None  # apply_negtome raises the family error
-        reference = ReferenceImage(latent, mask, noise_reference, REFERENCE_NODE, family)
+        reference = ReferenceImage(latent, mask, v.noise_reference, REFERENCE_NODE, family)
         patched, _ = apply_negtome(model, params, REFERENCE_NODE, reference=reference)
         return io.NodeOutput(patched)
 

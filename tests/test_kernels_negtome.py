@@ -254,9 +254,33 @@ def _per_image_reference(x, alpha, tau, matching="official", ref_mask=None, budg
                     matched = torch.where(better.unsqueeze(-1), x[g].index_select(0, i), matched)
         merge = vals > tau
         total += int(merge.sum())
-        pushed = ((1.0 + alpha) * x[f].float() - alpha * matched.float()).to(x.dtype)
-        rows.append(torch.where(merge.unsqueeze(-1), pushed, x[f]))
+        rows.append(torch.where(merge.unsqueeze(-1), _extrapolated(x[f], matched, alpha), x[f]))
     return torch.stack(rows), total
+
+
+def _extrapolated(x, matched, alpha):
+    """The kernel's extrapolation rule: (1+alpha) x - alpha m in fp32 for fp32 features; for half precision one
+    fused lerp computed in fp32 and rounded once (test_half_precision_extrapolation_is_the_fp32_formula_rounded)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.lerp(x, matched, -alpha)
+    return ((1.0 + alpha) * x.float() - alpha * matched.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_extrapolation_is_the_fp32_formula_rounded(dtype):
+    g = torch.Generator().manual_seed(3)
+    x, m = torch.randn(2, 4096, 64, generator=g).to(dtype), torch.randn(2, 4096, 64, generator=g).to(dtype)
+    merge = torch.rand(2, 4096, generator=g) > 0.5
+    for alpha in (0.9, 3.0, -1.0):
+        out = K._extrapolate(x, m.clone(), merge, alpha)
+        exact = ((1.0 + alpha) * x.double() - alpha * m.double())
+        formula = exact.float().to(dtype)  # the fp32 formula, rounded to the features' dtype
+        pushed = out[merge]
+        # rounded once from an fp32 value: within one unit of the features' precision of the terms' magnitude
+        scale = ((1.0 + alpha) * x.double()).abs() + (alpha * m.double()).abs()
+        assert ((pushed.double() - exact[merge]).abs() <= torch.finfo(dtype).eps * scale[merge]).all()
+        assert (pushed == formula[merge]).float().mean() > 0.99
+        assert torch.equal(out[~merge], x[~merge])
 
 
 # budgets: a single value per block; part of one image; exactly one image; two of three source images; the group's
@@ -314,6 +338,8 @@ def test_merge_batch_reads_nothing_back_to_the_host(matching, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for budget in (4 * 37, 10 ** 9):
         out, count = K.merge_batch(x, 2, 0.9, 0.1, matching, ref_mask=mask, budget_bytes=budget)
+        for xs in (x.to(torch.bfloat16), x):  # the default (checked) re-scoring, half precision and fp32
+            K.merge_batch(xs, 2, 0.9, 0.1, matching, ref_mask=mask, budget_bytes=budget, similarity="checked")
     monkeypatch.undo()
     ref, ref_count = K.merge_chunks(x, 2, 0.9, 0.1, matching, ref_mask=mask)
     assert int(count) == ref_count > 0 and torch.equal(out, ref)
@@ -363,7 +389,7 @@ def test_model_dtype_similarity_is_fp32_on_fp32_and_the_released_maths_on_bf16()
     v, i = (xn @ xn[0].T).max(dim=-2)
     merge = v > 0.3
     merge[0] = False
-    expected = torch.where(merge.unsqueeze(-1), ((1.9 * xb.float()) - 0.9 * xb[0][i].float()).to(torch.bfloat16), xb)
+    expected = torch.where(merge.unsqueeze(-1), _extrapolated(xb, xb[0][i], 0.9), xb)
     assert count == int(merge.sum()) > 0
     assert torch.equal(out, expected)
     assert K.NegToMeParams(similarity="bf16").validate()
@@ -395,3 +421,127 @@ def test_column_max_matches_max_over_rows_with_ties():
     v, i = K._column_max(block)
     ev, ei = block.max(dim=0)
     assert torch.equal(v, ev) and torch.equal(i, ei) and i.tolist() == [0, 0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# similarity="checked" (the default): model-dtype search, fp32 re-score of the chosen match
+# ------------------------------------------------------------------------------------------------
+def _fp32_candidates(x, matching):
+    """Per output position (F, N): the best and second-best fp32 cosine over its candidates (image 0 of the
+    image-0 modes never merges: -inf)."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    n_images, n_tokens, _ = x.shape
+    if matching == "all_others":
+        s = xn.reshape(-1, xn.shape[-1]) @ xn.reshape(-1, xn.shape[-1]).T
+        own = torch.arange(n_images).repeat_interleave(n_tokens)
+        s = s.masked_fill(own[:, None] == own[None, :], float("-inf"))
+        top = s.topk(2, dim=1).values.view(n_images, n_tokens, 2)
+    else:
+        s = xn @ xn[0].T  # (F, N_src, N_ref)
+        top = (s.topk(2, dim=1).values.transpose(1, 2) if matching == "official" else s.topk(2, dim=2).values)
+        top[0] = float("-inf")
+    return top[..., 0], top[..., 1]
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget", [4 * 96 * 5, 10 ** 9])  # blocks of a few rows / one block
+def test_checked_similarity_is_fp32_matching_within_the_stated_tolerance(matching, dtype, budget):
+    x = _group(images=4, tokens=96, dim=64, seed=5, dtype=dtype, shared=0.5)
+    tau, tol = 0.45, K.check_tolerance(dtype)
+    exact, n_exact = K.merge_group(x, 1.3, tau, matching, budget_bytes=budget, similarity="fp32")
+    checked, n_checked = K.merge_group(x, 1.3, tau, matching, budget_bytes=budget, similarity="checked")
+    model, _ = K.merge_group(x, 1.3, tau, matching, budget_bytes=budget, similarity="model")
+    best, second = _fp32_candidates(x, matching)
+    assert 0 < n_exact < x.shape[0] * x.shape[1]
+    differs = (checked != exact).any(dim=-1)
+    in_band = (best > tau) & (best <= tau + tol)
+    near_tie = (best - second <= tol) & (best > tau)
+    # merged tokens are fp32's except in the stated band; the match differs only between near-equal candidates
+    assert not (differs & ~in_band & ~near_tie).any()
+    assert abs(n_checked - n_exact) <= int(in_band.sum())
+    assert differs.float().mean() < 0.05
+    # and the model-dtype search alone is no closer to fp32 than checked
+    assert int(differs.sum()) <= int((model != exact).any(dim=-1).sum())
+
+
+def test_checked_similarity_is_fp32_on_fp32_features():
+    assert K.check_tolerance(torch.float32) == 0.0
+    x = _group(images=4, tokens=37, dim=16, seed=9)
+    for matching in MATCHINGS:
+        a, na = K.merge_group(x, 0.9, 0.3, matching, similarity="fp32")
+        b, nb = K.merge_group(x, 0.9, 0.3, matching, similarity="checked")
+        assert na == nb and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("matching", ["official", "best_match"])
+def test_checked_similarity_keeps_masked_reference_tokens_off(matching):
+    x = _group(images=3, tokens=30, dim=8, seed=4, dtype=torch.bfloat16)
+    mask = torch.arange(30) % 3 == 0
+    out, count = K.merge_group(x, 1.5, 0.2, matching, ref_mask=mask, similarity="checked")
+    exact, n_exact = K.merge_group(x, 1.5, 0.2, matching, ref_mask=mask, similarity="fp32")
+    assert count > 0 and abs(count - n_exact) <= 2
+    if matching == "official":  # output positions of masked-off reference tokens never change
+        assert torch.equal(out[:, ~mask], x[:, ~mask])
+    none, n_none = K.merge_group(x, 1.5, 0.2, matching, ref_mask=torch.zeros(30, dtype=torch.bool),
+                                 similarity="checked")
+    assert n_none == 0 and none is x
+
+
+def test_default_similarity_is_checked():
+    assert K.NegToMeParams().similarity == "checked" and "checked" in K.SIMILARITIES
+
+
+# ------------------------------------------------------------------------------------------------
+# Token-span rule (which layers and which tokens): kernels/negtome_span.py
+# ------------------------------------------------------------------------------------------------
+S = host.pack_module("kernels.negtome_span")
+
+
+def test_unet_layer_selection():
+    assert S.unet_layer_selected(("output", 2), (32, 32), "paper")
+    assert not S.unet_layer_selected(("output", 2), (16, 32), "paper")  # below the paper's 32 on one side
+    assert not S.unet_layer_selected(("input", 4), (64, 64), "paper")
+    assert not S.unet_layer_selected(("output", 2), None, "paper")  # unknown grid: not the paper preset
+    assert S.unet_layer_selected(("middle", 0), None, "all")
+    assert not S.unet_layer_selected(None, (64, 64), "all")
+    custom = K.parse_block_list("output.3-5, middle.0")
+    assert S.unet_layer_selected(("output", 4), (8, 8), "custom", custom)
+    assert not S.unet_layer_selected(("output", 6), (64, 64), "custom", custom)
+    assert S.token_grid_of((2, 4, 128, 96), 48 * 64 // 4) == (32, 24)
+    assert S.token_grid_of(None, 100) is None
+
+
+def test_dit_blocks_and_custom_problems():
+    counts = {"double": 3, "single": 2}
+    assert S.dit_blocks("flux", counts) == [("double", 0), ("double", 1), ("double", 2), ("single", 0),
+                                            ("single", 1)]
+    assert S.dit_blocks("flux", counts, K.parse_block_list("single.1")) == [("single", 1)]
+    assert S.dit_blocks("sd3", {"joint": 2}) == [("joint", 0), ("joint", 1)]
+    assert S.custom_block_problems("double.0-2, single.1", "flux", counts) == []
+    assert "double.3" in " ".join(S.custom_block_problems("double.3", "flux", counts))
+    assert "'output'" in " ".join(S.custom_block_problems("output.1", "flux", counts))
+    assert S.custom_block_problems("output.40", "unet", {}) == []  # UNet depth is not checked
+    assert "empty" in " ".join(S.custom_block_problems(" , ", "unet", {}))
+    assert "output.x" in " ".join(S.custom_block_problems("output.x", "unet", {}))
+
+
+def test_dit_image_spans():
+    # Flux double block: [txt 7, img 12 (a 6x8 latent, patch 2 -> 3x4)] in the joint attention output
+    span = S.dit_image_span("double", 12, 7, 7, 6, 8, 2)
+    assert (span.start, span.length, span.total, span.grid) == (7, 12, 19, (3, 4))
+    assert span.matches((2, 19, 64)) and not span.matches((2, 12, 64)) and not span.matches((2, 19))
+    # extra image tokens after the latent's own (reference latents) are left alone
+    span = S.dit_image_span("double", 12 + 5, 7, 7, 6, 8, 2)
+    assert (span.start, span.length, span.total) == (7, 12, 24)
+    # Flux single block: its input is [txt, img]; the text length comes from the conditioning, else the rest
+    span = S.dit_image_span("single", 19, None, 7, 6, 8, 2)
+    assert (span.start, span.length, span.total) == (7, 12, 19)
+    assert S.dit_image_span("single", 19, None, None, 6, 8, 2).start == 7
+    # odd latent sizes: the patch padding rounds up
+    assert S.dit_image_span("double", 12, 3, 3, 5, 7, 2).grid == (3, 4)
+    # SD3 joint block: [context, x], every x token
+    span = S.dit_image_span("joint", 16, 10, 10, 8, 8, 2)
+    assert (span.start, span.length, span.total) == (10, 16, 26)
+    with pytest.raises(ValueError, match="kind"):
+        S.dit_image_span("triple", 1, 1, 1, 2, 2, 2)

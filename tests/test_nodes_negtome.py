@@ -158,8 +158,13 @@ def test_custom_blocks_errors(setup, nt):
 
 
 def test_invalid_parameters_are_loud(sd15, nt):
-    with pytest.raises(ValueError, match=r"TFG NegToMe: .*start_percent.*Fix:"):
+    inputs = host.pack_module("nodes.inputs")
+    with pytest.raises(inputs.InputError, match=r"TFG NegToMe: start_percent \(0.8\) must not exceed end_percent"):
         patched(nt, sd15.model, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(inputs.InputError, match=r"TFG NegToMe: input 'alpha' must be at most 10"):
+        patched(nt, sd15.model, alpha=11.0)
+    with pytest.raises(ValueError, match=r"TFG NegToMe: .*start_percent.*Fix:"):  # the install function's own check
+        nt.apply_negtome(sd15.model, nt.NegToMeParams(**dict(BASE, start_percent=0.8, end_percent=0.2)))
 
 
 def test_unsupported_family_is_named(comfy_root, nt):
@@ -167,7 +172,7 @@ def test_unsupported_family_is_named(comfy_root, nt):
     import comfy.supported_models
     config = object.__new__(comfy.supported_models.WAN21_T2V)
     fake = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
-    with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: WAN21_T2V\].*patch points.*Fix:"):
+    with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: (WAN21_T2V|Wan 2\.1)\].*patch points.*Fix:"):
         nt.apply_negtome(fake, nt.NegToMeParams())
 
 
@@ -440,3 +445,99 @@ def test_validate_inputs_checks_the_params_before_the_run(nt, node):
     assert isinstance(cls.validate_inputs(**dict(good, blocks="custom", custom_blocks="")), str)
     assert isinstance(cls.validate_inputs(**dict(good, similarity="fp8")), str)
     assert cls.validate_inputs(**dict(good, custom_blocks=None)) is True  # a linked input: checked at run time
+
+
+# ------------------------------------------------------------------------------------------------
+# Declarations (nodes/inputs.py): one per input, linked inputs, the reference image's shapes and values
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("node", ["NegToMe", "NegToMeReference"])
+def test_declarations_give_schema_defaults_and_params(nt, node):
+    cls = getattr(nt, node)
+    golden = {"NegToMe": ["model", "alpha", "threshold", "matching", "window", "start_percent", "end_percent",
+                          "blocks", "custom_blocks", "similarity"],
+              "NegToMeReference": ["model", "vae", "image", "noise_reference", "mask", "alpha", "threshold",
+                                   "matching", "window", "start_percent", "end_percent", "blocks", "custom_blocks",
+                                   "similarity"]}[node]
+    schema = cls.define_schema()
+    assert [i.id for i in schema.inputs] == golden  # shipped names and order
+    defaults = nt.NegToMeParams()
+    for w in cls.INPUTS.widgets:
+        if w.field is not None:
+            assert cls.INPUTS.default(w) == getattr(defaults, w.field), w.name
+        assert w.meaning and "Neutral:" in w.tooltip() or not w.neutral
+    values = {w.name: cls.INPUTS.default(w) for w in cls.INPUTS.widgets}
+    assert cls.INPUTS.params(cls.INPUTS.checked(dict(values, model=None, image=None))) == defaults
+    similarity = cls.INPUTS.widget("similarity")
+    assert similarity.option_list()[:2] == ["fp32", "model"]  # the shipped options keep their places
+
+
+@pytest.mark.parametrize("node", ["NegToMe", "NegToMeReference"])
+def test_every_widget_linked_passes_validation_and_bad_values_are_named(nt, node):
+    cls = getattr(nt, node)
+    names = [w.name for w in cls.INPUTS.widgets]
+    assert cls.validate_inputs(**{n: None for n in names}) is True  # all linked (Primitive nodes)
+    for w in cls.INPUTS.widgets:
+        if w.kind in ("int", "float"):
+            for bad in (w.max + 1, w.min - 1, "x"):
+                msg = cls.validate_inputs(**{w.name: bad})
+                assert isinstance(msg, str) and f"'{w.name}'" in msg, (w.name, bad)
+        elif w.kind == "combo":
+            msg = cls.validate_inputs(**{w.name: "no-such-option"})
+            assert isinstance(msg, str) and f"'{w.name}'" in msg
+    assert "output.x" in cls.validate_inputs(blocks="custom", custom_blocks="output.x")
+    assert "custom_blocks" in cls.validate_inputs(blocks="custom", custom_blocks=" ")
+    assert cls.validate_inputs(window="paper", start_percent=0.9, end_percent=0.1) is True  # custom only
+    assert "start_percent" in cls.validate_inputs(window="custom", start_percent=0.9, end_percent=0.1)
+    assert cls.validate_inputs(window="custom", start_percent=None, end_percent=0.1) is True  # linked: later
+
+
+def test_linked_values_are_checked_when_the_node_runs(sd15, nt):
+    inputs = host.pack_module("nodes.inputs")
+    with pytest.raises(inputs.InputError, match="custom_blocks"):
+        nt.NegToMe.execute(model=sd15.model, **dict(BASE, blocks="custom", custom_blocks="output.x"))
+    with pytest.raises(inputs.InputError, match="'matching'"):
+        nt.NegToMe.execute(model=sd15.model, **dict(BASE, matching="nope"))
+
+
+def test_reference_rejects_non_finite_images_and_masks(sd15, nt):
+    inputs = host.pack_module("nodes.inputs")
+    image = reference_image()
+    image[0, 3, 3, 1] = float("nan")
+    with pytest.raises(inputs.InputError, match="input 'image' holds NaN"):
+        ref_patched(nt, sd15, image=image)
+    mask = torch.ones(1, 64, 64)
+    mask[0, 0, 0] = float("inf")
+    with pytest.raises(inputs.InputError, match="input 'mask' holds NaN"):
+        ref_patched(nt, sd15, mask=mask)
+
+
+def test_reference_batch_uses_the_first_image_and_warns(sd15, nt, caplog):
+    first = reference_image(seed=5)
+    batch = torch.cat([first, reference_image(seed=6)])
+    alone = sample(sd15, ref_patched(nt, sd15, image=first, alpha=1.5), batch=2)
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        both = sample(sd15, ref_patched(nt, sd15, image=batch, alpha=1.5), batch=2)
+    assert torch.equal(alone, both)
+    assert "2 reference images given; only the first is used" in caplog.text
+
+
+def test_reference_of_another_size_is_resized_and_warns(sd15, nt, caplog):
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        out = sample(sd15, ref_patched(nt, sd15, image=reference_image(size=128), alpha=1.5), batch=2)
+    assert torch.isfinite(out).all()
+    assert "the reference latent is resized" in caplog.text
+    assert not torch.equal(out, sample(sd15, ref_patched(nt, sd15, alpha=1.5), batch=2))
+
+
+def test_mask_of_another_size_and_batch_is_resized(sd15, nt):
+    half = torch.zeros(2, 32, 16)
+    half[0, :, :8] = 1.0  # the first mask: left half (second mask ignored)
+    same = torch.zeros(64, 64)
+    same[:, :32] = 1.0
+    assert torch.equal(sample(sd15, ref_patched(nt, sd15, mask=half, alpha=1.5), batch=2),
+                       sample(sd15, ref_patched(nt, sd15, mask=same, alpha=1.5), batch=2))
+
+
+def test_reference_too_small_is_a_node_error(sd15, nt):
+    with pytest.raises(ValueError, match=r"TFG NegToMe Reference \[model family: SD1.x\].*at least 16.*Fix:"):
+        ref_patched(nt, sd15, image=reference_image(size=8))
