@@ -60,8 +60,10 @@ def check_tolerance(dtype: torch.dtype) -> float:
 
     The search in the features' dtype errs by at most about 5 units of roundoff (normalised inputs rounded, the
     similarity rounded), below 4 * eps. So, against the fp32 search on the same features: the chosen match's fp32
-    cosine is within this of the best fp32 cosine; the threshold is applied to the chosen match's fp32 cosine; and
-    the merged tokens are the same except where the best fp32 cosine lies in (tau, tau + tolerance]."""
+    cosine is within this of the best fp32 cosine; the threshold is applied to the chosen match's fp32 cosine
+    (for the RESCORE_FRACTION of a layer call's positions nearest the threshold, which holds every position within
+    the tolerance unless more than that share lie there); and the merged tokens are the same except where the best
+    fp32 cosine lies in (tau, tau + tolerance]."""
     if dtype == torch.float32 or not dtype.is_floating_point:
         return 0.0
     return 4.0 * torch.finfo(dtype).eps
@@ -331,23 +333,45 @@ def _fp32_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dot.div_(na * nb)
 
 
-def _rescore_image_zero(src: torch.Tensor, ref: torch.Tensor, idx: torch.Tensor, matching: str,
-                        budget_bytes: int) -> torch.Tensor:
-    """`checked`: the fp32 cosine of each chosen pair, for source images src (K, N, D) against ref (N, D).
-    official: position j pairs source token idx[k, j] with reference token j; best_match: source token i with
-    reference token idx[k, i]. Pieces of whole images keep the fp32 temporaries within the budget."""
-    n_src, n_tokens, dim = src.shape
-    piece = _piece_images(n_tokens, dim, budget_bytes)
-    parts = []
-    for p0 in range(0, n_src, piece):
-        p1 = min(n_src, p0 + piece)
+RESCORE_FRACTION = 0.125
+"""`checked` re-scores, per layer call, the positions whose model-dtype similarity is nearest the threshold: this
+fraction of them (at least RESCORE_MIN, at most all)."""
+RESCORE_MIN = 4096
+
+
+def _rescore_near_threshold(vals: torch.Tensor, threshold: float, pair_rows) -> torch.Tensor:
+    """`checked`: fp32 values for the positions of `vals` (model dtype, any shape) nearest the threshold, the
+    model-dtype values elsewhere (as fp32). `pair_rows(flat positions)` returns the (K, D) feature rows of each
+    position's chosen pair. A fixed number of positions (no host read-back): when more than that lie within the
+    tolerance of the threshold, the nearest are re-scored and the others keep their model-dtype value."""
+    flat = vals.reshape(-1).float()
+    n = flat.numel()
+    k = min(n, max(RESCORE_MIN, math.ceil(n * RESCORE_FRACTION)))
+    if k == n:
+        sel = torch.arange(n, device=vals.device)
+    else:  # masked (-inf) positions are farthest and never chosen
+        sel = (flat - threshold).abs_().topk(k, largest=False, sorted=False).indices
+    a, b = pair_rows(sel)
+    return flat.scatter(0, sel, _fp32_cosine(a, b)).view(vals.shape)
+
+
+def _image_zero_pairs(x4: torch.Tensor, idx: torch.Tensor, matching: str):
+    """pair_rows for image-0 positions (C, K, N) of x4 (C, F, N, D) whose sources are images f0.. (idx (C, K, N)):
+    official pairs source token idx with reference token j; best_match source token j with reference token idx."""
+    n_chunks, n_src, n_tokens = idx.shape
+    flat_idx = idx.reshape(-1)
+    first = x4.shape[1] - n_src  # sources are the last n_src images
+
+    def pair_rows(sel):
+        c = sel // (n_src * n_tokens)
+        f = (sel // n_tokens) % n_src + first
+        j = sel % n_tokens
+        i = flat_idx[sel]
         if matching == "official":
-            chosen = torch.gather(src[p0:p1], 1, idx[p0:p1].unsqueeze(-1).expand(-1, -1, dim))
-            parts.append(_fp32_cosine(chosen, ref))
-        else:
-            parts.append(_fp32_cosine(src[p0:p1], ref.index_select(0, idx[p0:p1].reshape(-1)).view(-1, n_tokens,
-                                                                                                    dim)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return x4[c, f, i], x4[c, 0, j]
+        return x4[c, f, j], x4[c, 0, i]
+
+    return pair_rows
 
 
 def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshold: float, matching: str,
@@ -372,7 +396,8 @@ def _image_zero_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
         del src_n
         idx = idx.reshape(f1 - f0, n_tokens)
         if check:
-            vals = _masked(_rescore_image_zero(src, ref, idx, matching, budget_bytes), ref_mask, matching, idx)
+            vals = _masked(_rescore_near_threshold(vals.reshape(1, f1 - f0, n_tokens), threshold, _image_zero_pairs(
+                x[None, :f1], idx[None], matching))[0], ref_mask, matching, idx)
         merge = (vals > threshold).reshape(f1 - f0, n_tokens)
         _push(src, ref, idx, merge, alpha, out[f0:f1], budget_bytes)
         merged = merge.sum()
@@ -425,8 +450,8 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
     if ref_mask is not None and matching == "official":
         vals = vals.masked_fill(~ref_mask.view(1, 1, -1), float("-inf"))
     if check:
-        vals = _masked(torch.stack([_rescore_image_zero(x4[c, 1:], x4[c, 0], idx[c], matching, budget_bytes)
-                                    for c in range(n_chunks)]), ref_mask, matching, idx)
+        vals = _masked(_rescore_near_threshold(vals, threshold, _image_zero_pairs(x4, idx, matching)), ref_mask,
+                       matching, idx)
     merge = vals > threshold
     chunk = torch.arange(n_chunks, device=x4.device).view(n_chunks, 1, 1)
     matched = x4[:, 0][chunk, idx]  # (C, F-1, N, D): reference token idx of each chunk's image 0
@@ -462,10 +487,9 @@ def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
         vals, idx = _all_others_pairs(x, budget_bytes, sim_dtype)
     idx = idx.view(n_images, n_tokens)
     if check:
-        piece = _piece_images(n_tokens, dim, budget_bytes)
-        vals = torch.cat([_fp32_cosine(x[p0:p0 + piece], x[idx[p0:p0 + piece] // n_tokens,
-                                                             idx[p0:p0 + piece] % n_tokens])
-                          for p0 in range(0, n_images, piece)])
+        flat_idx = idx.reshape(-1)
+        vals = _rescore_near_threshold(vals, threshold, lambda sel: (
+            x[sel // n_tokens, sel % n_tokens], x[flat_idx[sel] // n_tokens, flat_idx[sel] % n_tokens]))
     merge = (vals > threshold).view(n_images, n_tokens)
     if x.is_contiguous():
         _push(x, x.view(total, dim), idx, merge, alpha, out, budget_bytes)

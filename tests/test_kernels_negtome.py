@@ -545,3 +545,23 @@ def test_dit_image_spans():
     assert (span.start, span.length, span.total) == (10, 16, 26)
     with pytest.raises(ValueError, match="kind"):
         S.dit_image_span("triple", 1, 1, 1, 2, 2, 2)
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+@pytest.mark.parametrize("budget", [4 * 96 * 5, 10 ** 9])
+def test_checked_rescores_the_positions_nearest_the_threshold_without_host_reads(matching, budget, monkeypatch):
+    """Large layers re-score a fixed share of positions, the nearest the threshold: the same result as re-scoring
+    every position while the tolerance band holds fewer positions than that share."""
+    x = _group(images=4, tokens=96, dim=64, seed=5, dtype=torch.bfloat16, shared=0.5)
+    tau = 0.45
+    every, n_every = K.merge_group(x, 1.3, tau, matching, budget_bytes=budget, similarity="checked")
+    best, _ = _fp32_candidates(x, matching)
+    band = int(((best - tau).abs() <= K.check_tolerance(torch.bfloat16)).sum())
+    monkeypatch.setattr(K, "RESCORE_MIN", 1)
+    monkeypatch.setattr(K, "RESCORE_FRACTION", 0.5)
+    assert band < 0.5 * 96 * 3  # the share covers the band here
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("read-back")))
+    share, count = K.merge_batch(x, 1, 1.3, tau, matching, budget_bytes=budget, similarity="checked")
+    monkeypatch.undo()
+    assert torch.equal(share, every) and int(count) == n_every
