@@ -200,18 +200,20 @@ def text_embeds(conditioning, family, from_positive: bool):
 # Memory of the gradient passes, before any allocation
 # ----------------------------------------------------------------------------------------------
 GIB = 1024 ** 3
-UNET_GRAD_ACTIVATIONS = 24.0
+UNET_GRAD_ACTIVATIONS = 20.0
 """Activations autograd keeps for one composite prediction with gradients (CFG batch), in units of ComfyUI's own
 inference estimate of the UNet (latent area x batch x dtype size x 0.01 MiB x the model's memory_usage_factor).
-From the cost figures of docs/tale.md (H200, SDXL fp16, 1024²): energy latent peaks 16.0 GiB above energy none; less
-the 4.8 GiB of weight copies that leaves 11.2 GiB, 17.5 units; x1.4 margin for other families and sizes."""
-VAE_GRAD_DECODE = 4.0
+From the cost figures of docs/tale.md (H200, SDXL fp16, 1024², random weights): energy latent peaks 16.0 GiB above
+energy none; less the 4.8 GiB of weight copies that leaves 11.2 GiB, 17.5 units; x1.15 margin. With the weights
+counted twice, the estimate for that run is 22.4 GiB (measured peak 22.3 GiB)."""
+VAE_GRAD_DECODE = 3.6
 """Activations of the VAE decode with gradients (energy clip), in units of the VAE's own decode estimate
 (`vae.memory_used_decode`). Same figures: energy clip peaks 15.5 GiB above energy latent; less about 1 GiB of CLIP
-vision and weight copies that leaves 14.5 GiB, 3.4 units (NVIDIA); x1.2 margin."""
-CLIP_VALUES_PER_TOKEN_LAYER = 48
+vision and weight copies that leaves 14.5 GiB, 3.4 units (NVIDIA); x1.06 margin. Estimate for that run (ViT-L CLIP
+vision): about 40 GiB (measured peak 37.8 GiB)."""
+CLIP_VALUES_PER_TOKEN_LAYER = 24
 """Saved values per token, hidden unit and layer of a CLIP vision forward with gradients (attention, MLP 4x,
-norms; generous)."""
+norms)."""
 
 
 def _module_bytes(module) -> int:

@@ -512,6 +512,8 @@ def test_a_gradient_run_larger_than_the_free_memory_is_refused_before_it_starts(
     # after the refusal, the same run as a fresh one
     latent, _, _, _ = _run(tn, K, sd, trace=False, energy="none")
     assert torch.equal(latent["samples"], base_run[0]["samples"])
+    # what ComfyUI holds in loaded models counts as available (it unloads them for the run)
+    assert te.loaded_model_bytes(model.load_device) > 0
 
 
 # ------------------------------------------------------------------------------------------------ defaults
