@@ -19,6 +19,8 @@ The algorithm (re-implemented from the paper and the released diffusers pipeline
    moves the latent; `style_gradient="kept"` fixes that, `"detached"` reproduces it.
 4. The rest of the schedule is ordinary sampling (`dpmpp_2m_step`, `euler_step`: the host's arithmetic).
 
+The loop that strings these together, with the denoisers passed in as functions, is kernels/tale_loop.py.
+
 Geometry (`place_object`, `latent_mask`) works on a background-sized canvas, so the object's latent box and the
 composite's latent box are the same array positions: no integer-rounding mismatch, at any border.
 """

@@ -516,6 +516,33 @@ def test_a_gradient_run_larger_than_the_free_memory_is_refused_before_it_starts(
     assert te.loaded_model_bytes(model.load_device) > 0
 
 
+def test_the_estimate_covers_what_autograd_keeps_in_a_gradient_pass(tn, K, sd, te, monkeypatch):
+    """The tensors saved for backward in one gradient pass (weight copies + activations), measured with autograd's
+    saved-tensor hooks on the tiny SD1.5, stay under the estimate's copies + activations."""
+    L = host.pack_module("kernels.tale_loop")
+    real = L.optimise_step
+    peak = {"bytes": 0}
+
+    def measured(*args, **kwargs):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = real(*args, **kwargs)
+        peak["bytes"] = max(peak["bytes"], sum(storages.values()))
+        return out
+
+    monkeypatch.setattr(L, "optimise_step", measured)
+    _run(tn, K, sd, trace=False, energy="latent", latent_weight=0.001, t_prime=2, tau=1, inner_steps=1)
+    params = K.TALEParams(**dict(SMALL, energy="latent"))
+    estimate = te.gradient_memory(sd[0], sd[1], None, params, (6, 10)).parts
+    kept = estimate["UNet weight copies for backward"] + estimate["UNet activations"]
+    assert 0 < peak["bytes"] <= kept, (peak["bytes"], estimate)
+
+
 # ------------------------------------------------------------------------------------------------ defaults
 def _default_values(tn, model, vae, positive, negative):
     spec = tn.TALEComposite.INPUTS

@@ -1,9 +1,5 @@
 """Test-only: a tiny random-weight CLIP vision model (ComfyUI's own ClipVisionModel class) for TALE's CLIP
-energy on the tiny models, and a loader node for headless graphs.
-
-To register the loader in the testing pack, add to tests/testing_pack/__init__.py:
-    from .tale_testing import NODE_CLASS_MAPPINGS as _TALE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _TALE_NAMES
-    NODE_CLASS_MAPPINGS.update(_TALE_NODES); NODE_DISPLAY_NAME_MAPPINGS.update(_TALE_NAMES)
+energy on the tiny models, and a loader node for headless graphs (registered by tests/testing_pack/__init__.py).
 """
 from __future__ import annotations
 
