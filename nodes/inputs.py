@@ -220,9 +220,12 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
 
 
 def non_finite(value: Any) -> bool:
-    """True when any floating tensor in `value` holds NaN or ±Inf (one host sync per input)."""
-    flags = [~torch.isfinite(t).all() for t in tensors_of(value) if t.is_floating_point() and t.numel()]
-    return bool(torch.stack([f.cpu() for f in flags]).any()) if flags else False
+    """True when any floating tensor in `value` holds NaN or ±Inf (one host sync per device the input uses)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors_of(value):
+        if t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(~torch.isfinite(t).all())
+    return any(bool(torch.stack(flags).any()) for flags in by_device.values())
 
 
 @dataclass
