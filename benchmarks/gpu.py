@@ -2,14 +2,18 @@
 
 Builds the real SDXL UNet (2.6 B parameters) and Flux-dev transformer (11.9 B) from ComfyUI's own classes
 (`comfy.supported_models.SDXL` / `.Flux`) with random weights (no checkpoint needed: timing does not depend on
-the weights), then samples 1024x1024, batch 4 through ComfyUI's KSampler path and reports, per method, the
-model evaluations per image (counted at APPLY_MODEL), wall time (torch.cuda.synchronize around each run), the
-ratio to CFG and the peak GPU memory (torch.cuda.max_memory_allocated).
+the weights), then samples 1024x1024, batch 4 through ComfyUI's KSampler path and reports what users pay, per
+method: model evaluations per image (counted at APPLY_MODEL) and their ratio to CFG, wall time (torch.cuda.synchronize
+around each run) as the median of several runs with their range, the ratio to CFG's median, and the peak GPU
+memory (torch.cuda.max_memory_allocated). A "cond only (cfg 1)" row gives the floor.
+
+Method: every method first runs once untimed, so that every batch shape and code path it uses is warm (AG's half
+batches after its latch, NegToMe's active window, LinearAG's estimated steps; the first method to meet a shape
+no longer pays its one-time costs); then each method is timed `--repeats` times (3) in rotated order.
 
 With random weights the AG cosine is meaningless, so AG rows force the latch at a fixed fraction of the
 schedule (threshold 0, start_percent p): the evaluation counts are then those of a real AG run that latches
-there (the paper's gamma-bar 0.991 latches about halfway through 20 steps), and the timing includes all of AG's
-own work (cosine, bookkeeping, the cond-only passes).
+there, and the timing includes all of AG's own work (cosine, bookkeeping, the cond-only passes).
 
 `--tiny` builds scaled-down configs of the same classes and runs on whatever device there is (for the CPU
 tests); its figures are not GPU figures and are never written to BENCHMARKS.md.
@@ -21,6 +25,7 @@ import importlib
 import argparse
 import datetime
 import gc
+import json
 import logging
 import sys
 import time
@@ -33,7 +38,6 @@ logger = logging.getLogger("tfg.benchmarks.gpu")
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS_MD = HERE.parent / "BENCHMARKS.md"
-START, END = "<!-- results:gpu:start -->", "<!-- results:gpu:end -->"
 
 # Full-size architecture hyperparameters (what ComfyUI's model detection derives from the released checkpoints).
 SDXL_UNET = {
@@ -115,14 +119,18 @@ def conditioning(family: str, tiny: bool, seed: int, device="cpu"):
     return [[torch.randn(1, tokens, ctx_dim, generator=gen), extra]]
 
 
-def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int, device, dtype, methods):
+def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int, device, dtype, methods,
+               repeats: int = 3, warm_steps: int | None = None):
+    """Time `methods` ((name, spec) pairs; see `make_method`) on `family` at resolution x resolution, batch
+    `batch`, `steps` steps, as users pay for them: a "cond only (cfg 1)" floor row is added; every method first
+    runs once untimed (every batch shape and code path it uses is warm: AG's half batches after its latch,
+    NegToMe's active window, LinearAG's estimated steps), then each is timed `repeats` times in rotated order.
+    Rows report the median time with its spread, the ratio to CFG's median and the evaluation ratio."""
     import torch
-    import comfy.model_management
     import comfy.model_patcher
     import comfy.utils
     comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own top-level nodes module
     h = _host.host.pack_module("benchmarks.harness")
-    P = _host.host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
     _, _, _, _, _, sampler, scheduler, cfg = FAMILIES[family]
     comfy.utils.PROGRESS_BAR_ENABLED = False
 
@@ -151,7 +159,7 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
         t = time.perf_counter()
         with torch.inference_mode():
             out = comfy_nodes.common_ksampler(model, 7, n_steps, method.cfg, sampler, scheduler, positive, negative,
-                                        latent, denoise=1.0)[0]["samples"]
+                                              latent, denoise=1.0)[0]["samples"]
         sync()
         seconds = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
@@ -159,34 +167,62 @@ def run_family(family: str, tiny: bool, resolution: int, batch: int, steps: int,
             logger.warning("%s %s: non-finite output (random weights)", family, method.name)
         return counter, seconds, peak
 
-    sample(h.Method("warm-up", cfg), 2)  # loads the model, compiles kernels, first-call allocations
-    rows = []
-    for name, spec in methods:
-        if spec is None:
-            method = h.Method(name, cfg)
-        elif isinstance(spec, float):
-            method = h.Method(name, cfg, P(threshold=0.0, space="x0", start_percent=spec))
-        elif type(spec).__name__ == "NegToMeParams":
-            method = h.Method(name, cfg, negtome=spec)
-        else:  # LinearAGParams
-            method = h.Method(name, cfg, linear_ag=spec)
+    plan = [(CFG_ROW, None), (FLOOR_ROW, "cond_only")] + [m for m in methods if m[0] not in (CFG_ROW, FLOOR_ROW)]
+    built = [(name, make_method(name, spec, cfg, h)) for name, spec in plan]
+    warm = steps if warm_steps is None else min(steps, warm_steps)
+    failed = {}
+    for name, method in built:  # untimed: loads the model, compiles kernels, every shape and path
         try:
-            counter, seconds, peak = sample(method, steps)
+            sample(method, warm)
         except Exception as e:  # noqa: BLE001  a technique under development must not cost the other rows
             logger.error("%s %s failed: %s", family, name, e)
-            rows.append(dict(family=family, method=f"{name} (failed: {type(e).__name__})", evals=float("nan"),
-                             seconds=float("nan"), peak=None))
+            failed[name] = type(e).__name__
+    timed = [(n, m) for n, m in built if n not in failed]
+    samples = {n: [] for n, _ in timed}
+    info = {}
+    for r in range(repeats):
+        shift = r % max(1, len(timed))
+        for name, method in timed[shift:] + timed[:shift]:  # rotated order: drift hits every method alike
+            counter, seconds, peak = sample(method, steps)
+            samples[name].append(seconds)
+            previous = info.get(name, (None, None))[1]
+            info[name] = (counter.rows / batch, peak if previous is None else max(previous, peak))
+            logger.info("%s %-44s %.1f evals/image %.2fs", family, name, counter.rows / batch, seconds)
+    rows = []
+    for name, _ in built:
+        if name in failed:
+            rows.append(dict(family=family, method=f"{name} (failed: {failed[name]})", evals=float("nan"),
+                             seconds=float("nan"), spread=(float("nan"), float("nan")), peak=None, times=[]))
             continue
-        rows.append(dict(family=family, method=name, evals=counter.rows / batch, seconds=seconds, peak=peak))
-        logger.info("%s %-40s %.1f evals/image %.2fs", family, name, counter.rows / batch, seconds)
-    # CFG again at the end: the spread of the two CFG timings is the noise of the ratios
-    counter, seconds, peak = sample(h.Method("CFG", cfg), steps)
-    rows.append(dict(family=family, method="CFG (repeat, last)", evals=counter.rows / batch, seconds=seconds,
-                     peak=peak))
-    ref = (rows[0]["seconds"] + seconds) / 2
+        times = sorted(samples[name])
+        evals, peak = info[name]
+        rows.append(dict(family=family, method=name, evals=evals, seconds=times[len(times) // 2],
+                         spread=(times[0], times[-1]), peak=peak, times=samples[name]))
+    ref = next(r for r in rows if r["method"] == CFG_ROW)
     for r in rows:
-        r["ratio"] = r["seconds"] / ref
-    return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler)
+        r["ratio"] = r["seconds"] / ref["seconds"]
+        r["eval_ratio"] = r["evals"] / ref["evals"]
+    return dict(params=params, build_s=build_s, rows=rows, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                steps=steps, repeats=repeats, warm_steps=warm)
+
+
+CFG_ROW = "CFG"
+FLOOR_ROW = "cond only (cfg 1)"
+
+
+def make_method(name: str, spec, cfg: float, h):
+    """A harness Method: spec None = CFG, "cond_only" = cfg 1 (the floor), a float = AG forced to latch at that
+    fraction of the schedule, NegToMeParams = CFG + NegToMe, else LinearAGParams."""
+    P = _host.host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
+    if spec is None:
+        return h.Method(name, cfg)
+    if spec == "cond_only":
+        return h.Method(name, 1.0)
+    if isinstance(spec, float):
+        return h.Method(name, cfg, P(threshold=0.0, space="x0", start_percent=spec))
+    if type(spec).__name__ == "NegToMeParams":
+        return h.Method(name, cfg, negtome=spec)
+    return h.Method(name, cfg, linear_ag=spec)
 
 
 def linear_ag_timing_params():
@@ -201,40 +237,83 @@ def linear_ag_timing_params():
     return lag.LinearAGParams().replace(estimator="hold_delta", after="cond_only", guidance=P(threshold=1.0))
 
 
-def negtome_params():
-    """The pack's NegToMe defaults (diversity mode), or None when the pack has no NegToMe."""
+def negtome_params(similarity: str | None = None):
+    """The pack's NegToMe defaults (diversity mode; `similarity` replaced when given), or None when the pack has
+    no NegToMe."""
     try:
         _host.host.pack_module("nodes.negtome")
-        return _host.host.pack_module("kernels.negtome").NegToMeParams()
+        params = _host.host.pack_module("kernels.negtome").NegToMeParams()
     except (ImportError, AttributeError):
         return None
+    return params if similarity is None else params.replace(similarity=similarity)
 
 
 def negtome_available() -> bool:
     return negtome_params() is not None
 
 
+def _per_family(text: str, families: list[str], cast, default):
+    """"20" -> the same for every family; "sdxl=20,flux=10" -> per family (others: default)."""
+    if "=" not in text:
+        value = cast(text) if text else default
+        return {f: value for f in families}
+    out = {f: default for f in families}
+    for part in text.split(","):
+        if part.strip():
+            family, _, value = part.partition("=")
+            out[family.strip()] = cast(value.strip())
+    return out
+
+
+def plan_methods(only: set[str]) -> list:
+    """(name, spec) rows for the method groups in `only` (empty: all): ag, linear_ag, negtome (the default
+    similarity and fp32), negtome_model (similarity=model)."""
+    wanted = (lambda key: not only or key in only)
+    methods = []
+    if wanted("ag"):
+        methods += [("AG, latch at 50% of the schedule", 0.5), ("AG, latch at 30% of the schedule", 0.3)]
+    linear = linear_ag_timing_params()
+    if linear is not None and wanted("linear_ag"):
+        methods.append(("LinearAG hold_delta, paper schedule", linear))
+    default = negtome_params()
+    if default is not None and wanted("negtome"):
+        methods.append((f"CFG + NegToMe (pack defaults, similarity {default.similarity})", default))
+        if default.similarity != "fp32":
+            methods.append(("CFG + NegToMe (similarity fp32)", negtome_params("fp32")))
+    if default is not None and (wanted("negtome_model") and not only or "negtome_model" in only):
+        methods.append(("CFG + NegToMe (similarity model)", negtome_params("model")))
+    return methods
+
+
+METHOD_GROUPS = ("ag", "linear_ag", "negtome", "negtome_model")
+
+
 def render(results: dict, ctx: dict) -> str:
     out = [f"Run {ctx['date']} on {ctx['device']} (torch {ctx['torch']}, CUDA {ctx['cuda']}, ComfyUI "
            f"{ctx['comfyui']}). Command: `{ctx['command']}`. {ctx['batch']} images of {ctx['res']}×{ctx['res']} "
-           f"per run, {ctx['steps']} steps, random weights in {ctx['dtype']}.", ""]
-    out.append("| model | method | evals/image | wall (s) | s/image | time / CFG | peak GPU memory, incl. weights "
-               "(GiB) |")
-    out.append("|---|---|---|---|---|---|---|")
+           f"per run, random weights in {ctx['dtype']}.", ""]
+    out.append("| model | method | steps | evals/image | eval ratio | wall (s), median [min–max] | s/image | "
+               "time / CFG | time − eval ratio | peak GPU memory, incl. weights (GiB) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for family, res in results.items():
+        size = f"{res['params'] / 1e9:.2f} B" if res["params"] >= 1e8 else f"{res['params'] / 1e6:.2f} M"
         for r in res["rows"]:
             peak = "–" if r["peak"] is None else f"{r['peak']:.1f}"
-            size = f"{res['params'] / 1e9:.2f} B" if res["params"] >= 1e8 else f"{res['params'] / 1e6:.2f} M"
-            out.append(f"| {family} ({size} params, cfg {res['cfg']}, {res['sampler']}/"
-                       f"{res['scheduler']}) | {r['method']} | {r['evals']:.1f} | {r['seconds']:.2f} | "
-                       f"{r['seconds'] / ctx['batch']:.2f} | {r['ratio']:.3f} | {peak} |")
+            lo, hi = r["spread"]
+            out.append(f"| {family} ({size} params, cfg {res['cfg']}, {res['sampler']}/{res['scheduler']}) | "
+                       f"{r['method']} | {res['steps']} | {r['evals']:.1f} | {r['eval_ratio']:.3f} | "
+                       f"{r['seconds']:.2f} [{lo:.2f}–{hi:.2f}] | {r['seconds'] / ctx['batch']:.2f} | "
+                       f"{r['ratio']:.3f} | {r['ratio'] - r['eval_ratio']:+.3f} | {peak} |")
     out.append("")
-    out.append("AG rows force the latch at the given fraction of the schedule (random weights make the cosine "
-               "meaningless): evaluation counts equal those of a real run latching there. The LinearAG row uses "
-               "the online hold_delta estimator (no fit needed; a fitted run has the same count). time / CFG "
-               "is against the mean of the two CFG runs (the first and the last of each model).")
+    out.append(f"Each method ran once untimed first (warm-up of every batch shape and code path it uses, "
+               f"{ctx['warm']} steps), then {ctx['repeats']} timed runs in rotated order; wall is the median with "
+               "the range of the runs, time / CFG is against CFG's median. eval ratio: network rows per image "
+               "against CFG's (cond only = 0.5). AG rows force the latch at the given fraction of the schedule "
+               "(random weights make the cosine meaningless): evaluation counts equal those of a real run latching "
+               "there. The LinearAG row uses the online hold_delta estimator (no fit needed; a fitted run has the "
+               "same count). NegToMe rows: diversity mode at the pack defaults, with the similarity setting named.")
     if not ctx["negtome"]:
-        out.append("NegToMe: not in the pack yet, no row.")
+        out.append("NegToMe: not in the pack, no row.")
     out.append(f"Whole script: {ctx['total']:.0f} s.")
     return "\n".join(out)
 
@@ -244,15 +323,23 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="sdxl,flux")
     parser.add_argument("--resolution", type=int, default=None, help="default 1024 (64 with --tiny)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="default 20 (3 with --tiny)")
+    parser.add_argument("--steps", default="", help="20 (3 with --tiny) by default; a number, or per model "
+                        "as sdxl=20,flux=10")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (rotated order; median)")
+    parser.add_argument("--warm-steps", type=int, default=6, help="steps of each method's untimed warm-up run")
     parser.add_argument("--tiny", action="store_true", help="scaled-down configs on any device (tests)")
-    parser.add_argument("--write", action="store_true", help="rewrite the GPU section of BENCHMARKS.md")
-    parser.add_argument("--only", default="", help="comma list of ag,linear_ag,negtome: time only these against "
-                        "CFG; with --write the rows go to their own section (results:gpu:<list>)")
+    parser.add_argument("--write", action="store_true", help="rewrite this run's section of BENCHMARKS.md")
+    parser.add_argument("--section", default=None, help="BENCHMARKS.md section (markers results:<section>); "
+                        "default gpu, or gpu:<only> with a plain --only list")
+    parser.add_argument("--only", default="", help=f"method groups besides CFG and the floor, of "
+                        f"{', '.join(METHOD_GROUPS)}: a comma list, or per model as sdxl=ag+negtome,flux=negtome")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny and args.write:
         parser.error("--tiny figures are not GPU figures; --write is refused")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     _host.configure_logging(args.verbose)
 
     import torch
@@ -266,33 +353,30 @@ def main(argv=None) -> int:
     device = comfy.model_management.get_torch_device()
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     resolution = args.resolution or (64 if args.tiny else 1024)
-    steps = args.steps or (3 if args.tiny else 20)
-    half = 0.5
-    only = {k.strip() for k in args.only.split(",") if k.strip()}
-    unknown = only - {"ag", "linear_ag", "negtome"}
-    if unknown:
-        parser.error(f"--only: unknown {sorted(unknown)}")
-    wanted = (lambda key: not only or key in only)
-    methods = [("CFG", None)]
-    if wanted("ag"):
-        methods += [(f"AG, latch at {int(half * 100)}% of the schedule", half), ("AG, latch at 30% of the schedule", 0.3)]
-    linear = linear_ag_timing_params()
-    if linear is not None and wanted("linear_ag"):
-        methods.append(("LinearAG hold_delta, paper schedule", linear))
-    negtome = negtome_params()
-    if negtome is not None and wanted("negtome"):
-        methods.append(("CFG + NegToMe (diversity mode, pack defaults)", negtome))
+    families = [f.strip() for f in args.models.split(",") if f.strip()]
+    unknown_models = set(families) - set(FAMILIES)
+    if unknown_models:
+        parser.error(f"--models: unknown {sorted(unknown_models)}")
+    steps = _per_family(args.steps, families, int, 3 if args.tiny else 20)
+    only = _per_family(args.only.replace("+", ";"), families,
+                       lambda text: {k.strip() for k in text.replace(";", ",").split(",") if k.strip()}, set())
+    for groups in only.values():
+        unknown = groups - set(METHOD_GROUPS)
+        if unknown:
+            parser.error(f"--only: unknown {sorted(unknown)}")
     t0 = time.perf_counter()
     results = {}
-    for family in [f.strip() for f in args.models.split(",") if f.strip()]:
-        results[family] = run_family(family, args.tiny, resolution, args.batch, steps, device, dtype, methods)
+    for family in families:
+        results[family] = run_family(family, args.tiny, resolution, args.batch, steps[family], device, dtype,
+                                     plan_methods(only[family]), args.repeats, args.warm_steps)
         comfy.model_management.unload_all_models()  # free this family's weights before the next one
         gc.collect()
         comfy.model_management.soft_empty_cache()
     ctx = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                device=torch.cuda.get_device_name(device) if has_cuda else "CPU (tiny configs)",
                torch=torch.__version__, cuda=torch.version.cuda, comfyui=_comfyui_version(), batch=args.batch,
-               res=resolution, steps=steps, dtype=str(dtype).replace("torch.", ""), negtome=negtome_available(),
+               res=resolution, dtype=str(dtype).replace("torch.", ""), negtome=negtome_available(),
+               repeats=args.repeats, warm=args.warm_steps,
                command=" ".join(["python benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
                total=time.perf_counter() - t0)
     markdown = render(results, ctx)
@@ -302,12 +386,15 @@ def main(argv=None) -> int:
             if abs(res["params"] - expected) / expected > 0.02:
                 logger.warning("%s: %d parameters, expected about %.3g", family, res["params"], expected)
     sys.stdout.write(markdown + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(context=ctx, results=results), indent=1, default=str))
     if args.write:
-        start, end = START, END
-        if only:
-            tag = ",".join(sorted(only))
-            start, end = f"<!-- results:gpu:{tag}:start -->", f"<!-- results:gpu:{tag}:end -->"
-        _host.write_results_section(markdown, start, end, BENCHMARKS_MD)
+        section = args.section
+        if section is None:
+            plain = args.only and "=" not in args.only
+            section = f"gpu:{','.join(sorted(only[families[0]]))}" if plain else "gpu"
+        _host.write_results_section(markdown, f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->",
+                                    BENCHMARKS_MD)
     return 0
 
 
