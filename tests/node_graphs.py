@@ -37,6 +37,10 @@ NEEDED_OPTIONAL = {
 """Optional sockets a node cannot run without, as groups of alternatives: the first of each group is fed unless
 another member is asked for (feed_optional / poison). All other optional sockets stay unconnected."""
 
+EMPTY_LATENT_SIZE = {"TFG_ASGDiffusion": 128}
+"""Pixels of the empty latent fed to a node that needs more than SIZE: ASGDiffusion splits it into
+scale_width x scale_height patches of at least 64 px (2x2 by default)."""
+
 FILE_INPUTS = {("TFG_LinearAGFit", "filename"): "write", ("TFG_LinearAGLoad", "coefficients_name"): "read"}
 """Inputs that name a file (besides every FileStem widget, found from the declarations)."""
 
@@ -232,7 +236,13 @@ def _feed(g: dict, node_id: str, name: str, io_type: str, coefficients_name: str
             g["inv"] = _pack_node("TFG_Inversion", {"model": ["L", 0], "positive": ["pos", 0], "latent": ["enc", 0],
                                                     "sigmas": ["sig", 0]})
             return ["inv", 0]
-        return ["empty", 0] if name == "latent_image" else ["enc", 0]
+        if name != "latent_image":
+            return ["enc", 0]
+        if node_id not in EMPTY_LATENT_SIZE:
+            return ["empty", 0]
+        size = EMPTY_LATENT_SIZE[node_id]
+        g["empty_target"] = dict(g["empty"], inputs={"width": size, "height": size, "batch_size": 1})
+        return ["empty_target", 0]
     if io_type == "TFG_LINEAR_AG_RECORDING":
         _ensure_recording_chain(g)
         return ["rec", 1]

@@ -1,7 +1,8 @@
 """Every widget input of every node, over HTTP on a real ComfyUI server, generated from the input declarations
 (issue 13.3): out-of-range, wrongly typed and unknown values are refused with HTTP 400 before anything runs, naming
-the node and the input; every numeric input linked from a core Primitive node is accepted and the node runs; the
-server stays up and the next valid prompt runs.
+the node and the input; every numeric input linked from a core Primitive node is accepted and the node runs, and a
+linked value out of range stops the run in that node naming the input; the server stays up and the next valid
+prompt runs.
 
 A node without a declaration (`INPUTS`, nodes/inputs.py) fails here: every node must have one."""
 from __future__ import annotations
@@ -70,7 +71,6 @@ def test_invalid_widget_values_are_refused_before_the_run(comfy_server, coeffici
     spec = _declaration(node_id)
     valid = ng.quick_values(node_id, spec, comfy_server)
     cases = invalid_cases(spec)
-    assert cases or not spec.widgets or all(w.kind not in ("int", "float", "combo") for w in spec.widgets)
     failures = []
     for w, what, value in cases:
         prompt = ng.target_graph(node_id, {**valid, w.name: value}, coefficients_name=coefficients)
@@ -109,6 +109,45 @@ def test_numeric_inputs_linked_from_primitives_are_accepted_and_run(comfy_server
                            f"{error.get('node_type')} (node {error.get('node_id')}): {error.get('exception_message')}")
     assert entry["status"]["status_str"] == "success"
     assert comfy_server.proc.poll() is None, "the server died"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_linked_out_of_range_values_stop_the_run_naming_the_input(comfy_server, coefficients, node_id):
+    """A linked value passes validation (ComfyUI hands None) and must be checked when the node executes: each
+    numeric input linked from a Primitive holding a value out of its range (below min, else above max) stops the
+    run in this node with an error naming the input and the value."""
+    spec = _declaration(node_id)
+    valid = ng.quick_values(node_id, spec, comfy_server)
+    cases = []
+    for w in ng.numeric_widgets(spec):
+        if w.min is not None:                  # below min first: a seed's max is beyond PrimitiveInt's own range
+            cases.append((w, int(w.min) - 1 if w.kind == "int" else float(w.min) - 1.0))
+        elif w.max is not None:
+            cases.append((w, int(w.max) + 1 if w.kind == "int" else float(w.max) + 1.0))
+    if not cases:
+        pytest.skip(f"{node_id} has no numeric input with a range")
+    prompts = [ng.target_graph(node_id, {**valid, w.name: value}, link={w.name: w.kind},
+                               coefficients_name=coefficients) for w, value in cases]
+    try:
+        entries = comfy_server.run_prompts(prompts, check=False, timeout=300)
+    except RuntimeError as e:
+        pytest.fail(f"{spec.node} ({node_id}): a prompt with a linked numeric input was refused before the run: "
+                    f"{str(e)[:2000]}", pytrace=False)
+    failures = []
+    for (w, value), entry in zip(cases, entries):
+        error = ng.execution_error(entry)
+        where = f"{spec.node} ({node_id}) input '{w.name}' linked = {value!r}"
+        if error is None:
+            failures.append(f"{where}: the run succeeded (the linked value is not checked at execute)")
+            continue
+        text = str(error.get("exception_message", ""))
+        if str(error.get("node_id")) != ng.TARGET:
+            failures.append(f"{where}: failed in {error.get('node_type')}, not in the node: {text[:300]}")
+        elif w.name not in text or not any(v in text for v in ng.value_texts(value)):
+            failures.append(f"{where}: the error does not name the input and the value: {text[:300]}")
+    assert comfy_server.proc.poll() is None, "the server died"
+    assert not failures, f"{len(failures)} of {len(cases)} linked out-of-range values not stopped:\n" + \
+        "\n".join(failures)
 
 
 def test_every_pack_node_has_an_input_declaration():
