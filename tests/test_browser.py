@@ -42,6 +42,9 @@ WINDOW = (1920, 1080)
 THIRD_PARTY_TYPES = {"IPAdapterAdvanced", "IPAdapterUnifiedLoader"}
 # Requests the frontend makes for every fresh user whatever the workflow (optional user files; the help panel's
 # localized page, which it tries before docs/<node id>.md).
+# A returning user (no first-run template browser over the canvas), no minimap, full detail at any zoom.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                     "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 EXPECTED_404 = ("/api/userdata", "/user.css", "/favicon.ico", "/api/i18n")
 
 
@@ -172,16 +175,22 @@ class Frontend:
             raise AssertionError(f"{name}: app.loadGraphData failed: {result}")
         time.sleep(1.5)                               # let the canvas draw (node sizes settle on the first draw)
 
-    def fit_view(self):
+    def fit_view(self, margins=(70, 110, 20, 20)):
+        """Zoom and pan so every node and group is visible right of the sidebar and under the top bar."""
         self.driver.execute_script("""
+            const [left, top, right, bottom] = arguments[0];
             const c = window.app.canvas; const g = window.app.graph;
-            const boxes = g._nodes.map(n => n.getBounding()).concat((g._groups || []).map(gr => gr._bounding));
-            const x0 = Math.min(...boxes.map(b => b[0])) - 20, y0 = Math.min(...boxes.map(b => b[1])) - 20;
-            const x1 = Math.max(...boxes.map(b => b[0] + b[2])) + 20, y1 = Math.max(...boxes.map(b => b[1] + b[3])) + 20;
-            const w = c.canvas.width / (window.devicePixelRatio || 1), h = c.canvas.height / (window.devicePixelRatio || 1);
-            const scale = Math.min(w / (x1 - x0), (h - 80) / (y1 - y0), 1.0);
-            c.ds.scale = scale; c.ds.offset[0] = -x0 + (w / scale - (x1 - x0)) / 2; c.ds.offset[1] = -y0 + 40 / scale;
-            c.setDirty(true, true); c.draw(true, true);""")
+            const boxes = g._nodes.map(n => Array.from(n.getBounding()))
+              .concat((g._groups || []).map(gr => Array.from(gr._bounding || gr.boundingRect || [])).filter(b => b.length === 4));
+            const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
+            const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
+            const dpr = window.devicePixelRatio || 1;
+            const w = c.canvas.width / dpr - left - right, h = c.canvas.height / dpr - top - bottom;
+            const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.0);
+            c.ds.scale = scale;
+            c.ds.offset[0] = left / scale - x0 + (w / scale - (x1 - x0)) / 2;
+            c.ds.offset[1] = top / scale - y0;
+            c.setDirty(true, true); c.draw(true, true);""", list(margins))
         time.sleep(0.5)
 
     def nodes(self) -> list[dict]:
@@ -247,8 +256,7 @@ def overlapping_pairs(nodes: list[dict], margin: float = MARGIN) -> list[str]:
 def frontend(comfy_server):
     _require_browser()
     import requests
-    # a returning user: no first-run template browser over the canvas
-    requests.post(f"{comfy_server.url}/settings", json={"Comfy.TutorialCompleted": True}, timeout=10)
+    requests.post(f"{comfy_server.url}/settings", json=FRONTEND_SETTINGS, timeout=10)
     assert (comfy_server.base / "input" / "example.png").is_file(), "the server's input/example.png is missing"
     page = Frontend(comfy_server.url)
     try:
@@ -273,19 +281,20 @@ def test_workflow_in_the_frontend(frontend, comfy_server, path):
     workflow = json.loads(path.read_text(encoding="utf-8"))
     for image in _input_images(workflow):
         assert (comfy_server.base / "input" / image).is_file(), f"input image {image} missing on the test server"
+    frontend.close_dialogs()
     frontend.problems()                                   # drain what came before
     frontend.load_workflow(workflow, path.name)
+    nodes = frontend.nodes()
+    problems = frontend.problems()
+    messages = frontend.ui_messages()
+    frontend.close_dialogs()
     frontend.fit_view()
     frontend.screenshot(ARTIFACTS / (path.stem + ".png"))
-    nodes = frontend.nodes()
     allowed = THIRD_PARTY_TYPES if path.parent.name == "extras" else set()
     unknown = {n["type"] for n in nodes if not n["known"]} - allowed
     assert not unknown, f"{path.name}: node types the frontend does not know: {sorted(unknown)}"
-    problems = frontend.problems()
-    messages = frontend.ui_messages()
     if allowed:   # the missing-nodes dialog names exactly the third-party nodes
         messages = [m for m in messages if not all(t in m for t in allowed & {n["type"] for n in nodes})]
-    frontend.close_dialogs()
     assert not problems, f"{path.name}: while loading:\n" + "\n".join(problems)
     assert not messages, f"{path.name}: error toasts or dialogs:\n" + "\n".join(messages)
     long_titles = [n["title"] for n in nodes if len(n["title"] or "") > MAX_TITLE]
@@ -319,6 +328,169 @@ def test_every_pack_node_has_a_help_page(comfy_server):
     assert pack_nodes, "no node of the pack on the server"
     assert pack_nodes <= set(_pack_node_ids()), f"no web/docs page for {sorted(pack_nodes - set(_pack_node_ids()))}"
 
+# ----------------------------------------------------------------------------------------------
+# Layout (python tests/test_browser.py --layout)
+# ----------------------------------------------------------------------------------------------
+
+OUTPUT_TYPES = ("SaveImage", "PreviewImage")
+NOT_LAID_OUT = {"quickstart_digits_ab.json"}   # laid out by hand by its owner (tools/quickstart.py)
+UI_ONLY = ("Note", "MarkdownNote")
+GAP_X, GAP_Y = 60, 40            # between node boxes
+GROUP_PAD, GROUP_TITLE = 20, 40  # group padding and title bar
+OUTPUT_SIZE = (420, 460)         # output nodes large enough to show the images side by side
+GROUP_COLORS = {"A": "#3f789e", "B": "#8A8", "C": "#a1309b", "Results": "#b58b2a"}
+
+
+def _branch(title: str | None) -> str | None:
+    head = (title or "").split(":", 1)[0].strip()
+    return head if head in ("A", "B") and ":" in (title or "") else None
+
+
+def layout(workflow: dict, measured: dict) -> dict:
+    """Place every node of a UI workflow from the frontend's boxes `measured` {id: node()}: a Note on top;
+    the shared nodes in columns by link depth on the left; each branch (the nodes that feed only the A or only
+    the B outputs, named by the outputs' "A:"/"B:" titles) in its own band and group; all outputs side by side
+    on the right, in a Results group. Returns the workflow with new positions, sizes and groups."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    parents = {i: set() for i in nodes}
+    children = {i: set() for i in nodes}
+    for link in workflow["links"]:
+        src, dst = link[1], link[3]
+        parents[dst].add(src)
+        children[src].add(dst)
+
+    depth = {}
+
+    def _depth(i):
+        if i not in depth:
+            depth[i] = 0 if not parents[i] else 1 + max(_depth(p) for p in parents[i])
+        return depth[i]
+
+    for i in nodes:
+        _depth(i)
+
+    def _reaches(i, seen=None):
+        seen = set() if seen is None else seen
+        for c in children[i]:
+            if c not in seen:
+                seen.add(c)
+                _reaches(c, seen)
+        return seen
+
+    outputs = [i for i, n in nodes.items() if n["type"] in OUTPUT_TYPES]
+    notes = [i for i, n in nodes.items() if n["type"] in UI_ONLY]
+    branch_of_output = {i: _branch(nodes[i].get("title")) for i in outputs}
+    branch = {}
+    for i in nodes:
+        if i in outputs or i in notes:
+            continue
+        labels = {branch_of_output[o] for o in _reaches(i) & set(outputs) if branch_of_output[o]}
+        branch[i] = labels.pop() if len(labels) == 1 else None
+    shared = [i for i, b in branch.items() if b is None]
+    bands = sorted({b for b in branch.values() if b})
+
+    def box(i):
+        return measured[i]["box"]
+
+    def place(i, x, y):
+        """Put node i's box (title bar included) at x, y."""
+        m = measured[i]
+        dx, dy = m["pos"][0] - m["box"][0], m["pos"][1] - m["box"][1]
+        nodes[i]["pos"] = [round(x + dx), round(y + dy)]
+        nodes[i]["size"] = [round(v) for v in m["size"]]
+        return x, y, m["box"][2], m["box"][3]
+
+    placed = {}
+    y_top = 0
+    for i in notes:                                   # the explanation first
+        placed[i] = place(i, 0, y_top)
+        y_top += box(i)[3] + GAP_Y
+    y_top += GROUP_TITLE
+
+    def columns(ids, x0, y0):
+        """Columns by depth, stacked top-down; returns the right edge and the bottom."""
+        by_col = {}
+        for i in sorted(ids, key=lambda i: (depth[i], i)):
+            by_col.setdefault(depth[i], []).append(i)
+        x, bottom = x0, y0
+        for col in sorted(by_col):
+            y, width = y0, 0
+            for i in by_col[col]:
+                placed[i] = place(i, x, y)
+                y += box(i)[3] + GAP_Y
+                width = max(width, box(i)[2])
+            bottom = max(bottom, y - GAP_Y)
+            x += width + GAP_X
+        return x - GAP_X, bottom
+
+    right, bottom = columns(shared, 0, y_top) if shared else (-GAP_X, y_top)
+    groups = []
+    x_branch = right + GAP_X + GROUP_PAD
+    y = y_top
+    branch_right = x_branch
+    for b in bands:
+        ids = [i for i, lb in branch.items() if lb == b]
+        min_depth = min(depth[i] for i in ids)
+        for i in ids:
+            depth[i] -= min_depth
+        r, btm = columns(ids, x_branch, y)
+        title = next(nodes[o]["title"] for o in outputs if branch_of_output[o] == b)
+        groups.append((title, ids, b))
+        branch_right = max(branch_right, r)
+        y = btm + GAP_Y + 2 * GROUP_PAD + GROUP_TITLE
+    x = (branch_right if bands else right) + GAP_X + 2 * GROUP_PAD
+    order = sorted(outputs, key=lambda o: (branch_of_output[o] is None, branch_of_output[o] or "", o))
+    for o in order:
+        placed[o] = place(o, x, y_top)
+        x += box(o)[2] + GAP_X
+    if bands:
+        groups.append(("Results: " + " | ".join(nodes[o]["title"].split(":")[0] for o in order if branch_of_output[o])
+                       + " side by side", outputs, "Results"))
+    workflow["groups"] = []
+    for title, ids, key in groups:
+        x0 = min(placed[i][0] for i in ids) - GROUP_PAD
+        y0 = min(placed[i][1] for i in ids) - GROUP_PAD - GROUP_TITLE
+        x1 = max(placed[i][0] + placed[i][2] for i in ids) + GROUP_PAD
+        y1 = max(placed[i][1] + placed[i][3] for i in ids) + GROUP_PAD
+        workflow["groups"].append({"title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                                   "color": GROUP_COLORS.get(key, "#3f789e"), "font_size": 24, "flags": {}})
+    workflow.setdefault("extra", {})["ds"] = {"scale": 0.6, "offset": [40, 40]}
+    return workflow
+
+
+def relayout(url: str) -> None:
+    page = Frontend(url)
+    try:
+        page.open()
+        for path in UI_WORKFLOWS:
+            if path.name in NOT_LAID_OUT:
+                continue
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            for n in workflow["nodes"]:
+                if n["type"] in OUTPUT_TYPES:
+                    n["size"] = [max(n["size"][0], OUTPUT_SIZE[0]), max(n["size"][1], OUTPUT_SIZE[1])]
+            page.load_workflow(workflow, path.name)
+            measured = {n["id"]: n for n in page.nodes()}
+            layout(workflow, measured)
+            path.write_text(json.dumps(workflow, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            sys.stdout.write(f"laid out {path.relative_to(PACK_ROOT)}\n")
+    finally:
+        page.quit()
+
+
+def _main(argv) -> int:
+    if "--layout" in argv:
+        sys.path.insert(0, str(TESTS_DIR))
+        import headless_server
+        import host
+        comfy = host.find_comfyui()
+        with headless_server.ComfyServer(comfy, startup_timeout=180) as server:
+            import requests
+            requests.post(f"{server.url}/settings", json=FRONTEND_SETTINGS, timeout=10)
+            relayout(server.url)
+        return 0
+    return pytest.main([__file__, "-q", *argv])
+
 
 if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+    sys.exit(_main(sys.argv[1:]))

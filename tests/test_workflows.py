@@ -1,9 +1,11 @@
 """Shipped workflows: every UI-format graph has an API-format twin with the same nodes, links and widget
-values (checked by converting UI → API with the headless runner and real node definitions)."""
+values (checked by converting UI → API with the headless runner and real node definitions); each says what it
+needs in a Note (its model files and input images); one model file name per family across all workflows; titles
+of at most 40 characters. (How they look in the real frontend: tests/test_browser.py.)"""
 from __future__ import annotations
 
-import importlib.util
 import json
+import re
 
 import pytest
 
@@ -11,13 +13,25 @@ import host
 
 WORKFLOWS = host.PACK_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+ALL_UI_FILES = UI_FILES + sorted((WORKFLOWS / "extras").glob("*.json"))
+UI_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+MAX_TITLE = 40
+# loader type -> its model-file widgets (index in widgets_values)
+MODEL_WIDGETS = {"CheckpointLoaderSimple": (0,), "UNETLoader": (0,), "DualCLIPLoader": (0, 1), "VAELoader": (0,),
+                 "CLIPLoader": (0,), "ControlNetLoader": (0,)}
+IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
 
 
 def _headless():
-    spec = importlib.util.spec_from_file_location("tfg_headless_for_tests", host.PACK_ROOT / "headless.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return host.headless()
+
+
+def _ui(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _family(path) -> str:
+    return path.stem.rsplit("_", 1)[-1]
 
 
 def _strip_meta(api: dict) -> dict:
@@ -39,7 +53,7 @@ def test_ui_and_api_twins_agree(ui_path, comfy_root):
     api = json.loads((WORKFLOWS / "api" / ui_path.name).read_text())
     assert headless.detect_format(ui) == "ui" and headless.detect_format(api) == "api"
     info = host.object_info(host.node_classes())
-    missing = {n["type"] for n in ui["nodes"]} - set(info)
+    missing = {n["type"] for n in ui["nodes"]} - set(info) - UI_ONLY_TYPES
     assert not missing, f"unknown node types {missing}"
     converted = headless.ui_to_api(ui, info)
     assert _strip_meta(converted) == _strip_meta(api)
@@ -54,3 +68,39 @@ def test_workflow_compares_with_and_without_the_technique(ui_path):
     assert any(t.startswith("TFG_") for t in types)
     saves = types.count("SaveImage") + types.count("PreviewImage")
     assert saves >= (1 if "_fit_" in ui_path.name else 2)
+
+
+@pytest.mark.parametrize("ui_path", ALL_UI_FILES, ids=lambda p: p.name)
+def test_titles_are_short(ui_path):
+    long = [n.get("title") for n in _ui(ui_path)["nodes"] if len(n.get("title") or "") > MAX_TITLE]
+    assert not long, f"titles over {MAX_TITLE} characters (put explanations in the Note): {long}"
+
+
+@pytest.mark.parametrize("ui_path", ALL_UI_FILES, ids=lambda p: p.name)
+def test_note_lists_model_files_and_input_images(ui_path):
+    ui = _ui(ui_path)
+    notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, f"{ui_path.name}: no Note explaining the workflow"
+    text = "\n".join(notes)
+    for node in ui["nodes"]:
+        for index in MODEL_WIDGETS.get(node["type"], ()):
+            name = node["widgets_values"][index]
+            assert name in text, f"{ui_path.name}: the Note does not name the model file {name}"
+    images = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in IMAGE_LOADERS]
+    if images:
+        assert "REPLACE" in text and all(i in text for i in images), \
+            f"{ui_path.name}: the Note must say which input images to replace ({images})"
+    else:
+        assert re.search(r"input images?: none", text, re.I) or "digits" in ui_path.name, \
+            f"{ui_path.name}: the Note should say that no input image is needed"
+
+
+def test_one_model_file_name_per_family():
+    by_family = {}
+    for path in ALL_UI_FILES:
+        for node in _ui(path)["nodes"]:
+            if node["type"] == "CheckpointLoaderSimple":
+                by_family.setdefault(_family(path), set()).add(node["widgets_values"][0])
+    assert by_family
+    for family, names in by_family.items():
+        assert len(names) == 1, f"{family}: workflows disagree on the checkpoint name: {sorted(names)}"
