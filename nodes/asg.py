@@ -28,7 +28,7 @@ import comfy.samplers
 from ..kernels import patches as P
 from ..kernels.asg import (MASKS, MAX_SCALE, ASGParams, DetailDenoiser, StructureDenoiser, heat_from_attention,
                            patch_size, resize_map, split_steps)
-from . import adapters
+from . import adapters, memory
 from . import inputs as inp
 
 DEFAULTS = ASGParams()
@@ -264,6 +264,37 @@ def asg_ksampler(params: ASGParams, sampler_name: str, family: adapters.ModelFam
     return comfy.samplers.KSAMPLER(sample, extra_options={}, inpaint_options=inner.inpaint_options)
 
 
+MIN_PATCH = 8
+"""Smallest native patch side in latent pixels (64 px): below it the model has nothing to work on."""
+MEMORY_FIX = ("use a smaller target (latent_image) or scale factors, a smaller window_batch, fewer images per batch, "
+              "or free memory on the device (other models, other programs).")
+
+
+def estimate_memory(model, params: ASGParams, shape) -> memory.Estimate:
+    """What a run needs on the model's device: the target-size latents the sampler keeps (noise, x, denoised and
+    the sampler's buffers) held, and the larger of ComfyUI's estimates of one model call of the structure stage
+    (B*K patch rows of one conditioning, ComfyUI can split cond and uncond; plus the cross-attention probabilities
+    of the mask, at most 2^24 fp32 values at a time) and of the detail stage (B*window_batch window rows)."""
+    b, c, height, width = (int(s) for s in shape)
+    scale_h, scale_w = params.scales()
+    h, w = height // scale_h, width // scale_w
+    k = scale_h * scale_w
+    device = model.load_device
+    est = memory.Estimate()
+    est.hold(device, f"target latents {width * 8}x{height * 8} x{b} (fp32)",
+             8 * memory.tensor_bytes((b, c, height, width)))
+    structure = memory.model_activation_bytes(model, (b * k, c, h, w))
+    if params.mask == "cross_attention" and params.guidance_scale != 0.0 and k > 1:
+        structure += memory.tensor_bytes((2 ** 24,))
+    est.phase(device, f"model call on {b * k} patches of {w * 8}x{h * 8}", structure)
+    if params.structure_fraction < 1.0:
+        windows = len(DetailDenoiser(None, params, (h, w), 0).layout(height, width)[0])
+        rows = b * min(params.window_batch, windows)
+        est.phase(device, f"model call on {rows} windows of {w * 8}x{h * 8}",
+                  memory.model_activation_bytes(model, (rows, c, h, w)))
+    return est
+
+
 def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
                params: ASGParams, latent: dict) -> tuple[dict[str, Any], RunStats]:
     """Sample the target-size `latent` (a LATENT dict, normally empty) with ASGDiffusion, drawing the noise as
@@ -283,9 +314,17 @@ def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sam
         raise adapters.node_error(NODE, family, f"the latent is {latent_image.dim()}-D; ASGDiffusion works on "
                                                 "image latents.", "connect an image latent.")
     try:
-        patch_size(latent_image.shape[2], latent_image.shape[3], *params.scales())
+        h, w = patch_size(latent_image.shape[2], latent_image.shape[3], *params.scales())
     except ValueError as e:
         raise adapters.node_error(NODE, family, str(e), "resize the latent or change scale_width/scale_height.")
+    if min(h, w) < MIN_PATCH:
+        raise adapters.node_error(
+            NODE, family, f"latent_image {latent_image.shape[3] * 8}x{latent_image.shape[2] * 8} px split "
+                          f"{params.scale_width}x{params.scale_height} (scale_width x scale_height) gives native "
+                          f"patches of {w * 8}x{h * 8} px; ASGDiffusion needs at least {MIN_PATCH * 8} px per patch "
+                          "side.", "use a larger latent (the model's native size times the scale factors, e.g. "
+                                   "2048x2048 for SDXL at 2x2) or smaller scale factors.")
+    memory.require(NODE, family, estimate_memory(model, params, latent_image.shape), MEMORY_FIX)
     layers = cross_attention_layers(model) if family.key in CROSS_ATTENTION_FAMILIES else []
     if params.mask == "cross_attention" and params.guidance_scale != 0.0 and params.scales() != (1, 1) \
             and not layers:

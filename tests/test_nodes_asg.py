@@ -164,6 +164,72 @@ def test_every_input_declared_once_and_checked(asg):
                 node.INPUTS.checked({w.name: value})
 
 
+def _execute(asg, s, model=None, latent=None, **overrides):
+    kw = dict(model=model or s.model, positive=s.positive, negative=s.negative, seed=7, steps=STEPS, cfg=5.0,
+              sampler_name="euler", scheduler="normal",
+              latent_image={"samples": torch.zeros(1, s.latent_channels, 2 * N, 2 * N) if latent is None else latent},
+              window_batch=16)
+    kw.update(overrides)
+    with torch.inference_mode():
+        return asg.ASGDiffusion.execute(**kw).args[0]["samples"]
+
+
+def test_non_finite_tiny_and_oversize_inputs_refused_before_any_model_call(sd15, asg, monkeypatch):
+    """NaN/Inf in latent_image or the conditioning, native patches under 64 px (a latent of a few pixels), and a
+    run that needs more memory than is free: each a named error before the first model call."""
+    import comfy.model_management
+    inputs = host.pack_module("nodes.inputs")
+    model, counts = with_counter(sd15.model)
+    bad = torch.zeros(1, 4, 16, 16)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(inputs.InputError, match=r"TFG ASGDiffusion: input 'latent_image' holds NaN"):
+        _execute(asg, sd15, model, latent=bad)
+    positive = [[sd15.positive[0][0].clone().fill_(float("inf")), sd15.positive[0][1]]]
+    with pytest.raises(inputs.InputError, match=r"input 'positive' holds NaN or infinite"):
+        _execute(asg, sd15, model, positive=positive)
+    with pytest.raises(ValueError, match=r"\[model family: SD1.x\]: latent_image 32x32 px split 2x2 .* native patches "
+                                         r"of 16x16 px; ASGDiffusion needs at least 64 px.*Fix: use a larger latent"):
+        _execute(asg, sd15, model, latent=torch.zeros(1, 4, 4, 4))
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 2 ** 20)
+    with pytest.raises(ValueError, match=r"TFG ASGDiffusion \[model family: SD1.x\]: this run needs about .* on cpu "
+                                         r"\(target latents 128x128 x1.*largest step: model call on .*\), but only "
+                                         r"1.0 MiB is free.*Fix: use a smaller target"):
+        _execute(asg, sd15, model)
+    assert counts["calls"] == 0
+
+
+def test_memory_estimate_follows_patches_and_windows(sd15, asg):
+    p = asg.ASGParams(scale_width=2, scale_height=2, window_batch=2)
+    est = asg.estimate_memory(sd15.model, p, (1, 4, 16, 16))
+    phases = dict(est.phases["cpu"])
+    one = sd15.model.model.memory_required((1, 4, 8, 8))
+    assert phases["model call on 4 patches of 64x64"] == int(4 * one) + 2 ** 26, "4 patch rows + the mask's scores"
+    assert phases["model call on 2 windows of 64x64"] == int(sd15.model.model.memory_required((2, 4, 8, 8)))
+    patches_only = dict(asg.estimate_memory(sd15.model, p.replace(structure_fraction=1.0, mask="none"),
+                                            (1, 4, 16, 16)).phases["cpu"])
+    assert patches_only == {"model call on 4 patches of 64x64": int(4 * one)}, "no windows, no mask scores"
+
+
+def test_next_run_after_an_error_or_an_interrupt_equals_a_fresh_run(sd15, asg, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+    fresh = _execute(asg, sd15)
+    with monkeypatch.context() as m:
+        m.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 2 ** 20)
+        with pytest.raises(ValueError, match="only 1.0 MiB is free"):
+            _execute(asg, sd15)
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(
+        lambda *a, **k: comfy.model_management.interrupt_current_processing(True))
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _execute(asg, sd15)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    assert torch.equal(_execute(asg, sd15), fresh)
+
+
 def test_pixel_interaction_changes_the_result(sd15, asg):
     a, _ = run(asg, sd15, pixel_interaction=True, guidance_scale=0.0)
     b, _ = run(asg, sd15, pixel_interaction=False, guidance_scale=0.0)

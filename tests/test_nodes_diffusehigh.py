@@ -464,6 +464,144 @@ def test_rules_tile_size_steps_and_stages(nd):
         assert "'stages'" in nd.DiffuseHighProgressive.validate_inputs(stages=stages), stages
 
 
+# ------------------------------------------------------------------------------------------------
+# Hostile and broken inputs: non-finite tensors, tiny sizes, batches, memory, state after failures
+# ------------------------------------------------------------------------------------------------
+def _counted(s: Setup):
+    """A clone of the model counting network calls, and the family's VAE counting encodes/decodes."""
+    import comfy.patcher_extension
+    calls = {"model": 0, "vae": 0}
+
+    def apply_model(executor, *args, **kwargs):
+        calls["model"] += 1
+        return executor(*args, **kwargs)
+
+    m = s.model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.dh.count", apply_model)
+    vae = vae_of(s)
+
+    class CountingVAE:
+        def __getattr__(self, name):
+            attr = getattr(vae, name)
+            if name in ("encode", "decode", "encode_tiled", "decode_tiled"):
+                def counted(*a, **k):
+                    calls["vae"] += 1
+                    return attr(*a, **k)
+                return counted
+            return attr
+    return m, CountingVAE(), calls
+
+
+def _run(nd, s, model, vae, node=None, **overrides):
+    node = node or nd.DiffuseHigh
+    kw = dict(model=model, positive=s.positive, negative=s.negative, vae=vae, **node_kwargs(nd))
+    if node is nd.DiffuseHigh:
+        kw.update(width=0, height=0, scale_by=2.0)
+    kw.update(overrides)
+    with torch.inference_mode():
+        return node.execute(**kw).args
+
+
+def test_non_finite_inputs_are_refused_naming_node_and_input(sd15, nd):
+    """NaN/Inf in an image, latent, reference or conditioning: an error naming the node and the input, before any
+    VAE or model call (checked once per run in execute; the sampler's steps are untouched)."""
+    model, vae, calls = _counted(sd15)
+    bad_image = image(16, 16)
+    bad_image[0, 3, 4, 1] = float("nan")
+    with pytest.raises(nd.inp.InputError, match=r"TFG DiffuseHigh: input 'image' holds NaN or infinite"):
+        _run(nd, sd15, model, vae, image=bad_image)
+    bad_latent = torch.zeros(1, 4, 2, 2)
+    bad_latent[0, 1, 0, 0] = float("inf")
+    with pytest.raises(nd.inp.InputError, match=r"DiffuseHigh Progressive: input 'latent' holds NaN"):
+        _run(nd, sd15, model, vae, node=nd.DiffuseHighProgressive, stages="x2", latent={"samples": bad_latent})
+    positive = [[sd15.positive[0][0] * float("nan"), sd15.positive[0][1]]]
+    with pytest.raises(nd.inp.InputError, match=r"input 'positive' holds NaN"):
+        _run(nd, sd15, model, vae, image=image(16, 16), positive=positive)
+    with pytest.raises(nd.inp.InputError, match=r"DiffuseHigh Guidance: input 'reference' holds NaN"):
+        with torch.inference_mode():
+            nd.DiffuseHighGuidance.execute(model=model, vae=vae, reference=bad_image)
+    assert calls == {"model": 0, "vae": 0}
+
+
+def test_tiny_sizes_are_refused_naming_the_inputs_and_the_fix(sd15, nd):
+    """A stage below 32 px per side (e.g. a 4x4 image at scale_by 2) or above 16384 is refused before any VAE or
+    model call, naming the inputs that set it; a source of a few pixels is fine when the stage is large enough."""
+    model, vae, calls = _counted(sd15)
+    with pytest.raises(ValueError, match=r"TFG DiffuseHigh \[model family: SD1.x\]: a stage of 8x8 px is below the "
+                                         r"32 px.*\(width 0, height 0, scale_by 2\).*Fix: set width/height"):
+        _run(nd, sd15, model, vae, image=image(4, 4))
+    with pytest.raises(ValueError, match=r"DiffuseHigh Progressive.*below the 32 px.*stages 'x2'"):
+        _run(nd, sd15, model, vae, node=nd.DiffuseHighProgressive, stages="x2", image=image(8, 12))
+    with pytest.raises(ValueError, match=r"DiffuseHigh Guidance.*below the 32 px.*reference"):
+        with torch.inference_mode():
+            nd.DiffuseHighGuidance.execute(model=model, vae=vae, reference=image(8, 40))
+    assert calls == {"model": 0, "vae": 0}
+    out, latent = _run(nd, sd15, model, vae, image=image(3, 5), width=41, height=33)
+    assert out.shape == (1, 32, 40, 3), "a 3x5 source upsampled to 41x33, rounded to multiples of 8: 40x32"
+    assert latent["samples"].shape == (1, 4, 4, 5) and torch.isfinite(out).all()
+
+
+def test_image_wins_over_latent_and_batches_follow_the_image(sd15, nd, caplog):
+    """Both connected (here with different batch sizes): the image is upscaled, the latent ignored with a warning,
+    and the result equals the image-only run; a batch of 2 images gives 2 outputs."""
+    model, vae, _ = _counted(sd15)
+    imgs = torch.cat([image(24, 32, seed=1), image(24, 32, seed=2)])
+    with caplog.at_level(logging.WARNING):
+        both = _run(nd, sd15, model, vae, image=imgs, latent={"samples": torch.zeros(3, 4, 5, 5)})
+    assert "the latent ignored" in caplog.text
+    alone = _run(nd, sd15, model, vae, image=imgs)
+    assert both[0].shape == (2, 48, 64, 3) and torch.equal(both[0], alone[0])
+
+
+def test_memory_refused_before_any_model_call(sd15, nd, monkeypatch):
+    """With little free memory every node refuses with the estimate and the free amount, before any VAE or model
+    call (the estimate of Progressive is its largest stage's)."""
+    import comfy.model_management
+    model, vae, calls = _counted(sd15)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 2 ** 20)
+    with pytest.raises(ValueError, match=r"TFG DiffuseHigh \[model family: SD1.x\]: this run needs about .* on cpu "
+                                         r"\(stage image 64x48 x1.*largest step: .*\), but only 1.0 MiB is free"):
+        _run(nd, sd15, model, vae, image=image(24, 32))
+    with pytest.raises(ValueError, match=r"DiffuseHigh Progressive.*stage image 128x96 x1.*only 1.0 MiB is free.*"
+                                         r"Fix: use smaller stages"):
+        _run(nd, sd15, model, vae, node=nd.DiffuseHighProgressive, stages="x2, x2", image=image(24, 32))
+    with pytest.raises(ValueError, match=r"DiffuseHigh Guidance.*only 1.0 MiB is free"):
+        with torch.inference_mode():
+            nd.DiffuseHighGuidance.execute(model=model, vae=vae, reference=image(64, 64), guidance_mode="image")
+    assert calls == {"model": 0, "vae": 0}
+    est = nd.estimate_memory(sd15.model, vae_of(sd15), 1, [(2048, 2048)], params(nd, vae_tile_size=256))
+    untiled = nd.estimate_memory(sd15.model, vae_of(sd15), 1, [(2048, 2048)], params(nd, vae_tile_size=0))
+    labels = dict(est.phases["cpu"])
+    assert labels["VAE decode (tiles of 256 px)"] < dict(untiled.phases["cpu"])["VAE decode (2048x2048)"], \
+        "untiled: bounded by ComfyUI's own 512 px fallback tiles"
+    assert labels["UNet at 2048x2048 x1"] == int(sd15.model.model.memory_required((1, 4, 256, 256)))
+
+
+def test_next_run_after_an_error_or_an_interrupt_equals_a_fresh_run(sd15, nd, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+    kw = dict(image=image(24, 32), stages="x2")
+    fresh = _run(nd, sd15, sd15.model, vae_of(sd15), node=nd.DiffuseHighProgressive, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 2 ** 20)
+        with pytest.raises(ValueError, match="only 1.0 MiB is free"):
+            _run(nd, sd15, sd15.model, vae_of(sd15), node=nd.DiffuseHighProgressive, **kw)
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _run(nd, sd15, sd15.model, vae_of(sd15), node=nd.DiffuseHighProgressive, **kw)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
+    again = _run(nd, sd15, sd15.model, vae_of(sd15), node=nd.DiffuseHighProgressive, **kw)
+    assert torch.equal(again[0], fresh[0]) and torch.equal(again[1]["samples"], fresh[1]["samples"])
+
+
 def test_reference_size_mismatch_is_a_loud_error(sd15, nd):
     """The MODEL patch with a reference of another size than the sampled latent raises, naming the fix."""
     import nodes
