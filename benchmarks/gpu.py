@@ -266,8 +266,7 @@ def _per_family(text: str, families: list[str], cast, default):
 
 
 def plan_methods(only: set[str]) -> list:
-    """(name, spec) rows for the method groups in `only` (empty: all): ag, linear_ag, negtome (the default
-    similarity and fp32), negtome_model (similarity=model)."""
+    """(name, spec) rows for the method groups in `only` (empty: all; see METHOD_GROUPS)."""
     wanted = (lambda key: not only or key in only)
     methods = []
     if wanted("ag"):
@@ -280,12 +279,16 @@ def plan_methods(only: set[str]) -> list:
         methods.append((f"CFG + NegToMe (pack defaults, similarity {default.similarity})", default))
         if default.similarity != "fp32":
             methods.append(("CFG + NegToMe (similarity fp32)", negtome_params("fp32")))
-    if default is not None and (wanted("negtome_model") and not only or "negtome_model" in only):
-        methods.append(("CFG + NegToMe (similarity model)", negtome_params("model")))
+    if default is not None and wanted("negtome_other"):
+        others = [s for s in _host.host.pack_module("kernels.negtome").SIMILARITIES
+                  if s not in (default.similarity, "fp32")]
+        methods += [(f"CFG + NegToMe (similarity {s})", negtome_params(s)) for s in others]
     return methods
 
 
-METHOD_GROUPS = ("ag", "linear_ag", "negtome", "negtome_model")
+METHOD_GROUPS = ("ag", "linear_ag", "negtome", "negtome_other")
+"""ag: AG latching at 50% and 30%; linear_ag; negtome: the pack defaults and similarity fp32; negtome_other: the
+remaining similarity settings."""
 
 
 def render(results: dict, ctx: dict) -> str:
@@ -369,6 +372,8 @@ def main(argv=None) -> int:
     for family in families:
         results[family] = run_family(family, args.tiny, resolution, args.batch, steps[family], device, dtype,
                                      plan_methods(only[family]), args.repeats, args.warm_steps)
+        if args.json:  # after each model, so that a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(dict(context=None, results=results), indent=1, default=str))
         comfy.model_management.unload_all_models()  # free this family's weights before the next one
         gc.collect()
         comfy.model_management.soft_empty_cache()

@@ -22,9 +22,9 @@ The similarity matrix never materialises whole: it is computed in blocks of at m
 one row/column of the reference, see `similarity_peak_bytes`). When one source image of every CFG chunk fits a
 block, all chunks of a call go through together (one normalisation, one batched product per block of source
 images, one gather, one extrapolation); otherwise chunk by chunk, image blocks, then column/row blocks.
-Similarities (`SIMILARITIES`): `checked` (default) searches in the features' dtype as the released code does and
-re-scores each chosen match in fp32 for the threshold (`check_tolerance` states how close that is to `fp32`);
-`fp32` searches in fp32; `model` does everything in the features' dtype. The extrapolation is computed in fp32
+Similarities (`SIMILARITIES`): `model` (default) searches in the features' dtype as the released code does;
+`checked` does the same and re-scores the chosen matches nearest the threshold in fp32; `fp32` searches in fp32
+(`check_tolerance` states how close the first two are to `fp32`). The extrapolation is computed in fp32
 and rounded once to the input dtype; unmatched tokens are returned bit-identical. The hot path (`merge_batch`)
 never synchronises with the host: the merged-token count stays a device tensor. Pure torch; device and dtype
 follow the inputs; inputs are never modified.
@@ -56,14 +56,16 @@ DEFAULT_BUDGET_MB = 64.0
 
 
 def check_tolerance(dtype: torch.dtype) -> float:
-    """The stated tolerance of `similarity="checked"` on features of `dtype` (0 for fp32: identical to fp32).
+    """The stated tolerance of the model-dtype search (`model`, `checked`) on features of `dtype` against the
+    `fp32` search on the same features (0 for fp32 features: identical).
 
     The search in the features' dtype errs by at most about 5 units of roundoff (normalised inputs rounded, the
-    similarity rounded), below 4 * eps. So, against the fp32 search on the same features: the chosen match's fp32
-    cosine is within this of the best fp32 cosine; the threshold is applied to the chosen match's fp32 cosine
-    (for the RESCORE_FRACTION of a layer call's positions nearest the threshold, which holds every position within
-    the tolerance unless more than that share lie there); and the merged tokens are the same except where the best
-    fp32 cosine lies in (tau, tau + tolerance]."""
+    similarity rounded), below 4 * eps. So the chosen match's fp32 cosine is within this of the best fp32 cosine,
+    and the merged tokens are fp32's except where the best fp32 cosine lies within this of tau (`model`: either
+    side). `checked` applies the threshold to the chosen match's fp32 cosine (for the RESCORE_FRACTION of a layer
+    call's positions nearest the threshold, which holds every position within the tolerance unless more than that
+    share lie there), so its merged tokens differ from fp32's only where the best fp32 cosine lies in
+    (tau, tau + tolerance]."""
     if dtype == torch.float32 or not dtype.is_floating_point:
         return 0.0
     return 4.0 * torch.finfo(dtype).eps
@@ -95,10 +97,10 @@ class NegToMeParams:
     (Flux), `joint.0-23` (SD3)."""
     budget_mb: float = DEFAULT_BUDGET_MB
     """Largest similarity block computed at once, in MiB (fp32 values, or the model dtype's)."""
-    similarity: str = "checked"
-    """One of SIMILARITIES: `checked` (default): the search in the features' dtype, the chosen match re-scored in
-    fp32 for the threshold (see `CHECK_TOLERANCE`); `fp32`: norms and cosine similarities in fp32 (exact, several
-    times slower on GPUs); `model`: in the features' own dtype (bf16/fp16), as the released code does. The three
+    similarity: str = "model"
+    """One of SIMILARITIES: `model` (default): norms and cosine similarities in the features' own dtype
+    (bf16/fp16), as the released code does; `checked`: the same search, the chosen matches nearest the threshold
+    re-scored in fp32; `fp32`: the search in fp32 (several times slower on GPUs). See `check_tolerance`; the three
     are identical on fp32 features."""
 
     def validate(self) -> list[str]:

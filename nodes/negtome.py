@@ -109,12 +109,12 @@ def negtome_widgets(matchings: tuple[str, ...] = MATCHINGS) -> list:
                                   "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
                                   "single.0-37'); SD3: joint (e.g. 'joint.0-23')",
                  check=_custom_blocks_problem, allowed="NAME.INDEX or NAME.FIRST-LAST items, comma-separated"),
-        inp.Choice("similarity", "Precision of the token cosine similarities. checked (default): searched in the "
-                                 "model's dtype, the chosen match re-scored in fp32 for the threshold (costs about "
-                                 "what model does; the match may differ from fp32's only between near-equal "
-                                 "candidates). fp32: the whole search in fp32 (exact, several times slower per layer "
-                                 "on GPUs). model: everything in the model's dtype, as the released code. All three "
-                                 "are identical on fp32 models (CPU)", SIMILARITIES,
+        inp.Choice("similarity", "Precision of the token cosine similarities. model (default): in the model's dtype "
+                                 "(bf16/fp16), as the released code. checked: the same, the matches nearest the "
+                                 "threshold re-scored in fp32. fp32: the whole search in fp32 (several times slower "
+                                 "per layer on GPUs). They differ only for tokens within about 0.03 (bf16) of the "
+                                 "threshold or between near-equal matches; identical on fp32 models (CPU)",
+                   SIMILARITIES,
                    paper="model (the released code's dtype)"),
     ]
 

@@ -62,10 +62,11 @@ def test_every_method_is_warmed_then_timed_in_rotated_order(gpu, monkeypatch):
 def test_method_plan_and_per_model_options(gpu):
     names = [n for n, _ in gpu.plan_methods(set())]
     assert any(n.startswith("AG") for n in names) and any("LinearAG" in n for n in names)
-    assert [n for n in names if "NegToMe" in n] == ["CFG + NegToMe (pack defaults, similarity checked)",
+    assert [n for n in names if "NegToMe" in n] == ["CFG + NegToMe (pack defaults, similarity model)",
                                                     "CFG + NegToMe (similarity fp32)",
-                                                    "CFG + NegToMe (similarity model)"]
+                                                    "CFG + NegToMe (similarity checked)"]
     assert [n for n, _ in gpu.plan_methods({"negtome"})] == names[-3:-1]
+    assert [n for n, _ in gpu.plan_methods({"negtome_other"})] == names[-1:]
     assert gpu._per_family("sdxl=20,flux=10", ["sdxl", "flux"], int, 3) == {"sdxl": 20, "flux": 10}
     assert gpu._per_family("", ["sdxl"], int, 3) == {"sdxl": 3}
 

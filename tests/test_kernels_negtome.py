@@ -488,8 +488,18 @@ def test_checked_similarity_keeps_masked_reference_tokens_off(matching):
     assert n_none == 0 and none is x
 
 
-def test_default_similarity_is_checked():
-    assert K.NegToMeParams().similarity == "checked" and "checked" in K.SIMILARITIES
+def test_default_similarity_is_the_model_dtype_within_the_stated_tolerance():
+    assert K.NegToMeParams().similarity == "model" and K.SIMILARITIES[:2] == ("fp32", "model")
+    for matching in MATCHINGS:
+        x = _group(images=4, tokens=96, dim=64, seed=5, dtype=torch.bfloat16, shared=0.5)
+        tau, tol = 0.45, K.check_tolerance(torch.bfloat16)
+        exact, _ = K.merge_group(x, 1.3, tau, matching, similarity="fp32")
+        model, _ = K.merge_group(x, 1.3, tau, matching, similarity=K.NegToMeParams().similarity)
+        best, second = _fp32_candidates(x, matching)
+        differs = (model != exact).any(dim=-1)
+        in_band = (best - tau).abs() <= tol
+        near_tie = (best - second <= tol) & (best > tau)
+        assert not (differs & ~in_band & ~near_tie).any()
 
 
 # ------------------------------------------------------------------------------------------------

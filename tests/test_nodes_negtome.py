@@ -352,7 +352,8 @@ def test_paper_window_on_edm_sampling_uses_the_ddpm_noise_level(sd15, nt):
     """Playground v2.5 / CosXL style models sample with continuous EDM sigmas: the official window (DDPM t >= 800)
     must still map to the scaled-linear schedule's sigma(800), not to exp(800 / 0.25)."""
     import comfy.model_sampling
-    discrete_high, discrete_low = nt._sigma_window(sd15.model, nt.adapters.detect_family(sd15.model), nt.NegToMeParams())
+    family = nt.adapters.detect_family(sd15.model)
+    discrete_high, discrete_low = nt._sigma_window(sd15.model, family, nt.NegToMeParams())
 
     class EDM(comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EPS):
         pass
