@@ -26,7 +26,7 @@ class AdaptiveGuidanceParams:
     """Single source of defaults for the AG kernel and both AG nodes."""
 
     threshold: float = 0.995
-    """gamma-bar: latch once cos(cond, uncond) >= this. Paper (eps space): 0.991-0.996."""
+    """gamma-bar: latch once cos(cond, uncond) >= this; 1.0 never latches. Paper (eps space): 0.991-0.996."""
     space: str = "x0"
     """`x0`: cosine of the denoised predictions (calibrates smoothly); `eps`: of x - D (the paper's)."""
     start_percent: float = 0.0
@@ -90,11 +90,18 @@ class EvaluationRecord:
     step: int
     sigma: float
     gamma: list[float] | None
-    """Per-sample cosine, or None when the uncond pass was skipped."""
-    uncond_computed: bool
+    """Cosine of each image whose uncond was computed (in row order), or None when no uncond was computed."""
+    uncond_rows: int
+    """Images whose unconditional prediction the model computed in this evaluation."""
     batch: int
     estimated: bool = False
     """The uncond was estimated (LinearAG) instead of computed."""
+    reason: str = ""
+    """Why no uncond was computed: "latched", "estimated", "cond_only" (LinearAG's schedule) or "interval"."""
+
+    @property
+    def uncond_computed(self) -> bool:
+        return self.uncond_rows > 0
 
 
 @dataclass
@@ -106,34 +113,58 @@ class AdaptiveGuidanceTracker:
     records: list[EvaluationRecord] = field(default_factory=list)
     latch_step: dict[int, int] = field(default_factory=dict)
 
-    def all_latched(self, batch: int) -> bool:
-        return self.latched is not None and self.latched.shape[0] == batch and bool(self.latched.all())
+    def _latched_for(self, batch: int) -> torch.Tensor | None:
+        return self.latched if self.latched is not None and self.latched.shape[0] == batch else None
 
-    def skip(self, step: int, sigma: float, batch: int, estimated: bool = False) -> None:
+    def all_latched(self, batch: int) -> bool:
+        latched = self._latched_for(batch)
+        return latched is not None and bool(latched.all())
+
+    def open_rows(self, batch: int) -> torch.Tensor | None:
+        """Indices (CPU, int64) of the images that have not latched when some have and some have not; None when
+        no image has latched (the whole batch needs its uncond) or every image has."""
+        latched = self._latched_for(batch)
+        if latched is None:
+            return None
+        flags = latched.cpu()
+        if bool(flags.all()) or not bool(flags.any()):
+            return None
+        return torch.nonzero(~flags).flatten()
+
+    def skip(self, step: int, sigma: float, batch: int, estimated: bool = False, reason: str = "") -> None:
         """Record an evaluation whose uncond pass was not computed (skipped, or estimated by LinearAG)."""
-        self.records.append(EvaluationRecord(step, sigma, None, False, batch, estimated))
+        reason = reason or ("estimated" if estimated else "latched")
+        self.records.append(EvaluationRecord(step, sigma, None, 0, batch, estimated, reason))
 
     def hand_on(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """The uncond to hand on when the uncond pass was not run: cond for latched samples."""
-        if self.latched is None or self.latched.shape[0] != cond.shape[0] or not bool(self.latched.any()):
+        latched = self._latched_for(cond.shape[0])
+        if latched is None or not bool(latched.any()):
             return uncond
-        return torch.where(self.latched.view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
+        return torch.where(latched.to(cond.device).view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
 
     def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, sigma: float,
-                latch_allowed: bool) -> torch.Tensor:
-        """Measure gamma for one evaluation where both passes ran, update the latch, and return the
+                latch_allowed: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Measure gamma for one evaluation where the uncond pass ran, update the latch, and return the
         uncond prediction to hand on: the real one, or the cond one for latched samples, so that any
-        CFG formula downstream reduces to the cond prediction for them. Inputs are not modified."""
+        CFG formula downstream reduces to the cond prediction for them. Inputs are not modified.
+
+        `rows`: the images whose uncond was computed (the others have latched and carry cond as uncond);
+        None = every image."""
         batch = cond.shape[0]
-        if self.latched is None or self.latched.shape[0] != batch:
+        if self._latched_for(batch) is None:
             self.latched = torch.zeros(batch, dtype=torch.bool, device=cond.device)
-        a = in_space(x, cond, self.params.space)
-        b = in_space(x, uncond, self.params.space)
+        measured = slice(None) if rows is None else rows.to(cond.device)
+        a = in_space(x[measured], cond[measured], self.params.space)
+        b = in_space(x[measured], uncond[measured], self.params.space)
         gamma = per_sample_cosine(a, b) if self.params.decision == "per_sample" else batch_cosine(a, b)
-        self.records.append(EvaluationRecord(step, sigma, gamma.tolist(), True, batch))
+        n_rows = batch if rows is None else int(rows.numel())
+        self.records.append(EvaluationRecord(step, sigma, gamma.tolist(), n_rows, batch))
 
         previously = self.latched
-        crossed = (gamma >= self.params.threshold) if latch_allowed else torch.zeros_like(previously)
+        crossed = torch.zeros_like(previously)
+        if latch_allowed and self.params.threshold < 1.0:  # 1.0 is neutral: fp32 cosines of near-equal
+            crossed[measured] = gamma >= self.params.threshold  # predictions round to 1.0 late in a run
         self.latched = previously | crossed
         for i in torch.nonzero(self.latched & ~previously).flatten().tolist():
             self.latch_step[i] = step
@@ -146,7 +177,7 @@ class AdaptiveGuidanceTracker:
 
     def model_passes(self) -> tuple[int, int]:
         """(passes run, passes plain CFG would have run), counted per sample."""
-        run = sum(r.batch * (2 if r.uncond_computed else 1) for r in self.records)
+        run = sum(r.batch + r.uncond_rows for r in self.records)
         full = sum(r.batch * 2 for r in self.records)
         return run, full
 
@@ -165,6 +196,9 @@ class AdaptiveGuidanceTracker:
         latch = ", ".join(f"sample {i} at step {s}" for i, s in sorted(self.latch_step.items())) or "never"
         estimated = sorted({r.step for r in self.records if r.estimated})
         estimated_text = f"uncond estimated at steps {estimated}; " if estimated else ""
+        outside = sorted({r.step for r in self.records if r.reason == "interval"})
+        if outside:
+            estimated_text += f"cond only outside the guidance interval at steps {outside}; "
         return (f"space={self.params.space} threshold={self.params.threshold} decision={self.params.decision}; "
                 f"min gamma per step: {gammas or '-'}; latched: {latch}; {estimated_text}"
                 f"model passes {run} of {full} ({saved:.1f}% saved)")

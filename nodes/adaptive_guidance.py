@@ -8,7 +8,7 @@ import comfy.samplers
 
 from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
                                          AdaptiveGuidanceTracker)
-from . import adapters
+from . import adapters, cond_rows
 from . import inputs as inp
 
 DEFAULTS = AdaptiveGuidanceParams()
@@ -33,7 +33,7 @@ def ag_widgets(prefix: str = "") -> list:
         inp.Float("threshold",
                   "gamma-bar: stop guiding an image once cos(cond, uncond) reaches this. Start with the default "
                   "(x0 space); lower (0.99, 0.98) saves more evaluations and departs more from CFG",
-                  neutral="1.0 (latches only on identical predictions)",
+                  neutral="1.0 (never latches: plain CFG)",
                   paper="0.991–0.996, measured in eps space, where these values latch at the first step on the "
                         "pack's measurements (the node warns when that happens)",
                   param=prefix + "threshold", min=0.0, max=1.0, step=0.0001),
@@ -77,6 +77,7 @@ class _RunState:
         self.run = run
         self.estimator = estimator
         self.last_step = -1
+        self.control_cache: dict = {}
 
 
 def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: str = PATCH_NODE,
@@ -142,11 +143,19 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             estimator.record(x, cond, uncond, sigma, computed=False)
             tracker.skip(step, sigma, batch, estimated=True)
             return [cond, tracker.hand_on(cond, uncond)]
-        out = executor(base_model, conds, x, timestep, model_options)
+        rows = tracker.open_rows(batch)
+        if rows is None:
+            out = executor(base_model, conds, x, timestep, model_options)
+            cond, uncond = out[0], out[1]
+        else:  # some images have latched: the uncond pass runs for the others only
+            cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
+            computed = cond_rows.uncond_for_rows(executor, base_model, conds[1], x, timestep, model_options, rows,
+                                                 state.control_cache)
+            uncond = cond.index_copy(0, rows.to(cond.device), computed.to(cond.dtype))
         if estimator is not None and first_evaluation_of_step:
-            estimator.record(x, out[0], out[1], sigma, computed=True)
-        uncond = tracker.observe(x, out[0], out[1], step, sigma, latch_allowed=sigma <= state.sigma_start)
-        return [out[0], uncond]
+            estimator.record(x, cond, uncond, sigma, computed=True)
+        uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=sigma <= state.sigma_start, rows=rows)
+        return [cond, uncond]
 
     adapters.install_run_state(m, key, make_state, finish)
     adapters.add_calc_cond_batch_wrapper(m, key, calc_cond_batch)

@@ -107,3 +107,27 @@ def test_cfg_combine_reduces_to_cond_when_uncond_is_cond():
     assert torch.equal(ag.cfg_combine(c, c, 7.5), c)
     u = torch.randn(2, 3)
     torch.testing.assert_close(ag.cfg_combine(c, u, 1.0), c)
+
+
+def test_tracker_open_rows_measure_only_those_images_and_count_their_rows():
+    t = ag.AdaptiveGuidanceTracker(ag.AdaptiveGuidanceParams(threshold=0.9))
+    x, c, u = _pair([True, False, False])
+    assert t.open_rows(3) is None  # nothing latched yet: the whole batch
+    t.observe(x, c, u, 0, 10.0, True)
+    rows = t.open_rows(3)
+    assert rows.tolist() == [1, 2]
+    x, c2, u2 = _pair([True, True, False])
+    # what the node builds: cond for the latched image, the computed uncond for the open ones
+    handed = torch.where(torch.tensor([True, False, False]).view(3, 1), c2, u2)
+    out = t.observe(x, c2, handed, 1, 5.0, True, rows=rows)
+    assert t.latched.tolist() == [True, True, False] and t.open_rows(3).tolist() == [2]
+    assert torch.equal(out[:2], c2[:2]) and torch.equal(out[2], u2[2])
+    assert len(t.records[-1].gamma) == 2 and t.records[-1].uncond_rows == 2
+    assert t.model_passes() == (3 + 3 + 3 + 2, 12)
+    assert t.open_rows(2) is None  # another batch size: not this run's latch
+
+
+def test_threshold_one_never_latches():
+    t = ag.AdaptiveGuidanceTracker(ag.AdaptiveGuidanceParams(threshold=1.0))
+    x, c, _ = _pair([True])
+    assert torch.equal(t.observe(x, c, c.clone(), 0, 1.0, True), c) and not t.latched.any()
