@@ -356,6 +356,18 @@ def target_graph(node_id: str, widgets: dict, *, family: str = "sd15", link: dic
     return g
 
 
+def ensure_coefficients(server) -> str:
+    """A LinearAG coefficients file in the server's models/tfg_linear_ag/ (fitted once on the tiny SD1.5 model,
+    STEPS euler steps) so LinearAG Load lists it and LinearAG's coefficients input can be fed; its name."""
+    name = server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
+    if name is None:
+        server.run_prompt(target_graph("TFG_LinearAGFit", schema_values("TFG_LinearAGFit",
+                                                                        filename="tfg_test_coefficients")))
+        name = server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
+    assert name, "LinearAG Fit ran but LinearAG Load lists no coefficients file"
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
 # Server answers
 # ----------------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ def _reference_outputs(server) -> dict:
 @pytest.fixture(scope="module")
 def before(comfy_server, decoy, outside):
     """The base tree and the reference outputs before any hostile prompt."""
-    from test_http_inputs import ensure_coefficients
-    ensure_coefficients(comfy_server)
+    ng.ensure_coefficients(comfy_server)
     return {"tree": _tree(Path(comfy_server.base)), "outputs": _reference_outputs(comfy_server),
             "decoy": decoy.read_bytes()}
 

@@ -1,6 +1,6 @@
 """Every widget input of every node, over HTTP on a real ComfyUI server, generated from the input declarations
 (issue 13.3): out-of-range, wrongly typed and unknown values are refused with HTTP 400 before anything runs, naming
-the node and the input; every numeric input linked from a core Primitive node is accepted and the node runs, and a
+the node and the input; every numeric (and switch and text) input linked from a core Primitive node is accepted and the node runs, and a
 linked value out of range stops the run in that node naming the input; the server stays up and the next valid
 prompt runs.
 
@@ -27,19 +27,7 @@ def _declaration(node_id: str):
 
 @pytest.fixture(scope="module")
 def coefficients(comfy_server) -> str:
-    return ensure_coefficients(comfy_server)
-
-
-def ensure_coefficients(server) -> str:
-    """A LinearAG coefficients file in the server's models/tfg_linear_ag/ (fitted once on the tiny SD1.5 model, 4
-    euler steps): LinearAG Load lists it and LinearAG's coefficients input can be fed."""
-    name = ng.server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
-    if name is None:
-        g = ng.target_graph("TFG_LinearAGFit", ng.schema_values("TFG_LinearAGFit", filename="tfg_test_coefficients"))
-        server.run_prompt(g)
-        name = ng.server_first_option(server, "TFG_LinearAGLoad", "coefficients_name")
-    assert name, "LinearAG Fit ran but LinearAG Load lists no coefficients file"
-    return name
+    return ng.ensure_coefficients(comfy_server)
 
 
 def invalid_cases(spec) -> list[tuple]:
@@ -94,15 +82,17 @@ def test_invalid_widget_values_are_refused_before_the_run(comfy_server, coeffici
 
 
 @pytest.mark.parametrize("node_id", NODE_IDS)
-def test_numeric_inputs_linked_from_primitives_are_accepted_and_run(comfy_server, coefficients, node_id):
+def test_inputs_linked_from_primitives_are_accepted_and_run(comfy_server, coefficients, node_id):
+    """Every numeric input from PrimitiveInt / PrimitiveFloat, and every switch and text input from
+    PrimitiveBoolean / PrimitiveString, in one prompt: accepted, and the node runs."""
     spec = _declaration(node_id)
     values = ng.quick_values(node_id, spec, comfy_server)
-    link = {w.name: w.kind for w in ng.numeric_widgets(spec)}
+    link = {w.name: w.kind for w in spec.widgets if w.kind in ng.PRIMITIVES}
     prompt = ng.target_graph(node_id, values, link=link, coefficients_name=coefficients)
     try:
         entry = comfy_server.run_prompt(prompt, check=False, timeout=300)
     except RuntimeError as e:
-        pytest.fail(f"{spec.node} ({node_id}) with {sorted(link)} linked from PrimitiveInt/PrimitiveFloat: refused "
+        pytest.fail(f"{spec.node} ({node_id}) with {sorted(link)} linked from Primitive nodes: refused "
                     f"before the run: {str(e)[:2000]}", pytrace=False)
     error = ng.execution_error(entry)
     assert error is None, (f"{spec.node} ({node_id}) with {sorted(link)} linked: the run failed in "

@@ -33,8 +33,7 @@ def cost_problem(node_id: str, values: dict) -> str | None:
 
 @pytest.fixture(scope="module")
 def coefficients(comfy_server) -> str:
-    from test_http_inputs import ensure_coefficients
-    return ensure_coefficients(comfy_server)
+    return ng.ensure_coefficients(comfy_server)
 
 
 @pytest.mark.parametrize("node_id", list(NODES))
