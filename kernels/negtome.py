@@ -423,7 +423,7 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
     per block of source images (the same images of every chunk) one batched similarity product of at most
     budget_bytes; one gather and one extrapolation. The caller checked that one image per chunk fits."""
     n_chunks, n_images, n_tokens, dim = x4.shape
-    size = torch.empty((), dtype=sim_dtype).element_size()
+    size = torch.finfo(sim_dtype).bits // 8
     k = min(n_images - 1, int(budget_bytes) // (size * n_chunks * n_tokens * n_tokens))
     xn = _normalise(x4, sim_dtype)
     ref_n = xn[:, 0]  # (C, N, D)
@@ -477,7 +477,7 @@ def _all_others_group(x: torch.Tensor, out: torch.Tensor, alpha: float, threshol
     lowest other image, then the lowest token (the order of a running strict maximum over images)."""
     n_images, n_tokens, dim = x.shape
     total = n_images * n_tokens
-    size = torch.empty((), dtype=sim_dtype).element_size()
+    size = torch.finfo(sim_dtype).bits // 8
     if _all_others_joint(n_images, n_tokens, budget_bytes, size):  # one masked (F*N, F*N) product
         xn = _normalise(x, sim_dtype).reshape(total, dim)
         block = _similarity_block(xn, xn)
@@ -519,7 +519,7 @@ def _all_others_pairs(x: torch.Tensor, budget_bytes: int, sim_dtype: torch.dtype
     other image, and a strict maximum keeps the first, so ties resolve as a running maximum over images would.
     Returns (F * N,) values and indices into the group's flattened tokens."""
     n_images, n_tokens, dim = x.shape
-    size = torch.empty((), dtype=sim_dtype).element_size()
+    size = torch.finfo(sim_dtype).bits // 8
     keep = size * n_images * n_tokens * dim <= budget_bytes  # normalise the group once when it fits
     group_n = _normalise(x, sim_dtype) if keep else None
     best_v = torch.full((n_images, n_tokens), float("-inf"), dtype=sim_dtype, device=x.device)
@@ -592,7 +592,7 @@ def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, 
         raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
     sim_dtype = similarity_dtype(x.dtype, similarity)
     check = similarity == "checked" and sim_dtype != torch.float32
-    size = torch.empty((), dtype=sim_dtype).element_size()
+    size = torch.finfo(sim_dtype).bits // 8
     if matching != "all_others" and _fits_batched(n_chunks, per_chunk, x.shape[1], x.shape[2], budget_bytes, size,
                                                    x.element_size()):
         shape = (n_chunks, per_chunk) + tuple(x.shape[1:])
