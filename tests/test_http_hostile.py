@@ -6,7 +6,8 @@
   before/after) nor anywhere else under the test's own names; an existing file is never overwritten silently.
 - Every LATENT / IMAGE / MASK / CONDITIONING input of every pack node fed a tensor holding NaN or ±Inf (testing-pack
   nodes, tests/testing_pack/hostile.py): the run stops with an error naming the node and the input.
-- The server stays up, and the next valid prompts' outputs equal those from before the hostile prompts.
+- The server stays up, and the next valid prompts' outputs (on the model the hostile prompts used, still cached)
+  equal those from before the hostile prompts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import node_graphs as ng
 from headless_server import PACK_ROOT, executed_nodes
@@ -89,15 +91,30 @@ def _marked_files(roots) -> list[str]:
     return found
 
 
-def _reference_outputs(server) -> dict:
-    """{node id: images} of the reference prompts, run from scratch (executor cache cleared first)."""
-    server.free(unload_models=False, free_memory=True)
+def _reference_outputs(server, fresh: bool) -> dict:
+    """{node id: (images, latents)} of the reference prompts. The model passes TFGTest_UncachedModel, so the pack
+    node and everything after it run again while the loaded model stays cached (fresh: the cache is cleared
+    first, as for the baseline); every decoded latent is also saved, so the comparison is exact."""
+    if fresh:
+        server.free(unload_models=False, free_memory=True)
     out = {}
     for node_id in REFERENCE_NODES:
-        entry = server.run_prompt(ng.target_graph(node_id, ng.schema_values(node_id)), timeout=300)
+        g = ng.target_graph(node_id, ng.schema_values(node_id))
+        for node in list(g.values()):
+            for k, v in node["inputs"].items():
+                if v == ["L", 0]:
+                    node["inputs"][k] = ["uncached", 0]
+        g["uncached"] = {"class_type": "TFGTest_UncachedModel", "inputs": {"model": ["L", 0]}}
+        for key, node in list(g.items()):
+            if node["class_type"] == "VAEDecode":
+                g[f"{key}_latent"] = {"class_type": "SaveLatent", "inputs": {
+                    "samples": node["inputs"]["samples"], "filename_prefix": f"tfg_reference/{node_id}"}}
+        entry = server.run_prompt(g, timeout=300)
         assert ng.TARGET in executed_nodes(entry), f"{node_id}: the reference prompt was served from the cache"
-        out[node_id] = server.image_arrays(entry)
-        assert out[node_id], f"{node_id}: the reference prompt produced no image"
+        images = server.image_arrays(entry)
+        latents = [t for ts in server.latents_by_node(entry).values() for t in ts]
+        assert images and latents, f"{node_id}: the reference prompt produced no image or latent"
+        out[node_id] = (images, latents)
     return out
 
 
@@ -105,7 +122,7 @@ def _reference_outputs(server) -> dict:
 def before(comfy_server, decoy, outside):
     """The base tree and the reference outputs before any hostile prompt."""
     ng.ensure_coefficients(comfy_server)
-    return {"tree": _tree(Path(comfy_server.base)), "outputs": _reference_outputs(comfy_server),
+    return {"tree": _tree(Path(comfy_server.base)), "outputs": _reference_outputs(comfy_server, fresh=True),
             "decoy": decoy.read_bytes()}
 
 
@@ -258,8 +275,10 @@ def test_after_the_hostile_prompts_the_server_is_up_nothing_escaped_and_outputs_
     assert not (added or changed or removed), (f"outside the pack's folders of {base}: added {added}, changed "
                                                f"{changed}, removed {removed}")
     assert not list(outside.iterdir()), f"files appeared in {outside}: {list(outside.iterdir())}"
-    outputs = _reference_outputs(comfy_server)
-    for node_id, images in before["outputs"].items():
-        assert len(outputs[node_id]) == len(images) and all(
-            np.array_equal(a, b) for a, b in zip(outputs[node_id], images)), \
-            f"{node_id}: the valid prompt's output changed after the hostile prompts"
+    outputs = _reference_outputs(comfy_server, fresh=False)
+    for node_id, (images, latents) in before["outputs"].items():
+        new_images, new_latents = outputs[node_id]
+        assert len(new_latents) == len(latents) and all(torch.equal(a, b) for a, b in zip(new_latents, latents)), \
+            f"{node_id}: the valid prompt's latent changed after the hostile prompts"
+        assert len(new_images) == len(images) and all(np.array_equal(a, b) for a, b in zip(new_images, images)), \
+            f"{node_id}: the valid prompt's image changed after the hostile prompts"

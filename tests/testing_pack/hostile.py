@@ -1,5 +1,6 @@
-"""Test-only nodes that break a tensor on its way to a pack node: NaN or ±Inf in a LATENT, IMAGE, MASK or
-CONDITIONING (one element of each tensor it carries, so a check that samples instead of scanning misses it)."""
+"""Test-only nodes for the hostile-input tests: nodes that break a tensor on its way to a pack node (NaN or ±Inf in
+a LATENT, IMAGE, MASK or CONDITIONING: one element of each tensor it carries, so a check that samples instead of
+scanning misses it), and a MODEL passthrough that is never cached."""
 from __future__ import annotations
 
 import torch
@@ -64,6 +65,25 @@ class NonFiniteConditioning(_NonFinite):
         return ([[_poisoned(cond, POISONS[poison]), dict(extra)] for cond, extra in value],)
 
 
+class UncachedModel:
+    """Passes the MODEL through unchanged but is never served from ComfyUI's cache, so everything downstream runs
+    again while the loader stays cached: a later prompt sees any state an earlier one left on the loaded model."""
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "passthrough"
+    CATEGORY = "TFG/testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, model):
+        return float("nan")                  # never equal to itself: re-executed every prompt
+
+    def passthrough(self, model):
+        return (model,)
+
+
 NODE_CLASS_MAPPINGS = {
     "TFGTest_NonFiniteLatent": NonFiniteLatent,
     "TFGTest_NonFiniteImage": NonFiniteImage,
@@ -71,3 +91,5 @@ NODE_CLASS_MAPPINGS = {
     "TFGTest_NonFiniteConditioning": NonFiniteConditioning,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: f"Non-finite {v.IO_TYPE.title()} (TFG tests)" for k, v in NODE_CLASS_MAPPINGS.items()}
+NODE_CLASS_MAPPINGS["TFGTest_UncachedModel"] = UncachedModel
+NODE_DISPLAY_NAME_MAPPINGS["TFGTest_UncachedModel"] = "Uncached Model (TFG tests)"
