@@ -13,7 +13,9 @@ Per workflow in workflows/ (and workflows/extras/, whose third-party nodes are a
 - a screenshot in tests/.artifacts/browser/<workflow>.png (TFG_BROWSER_ARTIFACTS moves it).
 Per node of the pack: the frontend's help panel (node library → help) shows the page from web/docs/<node id>.md.
 
-`python tests/test_browser.py --layout` re-places the nodes of every UI workflow from the sizes the frontend
+`python tests/test_browser.py --thumbnails` writes workflows/<name>.jpg, the template browser's thumbnails, from a
+real run of each API twin on the tiny test models (labelled so on the image; the digits quick start on its real
+model). `python tests/test_browser.py --layout` re-places the nodes of every UI workflow from the sizes the frontend
 gives them (see `layout`) and writes the files back; the API twins are unaffected (positions are UI-only).
 """
 from __future__ import annotations
@@ -303,6 +305,26 @@ def test_workflow_in_the_frontend(frontend, comfy_server, path):
     assert not overlaps, f"{path.name}: {len(overlaps)} overlapping node pairs:\n" + "\n".join(overlaps)
 
 
+@pytest.mark.parametrize("path", sorted(WORKFLOWS_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_template_thumbnail_is_served(frontend, comfy_server, path):
+    """The template browser lists the pack's workflows/ and shows <name>.jpg from there as the thumbnail."""
+    from headless_server import PACK_DIR_NAME
+    listed = comfy_server.get("/workflow_templates").get(PACK_DIR_NAME, [])
+    assert path.stem in listed, f"{path.name} is not in the template browser's list {listed}"
+    assert path.with_suffix(".jpg").is_file(), \
+        f"workflows/{path.stem}.jpg missing: run python tests/test_browser.py --thumbnails"
+    frontend.problems()
+    result = frontend.driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const img = new Image();
+        img.onload = () => done({ok: true, w: img.naturalWidth, h: img.naturalHeight});
+        img.onerror = () => done({ok: false});
+        img.src = '/api/workflow_templates/' + arguments[0] + '/' + arguments[1] + '.jpg';""",
+        PACK_DIR_NAME, path.stem)
+    assert result["ok"] and result["w"] > 0, f"{path.stem}.jpg did not load in the frontend: {result}"
+    assert not frontend.problems()
+
+
 def _pack_node_ids() -> list[str]:
     return sorted(p.stem for p in DOCS_DIR.glob("*.md"))
 
@@ -478,16 +500,81 @@ def relayout(url: str) -> None:
         page.quit()
 
 
+# ----------------------------------------------------------------------------------------------
+# Thumbnails for the template browser (python tests/test_browser.py --thumbnails)
+# ----------------------------------------------------------------------------------------------
+# ComfyUI serves a pack's workflows/ folder at /api/workflow_templates/<pack folder>/ and the frontend shows
+# <workflow name>.jpg from there as the template's thumbnail (mediaSubtype "jpg" for custom-node templates).
+
+THUMB_SIZE = (512, 384)
+TINY_LABEL = "tiny random-weight test model: the graph runs; not what the technique looks like"
+
+
+def _label_image(images: dict, title: str, label: str):
+    """images {caption: HxWx3 uint8} side by side under a title, with `label` at the bottom."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    canvas = Image.new("RGB", THUMB_SIZE, (28, 28, 28))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((12, 10), title, fill=(240, 240, 240))
+    n = max(1, len(images))
+    cell = min((THUMB_SIZE[0] - 12 * (n + 1)) // n, THUMB_SIZE[1] - 110)
+    x = (THUMB_SIZE[0] - n * cell - (n - 1) * 12) // 2
+    for caption, array in images.items():
+        tile = Image.fromarray(np.asarray(array)[..., :3]).resize((cell, cell), Image.NEAREST)
+        canvas.paste(tile, (x, 40))
+        draw.text((x, 46 + cell), caption, fill=(220, 220, 220))
+        x += cell + 12
+    draw.rectangle([0, THUMB_SIZE[1] - 30, THUMB_SIZE[0], THUMB_SIZE[1]], fill=(120, 40, 40))
+    draw.text((10, THUMB_SIZE[1] - 22), label, fill=(255, 255, 255))
+    return canvas
+
+
+def make_thumbnails(server) -> None:
+    from headless_server import load_api_workflow
+    for path in sorted(WORKFLOWS_DIR.glob("*.json")):
+        api_path = WORKFLOWS_DIR / "api" / path.name
+        digits = "digits" in path.name
+        entry = None
+        for size in (64, 128):        # 128: ASGDiffusion needs 64 px per patch side
+            try:
+                producer = api_path.with_name(api_path.name.replace("_2_apply_", "_1_fit_"))
+                if producer != api_path:
+                    server.run_prompt(load_api_workflow(producer, size=size, steps=4), timeout=600)
+                prompt = load_api_workflow(api_path, family_swaps=not digits, size=None if digits else size,
+                                           steps=None if digits else 4)
+                entry = server.run_prompt(prompt, timeout=600)
+                break
+            except Exception as error:   # noqa: BLE001  (a report per workflow; the others still get theirs)
+                message = str(error)
+                found = message.find("exception_message")
+                sys.stdout.write(f"no thumbnail for {path.name} at {size} px: "
+                                 f"{message[found:found + 400] if found >= 0 else message[:400]}\n")
+        if entry is None:
+            continue
+        titles = {str(n["id"]): n.get("title") or n["type"] for n in json.loads(path.read_text())["nodes"]}
+        images = {titles.get(node_id, node_id): arrays[0]
+                  for node_id, arrays in server.images_by_node(entry).items()}
+        images = dict(sorted(images.items()))
+        label = "the shipped digits model (real weights, 8x8 digits)" if digits else TINY_LABEL
+        _label_image(images, path.stem, label).save(path.with_suffix(".jpg"), quality=85)
+        sys.stdout.write(f"wrote {path.with_suffix('.jpg').relative_to(PACK_ROOT)}\n")
+
+
 def _main(argv) -> int:
-    if "--layout" in argv:
+    if "--layout" in argv or "--thumbnails" in argv:
         sys.path.insert(0, str(TESTS_DIR))
         import headless_server
         import host
         comfy = host.find_comfyui()
-        with headless_server.ComfyServer(comfy, startup_timeout=180) as server:
-            import requests
-            requests.post(f"{server.url}/settings", json=FRONTEND_SETTINGS, timeout=10)
-            relayout(server.url)
+        ckpt = headless_server.ensure_tiny_files(comfy) if "--thumbnails" in argv else None
+        with headless_server.ComfyServer(comfy, startup_timeout=180, sd15_checkpoint=ckpt) as server:
+            if "--layout" in argv:
+                import requests
+                requests.post(f"{server.url}/settings", json=FRONTEND_SETTINGS, timeout=10)
+                relayout(server.url)
+            if "--thumbnails" in argv:
+                make_thumbnails(server)
         return 0
     return pytest.main([__file__, "-q", *argv])
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
-import host
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host  # noqa: E402
 
 WORKFLOWS = host.PACK_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
@@ -104,3 +107,58 @@ def test_one_model_file_name_per_family():
     assert by_family
     for family, names in by_family.items():
         assert len(names) == 1, f"{family}: workflows disagree on the checkpoint name: {sorted(names)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# python tests/test_workflows.py --sync: after a node gained (appended) inputs, append their defaults to the UI
+# workflows' widgets_values and rewrite each API twin from its UI workflow with the runner's converter.
+# ----------------------------------------------------------------------------------------------
+
+NOT_OURS = {"quickstart_digits_ab.json"}    # kept in sync by tools/quickstart.py's owner
+
+
+def _append_missing_widgets(ui: dict, info: dict) -> list[str]:
+    workflow = sys.modules[host.HEADLESS_MODULE + ".workflow"]
+    changed = []
+    for node in ui["nodes"]:
+        spec, values = info.get(node["type"]), node.get("widgets_values")
+        if spec is None or not isinstance(values, list):
+            continue
+        ui_widgets = {i.get("widget", {}).get("name") or i.get("name")
+                      for i in node.get("inputs", []) if isinstance(i.get("widget"), dict)}
+        widgets = [w for w in workflow._ordered_inputs(spec) if workflow._widget_kind(*w, ui_widgets)]
+        pos = 0
+        for name, itype, opts in widgets:
+            extras = workflow._control_extras(name, itype, opts)
+            if pos >= len(values):
+                values.append(workflow._default_value(itype, opts))
+                values.extend(["fixed", ""][:extras])
+                changed.append(f"#{node['id']} {node['type']}.{name}")
+            pos += 1 + extras
+    return changed
+
+
+def sync() -> None:
+    host.setup_inprocess_comfyui(host.find_comfyui())
+    headless = _headless()
+    info = host.object_info(host.node_classes())
+    for ui_path in UI_FILES:
+        if ui_path.name in NOT_OURS:
+            continue
+        ui = _ui(ui_path)
+        changed = _append_missing_widgets(ui, info)
+        if changed:
+            ui_path.write_text(json.dumps(ui, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            sys.stdout.write(f"{ui_path.name}: appended {', '.join(changed)}\n")
+        api_path = WORKFLOWS / "api" / ui_path.name
+        api = headless.ui_to_api(ui, info)
+        if not api_path.is_file() or _strip_meta(json.loads(api_path.read_text())) != _strip_meta(api):
+            api_path.write_text(json.dumps(api, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            sys.stdout.write(f"api/{api_path.name}: rewritten from the UI workflow\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--sync"]:
+        sync()
+    else:
+        sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
