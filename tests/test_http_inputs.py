@@ -1,8 +1,8 @@
 """Every widget input of every node, over HTTP on a real ComfyUI server, generated from the input declarations
 (issue 13.3): out-of-range, wrongly typed and unknown values are refused with HTTP 400 before anything runs, naming
-the node and the input; every numeric (and switch and text) input linked from a core Primitive node is accepted and the node runs, and a
-linked value out of range stops the run in that node naming the input; the server stays up and the next valid
-prompt runs.
+the node and the input; every numeric (and switch and text) input linked from a core Primitive node is accepted
+and the node runs, and a linked value out of range stops the run in that node naming the input; the server stays
+up and the next valid prompt runs.
 
 A node without a declaration (`INPUTS`, nodes/inputs.py) fails here: every node must have one."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ UNKNOWN_CHOICE = "tfg-no-such-option"
 def _declaration(node_id: str):
     spec = ng.declaration(NODES[node_id])
     if spec is None:
-        pytest.fail(f"{node_id} has no input declaration (INPUTS = inputs.NodeInputs(...) and "
-                    f"validate_inputs = INPUTS.validator()): its inputs cannot be checked from one place", pytrace=False)
+        pytest.fail(f"{node_id} has no input declaration (INPUTS = inputs.NodeInputs(...) and validate_inputs = "
+                    f"INPUTS.validator()): its inputs cannot be checked from one place", pytrace=False)
     return spec
 
 
