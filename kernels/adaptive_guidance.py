@@ -37,9 +37,17 @@ class AdaptiveGuidanceParams:
     """On the step where gamma crosses: `cond` (paper: use the cond prediction already) or `cfg`
     (the existing ComfyUI port: still apply CFG, skip from the next step)."""
 
+    interval_start: float = 0.0
+    """Guidance interval (Kynkäänniemi et al., arXiv 2404.07724): CFG only from this fraction of the schedule on."""
+    interval_end: float = 1.0
+    """... and up to this fraction; conditional-only outside. (0, 1) = the whole schedule (neutral)."""
+
     def validate(self) -> list[str]:
         """Problems with these values, one message each (empty when valid)."""
         problems = []
+        if not 0.0 <= self.interval_start <= self.interval_end <= 1.0:
+            problems.append(f"the guidance interval must satisfy 0 <= interval_start <= interval_end <= 1, got "
+                            f"{self.interval_start}–{self.interval_end}")
         if not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.start_percent <= 1.0:

@@ -20,7 +20,9 @@ _DESCRIPTION = (
     "Adaptive Guidance (Castillo et al., arXiv 2312.12487, AAAI 2025): runs classifier-free guidance until the "
     "conditional and unconditional predictions agree (cosine >= threshold), then drops the unconditional pass for "
     "the rest of the run. Works on SD1.x, SD2.x, SDXL, SD3 and Flux (and any model) sampled with real CFG "
-    "(cfg > 1); with cfg = 1 there is no unconditional pass to skip and the node raises an error. "
+    "(cfg > 1); with cfg = 1 there is no unconditional pass to skip and the run samples conditional-only with one "
+    "warning. Optional guidance interval (Kynkäänniemi et al., arXiv 2404.07724): CFG only inside a part of the "
+    "schedule, conditional-only outside. "
     "Cost: no extra model passes; saves up to one pass per step once latched (the paper reports ~25% of "
     "evaluations). Logs the cosine per step and the passes saved after every run, for calibration."
 )
@@ -55,6 +57,24 @@ def ag_widgets(prefix: str = "") -> list:
     ]
 
 
+def interval_widgets(prefix: str = "") -> list:
+    """The guidance interval (Kynkäänniemi et al., arXiv 2404.07724), appended after each node's shipped inputs."""
+    return [
+        inp.Float("interval_start", "Guidance interval: CFG runs only from this fraction of the schedule on; before "
+                                    "it the conditional prediction alone is used (no uncond pass)",
+                  neutral="0.0", paper="a sigma range per model (ports cite sigma 5.42 down to 0.28 for SDXL)",
+                  param=prefix + "interval_start", min=0.0, max=1.0, step=0.01),
+        inp.Float("interval_end", "Guidance interval: CFG runs only up to this fraction of the schedule; after it "
+                                  "the conditional prediction alone is used (no uncond pass)",
+                  neutral="1.0", param=prefix + "interval_end", min=0.0, max=1.0, step=0.01),
+    ]
+
+
+INTERVAL_RULE = inp.Rule(("interval_start", "interval_end"), lambda interval_start, interval_end: None
+                         if interval_start <= interval_end else
+                         f"interval_start ({interval_start:g}) must not exceed interval_end ({interval_end:g})")
+
+
 def guider_cfg_widget(meaning: str):
     """The cfg input of the pack's CFG guiders (AG, LinearAG)."""
     return inp.Float("cfg", meaning, param=None, default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -78,6 +98,30 @@ class _RunState:
         self.estimator = estimator
         self.last_step = -1
         self.control_cache: dict = {}
+        self.interval = (0.0, float("inf"))
+        """(low, high] sigma range in which CFG runs (the guidance interval)."""
+
+
+def refuse_multi_conditioning_guider(guider, node_name: str, family) -> None:
+    """Guiders that combine more than a positive and a negative prediction (ComfyUI's PerpNegGuider: positive,
+    negative and an empty prompt; DualCFGGuider) cannot hand the positive on for a skipped pass: Perp-Neg's
+    projection would divide by zero. Refused at the start of the run with the fix."""
+    conds = getattr(guider, "original_conds", None) or getattr(guider, "conds", None) or {}
+    extra = sorted(set(conds) - {"positive", "negative"})
+    if not extra:
+        return
+    name = type(guider).__name__
+    if "empty_negative_prompt" in extra:
+        problem = (f"ComfyUI's PerpNegGuider ({name}) combines three predictions (positive, negative and the empty "
+                   f"prompt); {node_name} skips only the negative pass of plain CFG, and handing the positive on for "
+                   "the others would make Perp-Neg's projection divide by zero.")
+        fix = (f"give PerpNegGuider the model without {node_name}, or sample with {GUIDER_NODE} (TFG) / CFGGuider and "
+               "your negative prompt instead of Perp-Neg.")
+    else:
+        problem = (f"this guider ({name}) samples with the conditionings {sorted(conds)}; {node_name} handles plain "
+                   "CFG (positive and negative) only.")
+        fix = f"use {GUIDER_NODE} (TFG), CFGGuider or KSampler, or give this guider the model without {node_name}."
+    raise adapters.node_error(node_name, family, problem, fix)
 
 
 def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: str = PATCH_NODE,
@@ -96,14 +140,27 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
     key = adapters.new_patch_key("adaptive_guidance")
     family = adapters.detect_family(m)
 
-    def make_state(guider, run: adapters.RunInfo) -> _RunState:
+    def make_state(guider, run: adapters.RunInfo) -> _RunState | None:
+        refuse_multi_conditioning_guider(guider, node_name, family)
+        if not adapters.guider_uses_uncond(guider):
+            # shared workflows toggle cfg: a cfg-1 run samples cond-only, as ComfyUI would, with one warning
+            adapters.logger.warning(
+                "%s %s [model family: %s]: cfg is 1, so ComfyUI computes no unconditional pass and %s has nothing "
+                "to skip; this run samples conditional-only as without the node. Set cfg above 1 to use it.",
+                adapters.PACK_NAME, node_name, family.name, node_name)
+            return None
         adapters.require_cfg_run(guider, node_name, family, "there is nothing to skip",
                                  f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
-        sigma_start = adapters.percent_to_sigma(guider.model_patcher, params.start_percent)
-        estimator = make_estimator(guider, run, family) if make_estimator is not None else None
-        return _RunState(AdaptiveGuidanceTracker(params), sigma_start, run, estimator)
+        sampling = guider.model_patcher
+        state = _RunState(AdaptiveGuidanceTracker(params), adapters.percent_to_sigma(sampling, params.start_percent),
+                          run, make_estimator(guider, run, family) if make_estimator is not None else None)
+        state.interval = (adapters.percent_to_sigma(sampling, params.interval_end),
+                          adapters.percent_to_sigma(sampling, params.interval_start))
+        return state
 
-    def finish(state: _RunState, guider) -> None:
+    def finish(state: _RunState | None, guider) -> None:
+        if state is None:
+            return
         tracker = state.tracker
         if not tracker.records:
             adapters.warn_once(
@@ -130,6 +187,11 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         first_evaluation_of_step = step != state.last_step  # multistage samplers evaluate a step repeatedly
         state.last_step = step
         batch = x.shape[0]
+        low, high = state.interval
+        if not low < sigma <= high:  # outside the guidance interval: cond only, as after a latch
+            cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
+            tracker.skip(step, sigma, batch, reason="interval")
+            return [cond_only[0], cond_only[0]]
         mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
             else "compute"
         if tracker.all_latched(batch) or mode == "cond_only":
@@ -165,8 +227,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
 class AdaptiveGuidance(io.ComfyNode):
     """MODEL patch: works with the plain KSampler and with any guider that runs standard CFG."""
 
-    INPUTS = inp.NodeInputs(PATCH_NODE, [model_socket("The model to patch (sampled with cfg > 1).")] + ag_widgets(),
-                            defaults=DEFAULTS)
+    INPUTS = inp.NodeInputs(PATCH_NODE, [model_socket("The model to patch (sampled with cfg > 1).")] + ag_widgets()
+                            + interval_widgets(), rules=[INTERVAL_RULE], defaults=DEFAULTS)
     validate_inputs = INPUTS.validator()
 
     @classmethod
@@ -209,7 +271,7 @@ class AdaptiveGuiderNode(io.ComfyNode):
         model_socket("The model to sample."),
         *conditioning_sockets("Negative (unconditional) prompt; AG keeps it until the latch."),
         guider_cfg_widget("CFG scale until the latch"),
-    ] + ag_widgets(), defaults=DEFAULTS)
+    ] + ag_widgets() + interval_widgets(), rules=[INTERVAL_RULE], defaults=DEFAULTS)
     validate_inputs = INPUTS.validator()
 
     @classmethod

@@ -16,8 +16,8 @@ import safetensors.torch
 from ..kernels.linear_ag import AFTER_RULES, ESTIMATORS, LinearAGParams, TrajectoryStats, UncondEstimator, to_score
 from . import adapters, files
 from . import inputs as inp
-from .adaptive_guidance import (ag_widgets, apply_adaptive_guidance, conditioning_sockets, guider_cfg_widget,
-                                make_guider, model_socket)
+from .adaptive_guidance import (INTERVAL_RULE, ag_widgets, apply_adaptive_guidance, conditioning_sockets,
+                                guider_cfg_widget, interval_widgets, make_guider, model_socket)
 
 DEFAULTS = LinearAGParams()
 CATEGORY = "TFG/guidance"
@@ -245,7 +245,7 @@ _SAMPLE_DESCRIPTION = (
     f"{PAPER}: estimates the unconditional prediction on alternating steps of the first part of the run from "
     "past predictions (an online delta rule by default, or an affine per-step regression fitted offline), then "
     "latches to conditional-only like Adaptive Guidance. Works on SD1.x, SD2.x, SDXL, SD3 and Flux with real CFG "
-    "(cfg > 1). Fitted coefficients only fit the model family, sampler, scheduler and step count they were "
+    "(cfg > 1; at cfg 1 the run samples conditional-only with one warning). Fitted coefficients only fit the model family, sampler, scheduler and step count they were "
     "recorded with (a mismatch raises an error). Cost: one model pass on estimated and latched steps instead of "
     "two (the paper: about 25 evaluations where CFG needs 40); negligible arithmetic.")
 
@@ -372,9 +372,10 @@ class LinearAGLoad(io.ComfyNode):
 
 def sample_inputs(node: str, head: list) -> inp.NodeInputs:
     """LinearAG / LinearAG Guider: `head` sockets, the estimation inputs, AG's inputs (declared once in
-    adaptive_guidance.py, as the nested `guidance` Params), the optional coefficients socket."""
-    return inp.NodeInputs(node, head + estimation_widgets() + ag_widgets("guidance.") + [coefficients_socket()],
-                          defaults=DEFAULTS)
+    adaptive_guidance.py, as the nested `guidance` Params), the optional coefficients socket, then the appended
+    guidance interval."""
+    return inp.NodeInputs(node, head + estimation_widgets() + ag_widgets("guidance.") + [coefficients_socket()]
+                          + interval_widgets("guidance."), rules=[INTERVAL_RULE], defaults=DEFAULTS)
 
 
 class LinearAG(io.ComfyNode):

@@ -119,12 +119,69 @@ def test_start_percent_gates_the_latch(sd15, ag, adapters):
     assert counts["cond"] == steps
 
 
-def test_cfg_one_raises_naming_node_family_and_fix(setup, ag):
-    with pytest.raises(ValueError) as err:
-        ksample(setup, patch(ag, setup.model), cfg=1.0)
-    message = str(err.value)
-    name = {"sd15": "SD1.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[setup.family]
-    assert "Adaptive Guidance" in message and f"[model family: {name}]" in message and "Fix:" in message
+def test_cfg_one_passes_through_with_one_warning(sd15, ag, caplog):
+    """Shared workflows toggle cfg: at cfg 1 the patch and the guider sample cond-only (as ComfyUI does without
+    them) and say so once per run."""
+    plain = ksample(sd15, sd15.model, cfg=1.0)
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        out = ksample(sd15, patch(ag, sd15.model), cfg=1.0)
+    warnings = [r.getMessage() for r in caplog.records if "cfg is 1" in r.getMessage()]
+    assert torch.equal(out, plain) and len(warnings) == 1
+    assert "TFG Adaptive Guidance [model family: SD1.x]" in warnings[0]
+    caplog.clear()
+    guider = ag.AdaptiveGuiderNode.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative,
+                                           cfg=1.0).args[0]
+    import comfy.samplers
+    basic = comfy.samplers.CFGGuider(sd15.model)
+    basic.set_conds(sd15.positive, sd15.negative)
+    basic.set_cfg(1.0)
+    with caplog.at_level(logging.WARNING, logger="tfg"):
+        assert torch.equal(advanced_sample(sd15, guider), advanced_sample(sd15, basic))
+    assert len([r for r in caplog.records if "cfg is 1" in r.getMessage()]) == 1
+
+
+def test_perp_neg_guider_is_refused_with_the_fix(sd15, ag):
+    from comfy_extras import nodes_perpneg
+    guider = nodes_perpneg.Guider_PerpNeg(patch(ag, sd15.model))
+    guider.set_conds(sd15.positive, sd15.negative, sd15.negative)
+    guider.set_cfg(5.0, 1.0)
+    with pytest.raises(ValueError, match=r"TFG Adaptive Guidance \[model family: SD1.x\]: ComfyUI's PerpNegGuider"
+                                         r".*divide by zero.*Fix: give PerpNegGuider the model without"):
+        advanced_sample(sd15, guider)
+    # the same guider on the unpatched model still runs (nothing left behind)
+    plain = nodes_perpneg.Guider_PerpNeg(sd15.model)
+    plain.set_conds(sd15.positive, sd15.negative, sd15.negative)
+    plain.set_cfg(5.0, 1.0)
+    assert torch.isfinite(advanced_sample(sd15, plain)).all()
+
+
+def test_guidance_interval_counts_and_report(sd15, ag, adapters):
+    import comfy.samplers
+    steps = 8
+    counted, counts = with_counter(patch(ag, sd15.model, threshold=1.0, interval_start=0.25, interval_end=0.75))
+    out = ksample(sd15, counted, steps=steps)
+    sigmas = comfy.samplers.calculate_sigmas(sd15.model.get_model_object("model_sampling"), "normal", steps)[:-1]
+    high = adapters.percent_to_sigma(sd15.model, 0.25)
+    low = adapters.percent_to_sigma(sd15.model, 0.75)
+    inside = [i for i, s in enumerate(sigmas.tolist()) if low < s <= high]
+    assert 0 < len(inside) < steps
+    assert counts == {"cond": steps, "uncond": len(inside), "calls": steps}
+    assert not torch.equal(out, ksample(sd15, sd15.model, steps=steps))
+    guider = ag.AdaptiveGuiderNode.execute(model=sd15.model, positive=sd15.positive, negative=sd15.negative,
+                                           cfg=5.0, threshold=1.0, interval_start=0.25, interval_end=0.75).args[0]
+    advanced_sample(sd15, guider, steps=steps)
+    outside = [i for i in range(steps) if i not in inside]
+    assert f"cond only outside the guidance interval at steps {outside}" in guider.tfg_adaptive_guidance_report
+    assert f"model passes {steps + len(inside)} of {2 * steps}" in guider.tfg_adaptive_guidance_report
+    assert "interval_start (0.8) must not exceed interval_end (0.2)" in ag.AdaptiveGuidance.validate_inputs(
+        interval_start=0.8, interval_end=0.2)
+
+
+def test_interval_and_latch_combine(sd15, ag):
+    """Inside the interval the latch still stops the uncond pass: latched at the first step inside."""
+    counted, counts = with_counter(patch(ag, sd15.model, threshold=0.0, interval_start=0.5))
+    ksample(sd15, counted, steps=8)
+    assert counts["cond"] == 8 and counts["uncond"] == 1
 
 
 def test_post_cfg_functions_see_the_cond_prediction_as_uncond_when_skipped(sd15, ag):

@@ -211,3 +211,15 @@ def test_load_before_any_fit_says_what_to_do(la, models_dir):
     with pytest.raises(ValueError, match=r"TFG LinearAG Load Coefficients: no coefficients have been fitted yet.*"
                                          r"Fix: run LinearAG Record → Fit"):
         la.LinearAGLoad.execute(coefficients_name=None)
+
+
+def test_linear_ag_at_cfg_one_passes_through(sd15, la):
+    model = la.LinearAG.execute(model=sd15.model).args[0]
+    assert torch.equal(ksample(sd15, model, cfg=1.0), ksample(sd15, sd15.model, cfg=1.0))
+    assert la.LinearAGGuider.validate_inputs(cfg=1.0) is True
+
+
+def test_linear_ag_guidance_interval_is_appended_after_coefficients(la):
+    ids = [i.id for i in la.LinearAG.GET_SCHEMA().inputs]
+    assert ids[-3:] == ["coefficients", "interval_start", "interval_end"]
+    assert "must not exceed" in la.LinearAG.validate_inputs(interval_start=0.9, interval_end=0.1)
