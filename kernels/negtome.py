@@ -307,7 +307,7 @@ def _extrapolate(x: torch.Tensor, matched: torch.Tensor, merge: torch.Tensor, al
     Half-precision features take one fused pass, lerp(x, matched, -alpha) = x + alpha (x - matched) computed in
     fp32 (PyTorch's opmath) and rounded once: no fp32 copies of the tokens."""
     if x.dtype in (torch.float16, torch.bfloat16):
-        pushed = torch.lerp(x, matched, -alpha)
+        pushed = torch.lerp(x, matched, -alpha, out=matched)  # into the caller's temporary: no new tensor
     else:
         pushed = x.float() * (1.0 + alpha)  # a new tensor even for fp32 x
         pushed.sub_(matched.float().mul_(alpha))
@@ -425,13 +425,15 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
     n_chunks, n_images, n_tokens, dim = x4.shape
     size = torch.finfo(sim_dtype).bits // 8
     k = min(n_images - 1, int(budget_bytes) // (size * n_chunks * n_tokens * n_tokens))
-    xn = _normalise(x4, sim_dtype)
-    ref_n = xn[:, 0]  # (C, N, D)
+    one_block = k >= n_images - 1
+    xn = _normalise(x4, sim_dtype) if one_block else None  # one normalisation, or one per block (less memory)
+    ref_n = xn[:, 0] if one_block else _normalise(x4[:, 0], sim_dtype)  # (C, N, D)
     pieces = []
     for f0 in range(1, n_images, k):
         f1 = min(n_images, f0 + k)
         n = f1 - f0
-        src_n = xn[:, f0:f1].reshape(n_chunks, n * n_tokens, dim)
+        src_n = (xn[:, f0:f1] if one_block else _normalise(x4[:, f0:f1], sim_dtype)).reshape(
+            n_chunks, n * n_tokens, dim)
         if matching == "official":  # (C, N_ref, n * N_src), reduced along the innermost (source) dimension
             block = _similarity_block(ref_n, src_n)
             v, i = block.view(n_chunks, n_tokens, n, n_tokens).max(dim=3)
@@ -442,7 +444,7 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
                 block.masked_fill_(~ref_mask.view(1, 1, -1), float("-inf"))
             v, i = block.max(dim=2)
             v, i = v.view(n_chunks, n, n_tokens), i.view(n_chunks, n, n_tokens)
-        del block
+        del block, src_n
         pieces.append((v, i))
     del xn, ref_n
     if len(pieces) == 1:
