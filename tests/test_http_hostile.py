@@ -159,7 +159,7 @@ def _file_cases():
 FILE_CASES = _file_cases()
 
 
-def test_file_inputs_are_declared():
+def test_file_inputs_are_declared(comfy_host_path):
     """The known file inputs exist, so the traversal tests below cannot pass by finding nothing to test."""
     assert set(ng.FILE_INPUTS) <= set(FILE_CASES), f"file inputs not found on the nodes: " \
                                                    f"{sorted(set(ng.FILE_INPUTS) - set(FILE_CASES))}"

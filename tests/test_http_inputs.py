@@ -140,7 +140,7 @@ def test_linked_out_of_range_values_stop_the_run_naming_the_input(comfy_server, 
         "\n".join(failures)
 
 
-def test_every_pack_node_has_an_input_declaration():
+def test_every_pack_node_has_an_input_declaration(comfy_host_path):
     assert NODES, "no pack nodes found (no ComfyUI host?)"
     missing = [n for n, cls in NODES.items() if ng.declaration(cls) is None]
     assert not missing, f"{len(missing)} of {len(NODES)} nodes have no INPUTS declaration: {missing}"
