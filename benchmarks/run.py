@@ -54,6 +54,10 @@ def build_methods(cfg: float, quick: bool):
     for t, start in [(t, 0.0) for t in x0_thr] + (list(X0_GUARDED) if not quick else []):
         methods.append(M(f"AG x0 {t}" + (f" start {start}" if start else ""), cfg,
                          P(threshold=t, space="x0", start_percent=start), group="AG x0"))
+    # the batch-wide rule at the same thresholds: per_sample (the default) against it at equal SSIM
+    for t in x0_thr:
+        methods.append(M(f"AG x0 {t}, decision batch", cfg, P(threshold=t, space="x0", decision="batch"),
+                         group="batch rule"))
     for start in (EPS_STARTS if not quick else (0.0,)):
         for t in eps_thr:
             methods.append(M(f"AG eps {t}" + (f" start {start}" if start else ""), cfg,
@@ -61,9 +65,7 @@ def build_methods(cfg: float, quick: bool):
     for t in (PORT_THRESHOLDS if not quick else (0.99,)):
         methods.append(M(f"port rule x0 {t} (batch, cfg on crossing)", cfg,
                          P(threshold=t, space="x0", decision="batch", crossing_step="cfg"), group="port"))
-    if not quick:  # the port rule's two differences from the defaults, one at a time
-        methods.append(M("AG x0 0.99, decision batch", cfg, P(threshold=0.99, space="x0", decision="batch"),
-                         group="rule"))
+    if not quick:  # the port rule's two differences from the defaults, one at a time (batch: the rows above)
         methods.append(M("AG x0 0.99, crossing_step cfg", cfg, P(threshold=0.99, space="x0", crossing_step="cfg"),
                          group="rule"))
     for t in (DELTA_THRESHOLDS if not quick else (0.99,)):
@@ -362,6 +364,7 @@ def _recommendation(rows, recorder=None) -> str:
             if key in by_name:
                 parts.append(f"{label} {by_name[key]['saved']:.1f}% / {by_name[key]['ssim']:.3f}")
         lines.append("At γ̄ 0.99 (x0): " + "; ".join(parts) + ".")
+    lines += _per_sample_vs_batch(rows)
     negtome = [r for r in rows if r["method"].group == "NegToMe"]
     if negtome:
         ref_div = next(r for r in rows if r["name"] == "CFG")
@@ -385,6 +388,35 @@ def _recommendation(rows, recorder=None) -> str:
                          f"{plain['fd']:.2f}, at {r['evals']:.1f} vs {plain['evals']:.1f} evals/image: {verdict} "
                          "CFG.")
     return "\n".join(lines)
+
+
+def _interpolate(points, ssim):
+    """Saving at `ssim` on the piecewise-linear curve through (ssim, saving) points; None outside their range."""
+    points = sorted(points)
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if s0 <= ssim <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (ssim - s0) / (s1 - s0)
+    return None
+
+
+def _per_sample_vs_batch(rows) -> list[str]:
+    """The default decision (per_sample: each image stops its uncond pass when it latches) against the batch-wide
+    rule (one cosine over the batch), compared at equal SSIM to CFG (interpolated between the batch rows)."""
+    ours = [r for r in rows if r["method"].group == "AG x0" and r["method"].hold_delta is None
+            and r["method"].ag.start_percent == 0.0]
+    batch = [r for r in rows if r["method"].group == "batch rule"]
+    if not ours or len(batch) < 2:
+        return []
+    parts = []
+    for r in sorted(ours, key=lambda r: r["method"].ag.threshold):
+        other = _interpolate([(b["ssim"], b["saved"]) for b in batch], r["ssim"])
+        if other is not None:
+            parts.append(f"γ̄ {r['method'].ag.threshold}: {r['saved']:.1f}% vs {other:.1f}% at SSIM {r['ssim']:.3f} "
+                         f"({r['saved'] - other:+.1f} points)")
+    if not parts:
+        return []
+    return ["per_sample (default) vs decision batch, evaluations saved at equal SSIM to CFG (the batch rule "
+            "interpolated between its rows): " + "; ".join(parts) + "."]
 
 
 def save_plot(recorder, path: Path, note: str) -> Path | None:

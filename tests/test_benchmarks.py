@@ -133,6 +133,21 @@ def test_ag_and_hold_delta_keep_the_evaluation_count(eval_model, harness):
     assert (r_ag.images - cfg.images).abs().max() < 2.0
 
 
+def test_per_sample_rows_are_counted_per_image(eval_model, harness):
+    """per_sample: each image computes its uncond up to and including its latch step, then never again; the
+    batch rule latches every image together."""
+    P = host.pack_module("kernels.adaptive_guidance").AdaptiveGuidanceParams
+    steps = 12
+    common = dict(classes=[3], per_class=4, batch=4, steps=steps, seed=11)
+    r = harness.run_method(eval_model, harness.Method("AG", 5.0, P(threshold=0.99, space="x0")), **common)
+    assert len(r.latch_steps) == 4 and len(set(r.latch_steps)) > 1  # the images latch at different steps
+    assert r.counter.cond == 4 * steps
+    assert r.counter.uncond == sum(min(s + 1, steps) for s in r.latch_steps)
+    b = harness.run_method(eval_model, harness.Method("AG batch", 5.0, P(threshold=0.99, space="x0",
+                                                                          decision="batch")), **common)
+    assert len(set(b.latch_steps)) == 1 and b.counter.uncond == 4 * min(b.latch_steps[0] + 1, steps)
+
+
 def test_linear_ag_rows_fit_and_count(eval_model, harness):
     """The LinearAG rows: the pack's recorder + fit on separate seeds, and the paper's schedule's count."""
     try:
@@ -159,7 +174,7 @@ def test_linear_ag_fitted_estimate_beats_the_baselines(eval_model, harness):
     steps = 10
     coefficients, _, _ = harness.fit_linear_ag(eval_model, list(range(10)), 2, 2, steps, 90_000, 5.0)
     defaults = lag.LinearAGParams()
-    estimators = {"fitted": (defaults, (coefficients.coefficients, coefficients.fitted)),
+    estimators = {"fitted": (defaults.replace(estimator="fitted"), (coefficients.coefficients, coefficients.fitted)),
                   "hold_delta": (defaults.replace(estimator="hold_delta"), ()),
                   "previous_uncond": (defaults.replace(estimator="previous_uncond"), ())}
     probe = harness.estimator_errors(eval_model, estimators, defaults, [0, 3, 8], 2, 2, steps, 95_000, 5.0)
