@@ -51,7 +51,9 @@ import torch
 
 from . import patches as P
 
-MASKS = ("cross_attention", "none")
+MASKS = ("cross_attention", "none", "auto")
+"""auto: cross_attention where the model has text cross-attention layers (UNet families), none elsewhere
+(SD3/Flux joint attention): `resolve_mask`."""
 BLENDS = P.BLENDS
 LATENT_DOWNSCALE = 8
 """Pixels per latent pixel of every supported family (SD1.x, SDXL, SD3, Flux VAEs), for messages."""
@@ -72,8 +74,9 @@ class ASGParams:
     guidance_scale: float = 0.5
     """w of Eq. 3-4, constant over the structure stage. The paper gives no value (no code; its ablation shows
     large values blur): 0.5 is our choice. 0 = CutDiffusion (no structure guidance)."""
-    mask: str = "cross_attention"
-    """cross_attention (paper, Eq. 4; UNet families) or none (Eq. 3, any family)."""
+    mask: str = "auto"
+    """cross_attention (paper, Eq. 4; UNet families), none (Eq. 3, any family) or auto (cross_attention where the
+    model has cross-attention layers, else none: the default runs on every family)."""
     asynchronous: bool = True
     """True: the key patch's prediction one model evaluation stale (paper's ASG); False: the same evaluation."""
     pixel_interaction: bool = True
@@ -123,6 +126,13 @@ class ASGParams:
         if self.window_batch < 1:
             problems.append(f"window_batch must be at least 1, got {self.window_batch}")
         return problems
+
+
+def resolve_mask(mask: str, has_cross_attention: bool) -> str:
+    """The mask a run uses: `auto` -> cross_attention when the model has text cross-attention layers, else none."""
+    if mask == "auto":
+        return "cross_attention" if has_cross_attention else "none"
+    return mask
 
 
 def patch_size(height: int, width: int, scale_h: int, scale_w: int) -> tuple[int, int]:

@@ -12,7 +12,8 @@ Cross-attention mask (SD1.x/SD2.x/SDXL): for the structure stage only, attn2 rep
 or the patch that was there before, chained) and, on the side, record the attention probabilities of the
 conditional rows (kernels.asg.heat_from_attention). The patches live in a copy of the run's model_options, so
 nothing outside this run sees them. Flux/SD3 have no cross-attention layers (joint attention): mask="none"
-(the paper's Eq. 3) works there; mask="cross_attention" raises a clear error.
+(the paper's Eq. 3) works there, and mask="auto" (the default) picks it; mask="cross_attention" raises a clear
+error.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import comfy.samplers
 
 from ..kernels import patches as P
 from ..kernels.asg import (MASKS, MAX_SCALE, ASGParams, DetailDenoiser, StructureDenoiser, heat_from_attention,
-                           patch_size, resize_map, split_steps)
+                           patch_size, resize_map, resolve_mask, split_steps)
 from . import adapters, memory
 from . import inputs as inp
 
@@ -48,7 +49,8 @@ _DESCRIPTION = (
     "noise where the patch's own cross-attention map (UNet up blocks) is high, using the key prediction of the "
     "previous evaluation (asynchronous, as the paper). Detail stage: overlapping native-size windows averaged "
     "per step (MultiDiffusion/CutDiffusion). No official code exists; choices are documented in the README. "
-    "Models: SD1.x, SD2.x, SDXL (cross-attention mask); Flux and SD3 with mask=none only. Cost: about the "
+    "Models: SD1.x, SD2.x, SDXL (cross-attention mask); Flux and SD3 with the unmasked guidance (mask auto, the "
+    "default, picks it; cross_attention is an error there). Cost: about the "
     "model evaluations of K native-size images per structure step plus one per window per detail step "
     "(2048x2048 SDXL: 4 patches, then 9 windows); memory of max(K, window_batch) native-size rows per call."
 )
@@ -61,13 +63,19 @@ def resolve_family(model, params: ASGParams) -> adapters.ModelFamily:
     family = adapters.resolve_family(NODE, model, SUPPORTED, "this model family is not supported.",
                                      "use an SD1.x, SD2.x, SDXL, SD3 or Flux model.",
                                      "the SD1.x/SDXL cross-attention mask is used")
+    params = with_resolved_mask(params, family)
     if params.mask == "cross_attention" and params.guidance_scale != 0.0 and \
             family.key not in CROSS_ATTENTION_FAMILIES:
         raise adapters.node_error(
             NODE, family, "mask=cross_attention needs the text cross-attention layers of a UNet's up-sampling "
                           "blocks; this model has joint attention (no separate cross-attention maps).",
-            "set mask to none (the paper's unmasked Eq. 3), or use an SD1.x/SD2.x/SDXL model.")
+            "set mask to auto or none (the paper's unmasked Eq. 3), or use an SD1.x/SD2.x/SDXL model.")
     return family
+
+
+def with_resolved_mask(params: ASGParams, family: adapters.ModelFamily) -> ASGParams:
+    """mask=auto -> cross_attention on the UNet families, none on SD3/Flux (joint attention)."""
+    return params.replace(mask=resolve_mask(params.mask, family.key in CROSS_ATTENTION_FAMILIES))
 
 
 def cross_attention_layers(model) -> list[tuple[int, int]]:
@@ -304,6 +312,7 @@ def sample_asg(model, positive, negative, seed: int, steps: int, cfg: float, sam
     if problems:
         raise adapters.node_error(NODE, family, "; ".join(problems), "correct the inputs.")
     family = resolve_family(model, params)
+    params = with_resolved_mask(params, family)
     refuse_conditioning(positive, family)
     refuse_conditioning(negative, family)
     if latent.get("noise_mask") is not None:
@@ -365,7 +374,8 @@ def validate_scales(scale_width, scale_height) -> bool | str:
 
 
 INPUTS = inp.NodeInputs(NODE, [
-    inp.Socket(io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL; Flux/SD3 with mask=none).")),
+    inp.Socket(io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL, SD3, Flux; SD3/Flux without the "
+                                               "cross-attention mask).")),
     inp.Socket(io.Conditioning.Input("positive", tooltip="Positive prompt (no area, mask or ControlNet entries)."),
                finite=True),
     inp.Socket(io.Conditioning.Input("negative", tooltip="Negative prompt (no area, mask or ControlNet entries)."),
@@ -397,7 +407,8 @@ INPUTS = inp.NodeInputs(NODE, [
               "blur; 0.5 is our default", neutral="0 (= CutDiffusion)", min=0.0, max=1.0, step=0.01),
     inp.Choice("mask", "cross_attention: the paper's mask, each patch's own attention map from the UNet up blocks "
                "(attention mass on all text tokens but the first), min-max normalised (SD1.x/SDXL only). none: "
-               "unmasked guidance (paper Eq. 3; all families)", MASKS,
+               "unmasked guidance (paper Eq. 3; all families). auto: cross_attention on SD1.x/SD2.x/SDXL, none on "
+               "SD3/Flux (which have joint attention, no cross-attention maps)", MASKS,
                neutral="none with guidance_scale 0 (guidance_scale 0 is the neutral setting)",
                paper="cross_attention (Eq. 4)"),
     inp.Bool("asynchronous", "True: guidance uses the key patch's prediction from the previous evaluation, so "

@@ -273,3 +273,9 @@ def test_detail_denoiser_single_window_is_the_model():
     stage = A.DetailDenoiser(model, A.ASGParams(), window=(4, 4), seed=0)
     x = _x(b=1, h=4, w=4)
     assert torch.equal(stage(x, torch.ones(1)), model(x, torch.ones(1)))
+
+
+def test_auto_mask_resolves_per_model():
+    assert A.ASGParams().mask == "auto" and "auto" in A.MASKS
+    assert A.resolve_mask("auto", True) == "cross_attention" and A.resolve_mask("auto", False) == "none"
+    assert A.resolve_mask("none", True) == "none" and A.resolve_mask("cross_attention", False) == "cross_attention"

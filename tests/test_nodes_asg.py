@@ -199,7 +199,7 @@ def test_non_finite_tiny_and_oversize_inputs_refused_before_any_model_call(sd15,
 
 
 def test_memory_estimate_follows_patches_and_windows(sd15, asg):
-    p = asg.ASGParams(scale_width=2, scale_height=2, window_batch=2)
+    p = asg.ASGParams(scale_width=2, scale_height=2, window_batch=2, mask="cross_attention")
     est = asg.estimate_memory(sd15.model, p, (1, 4, 16, 16))
     phases = dict(est.phases["cpu"])
     one = sd15.model.model.memory_required((1, 4, 8, 8))
@@ -230,6 +230,34 @@ def test_next_run_after_an_error_or_an_interrupt_equals_a_fresh_run(sd15, asg, m
     assert torch.equal(_execute(asg, sd15), fresh)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_runs_at_its_defaults(family, asg, comfy_root, tmp_path_factory):
+    """Every input at its default (mask auto: the cross-attention mask on SDXL, unmasked on SD3/Flux) on an empty
+    latent of twice the tiny model's native size: the defaults validate and the node runs. (SD1.x takes the same
+    UNet path as SDXL; its tiny model costs ~0.5 s per call, so its 100 default calls are left out.)"""
+    from sampling_helpers import get_setup
+    setup = get_setup(family, tmp_path_factory)
+    node = asg.ASGDiffusion
+    assert node.validate_inputs(**{w.name: node.INPUTS.default(w) for w in node.INPUTS.widgets}) is True
+    model, counts = with_counter(setup.model)
+    with torch.inference_mode():
+        out = node.execute(model=model, positive=setup.positive, negative=setup.negative,
+                           latent_image={"samples": torch.zeros(1, setup.latent_channels, 2 * N, 2 * N)}).args[0]
+    assert out["samples"].shape == (1, setup.latent_channels, 2 * N, 2 * N)
+    assert bool(torch.isfinite(out["samples"]).all())
+    # 25 structure steps (one call of 4 patches) + 25 detail steps (9 windows in batches of 4: 3 calls)
+    assert counts["calls"] == 25 + 25 * 3, counts
+    expected = "cross_attention" if setup.family == "sdxl" else "none"
+    assert asg.with_resolved_mask(asg.DEFAULTS, asg.adapters.detect_family(setup.model)).mask == expected
+
+
+def test_auto_mask_is_the_cross_attention_mask_on_sd15(sd15, asg):
+    family = asg.adapters.detect_family(sd15.model)
+    assert asg.DEFAULTS.mask == "auto" and asg.with_resolved_mask(asg.DEFAULTS, family).mask == "cross_attention"
+    _, stats = run(asg, sd15, mask="auto", guidance_scale=0.8)
+    assert stats.masked_evaluations == stats.structure_evaluations == 2
+
+
 def test_pixel_interaction_changes_the_result(sd15, asg):
     a, _ = run(asg, sd15, pixel_interaction=True, guidance_scale=0.0)
     b, _ = run(asg, sd15, pixel_interaction=False, guidance_scale=0.0)
@@ -258,7 +286,7 @@ def test_cross_attention_mask_on_joint_attention_models_is_a_clear_error(comfy_r
     from sampling_helpers import get_setup
     s = get_setup(family, tmp_path_factory)
     name = {"sd3": "SD3", "flux": "Flux"}[family]
-    with pytest.raises(ValueError, match=rf"\[model family: {name}\].*mask to none"):
+    with pytest.raises(ValueError, match=rf"\[model family: {name}\].*mask to auto or none"):
         run(asg, s, mask="cross_attention", guidance_scale=0.5)
 
 

@@ -617,6 +617,47 @@ def test_reference_size_mismatch_is_a_loud_error(sd15, nd):
 
 
 # ------------------------------------------------------------------------------------------------
+# Defaults (issue 18): every node runs with every input at its default on each family
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_every_node_runs_at_its_defaults(family, nd, K, comfy_root, tmp_path_factory, monkeypatch):
+    """Only the sockets are given (a 32x32 image; every widget at its declared default): DiffuseHigh (x2), the
+    Progressive node with stages auto (SD1.x/SD3/Flux: x2 -> 64x64; SDXL: the official 2048, 3072, 4096, whose
+    planned sizes are checked here and which then runs with one explicit small stage on the tiny model), and the
+    Guidance patch in KSamplerAdvanced with the official settings (start_at_step 35 of 50, cfg 10)."""
+    import nodes
+    from sampling_helpers import get_setup
+    s = get_setup(family, tmp_path_factory)
+    vae = vae_of(s)
+    for node in _nodes(nd):
+        assert node.validate_inputs(**{w.name: node.INPUTS.default(w) for w in node.INPUTS.widgets}) is True
+    assert nd.DEFAULTS.stages == "auto"
+    sockets = dict(model=s.model, positive=s.positive, negative=s.negative, vae=vae)
+    src = image(32, 32)
+    with torch.inference_mode():
+        out, latent = nd.DiffuseHigh.execute(image=src, **sockets).args
+        assert out.shape == (1, 64, 64, 3) and torch.isfinite(out).all()
+        assert latent["samples"].shape == (1, s.latent_channels, 8, 8)
+        if family == "sdxl":
+            planned = []
+            with monkeypatch.context() as m:
+                m.setattr(nd.memory, "require", lambda *a, **k: None)
+                m.setattr(nd, "run_stages", lambda *a, **k: planned.append(a[5]) or (None, None))
+                nd.DiffuseHighProgressive.execute(image=src, **sockets)
+            assert planned == [[(2048, 2048), (3072, 3072), (4096, 4096)]]
+            out, _ = nd.DiffuseHighProgressive.execute(image=src, stages="64", **sockets).args
+        else:
+            out, _ = nd.DiffuseHighProgressive.execute(image=src, **sockets).args
+        assert out.shape == (1, 64, 64, 3) and torch.isfinite(out).all()
+        reference = K.upsample(src.movedim(-1, 1), (64, 64)).movedim(1, -1)
+        patched = nd.DiffuseHighGuidance.execute(model=s.model, vae=vae, reference=reference).args[0]
+        sampled = nodes.KSamplerAdvanced().sample(
+            patched, "enable", 0, 50, 10.0, "euler", "ddim_uniform", s.positive, s.negative,
+            {"samples": vae.encode(reference)}, 35, 50, "disable")[0]["samples"]
+    assert sampled.shape == (1, s.latent_channels, 8, 8) and torch.isfinite(sampled).all()
+
+
+# ------------------------------------------------------------------------------------------------
 # Headless: validation before the run
 # ------------------------------------------------------------------------------------------------
 def test_headless_invalid_stages_rejected_with_node_errors(comfy_server):
