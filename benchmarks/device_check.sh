@@ -29,17 +29,18 @@ if [ ! -f "$COMFYUI_PATH/comfy/model_management.py" ] || [ ! -f "$COMFYUI_PATH/n
          "ComfyUI checkout there, e.g. the one tools/host.py brought, with its requirements installed)" >&2
     exit 3
 fi
-if ! "$PY" - "$COMFYUI_PATH" > "$OUT/import_check.log" 2>&1 <<'EOF'
+if ! "$PY" - > "$OUT/import_check.log" 2>&1 <<'EOF'
+# what the benchmarks import: ComfyUI in this process (GPU allowed), its top-level nodes, the pack's modules
 import sys
-sys.path.insert(0, sys.argv[1])
-sys.argv = sys.argv[:1]
+sys.path.insert(0, "benchmarks")
 import torch
-import comfy.options
-comfy.options.enable_args_parsing(False)
-import comfy.model_management  # noqa: F401
-import comfy.supported_models  # noqa: F401
-print("torch", torch.__version__, "cuda", torch.cuda.is_available())
 assert torch.cuda.is_available(), "no CUDA device visible to torch"
+import _host
+_host.setup(cpu=False)
+_host.host.pack_module("benchmarks.harness")
+_host.host.pack_module("nodes.negtome")
+import comfy.supported_models  # noqa: F401
+print("torch", torch.__version__, "cuda", torch.version.cuda, "ComfyUI at", _host.host.find_comfyui())
 EOF
 then
     echo "device_check: the ComfyUI tree at $COMFYUI_PATH does not import with $PY (or no CUDA); see" \
