@@ -12,7 +12,10 @@ default of 1024 px), batch 1:
   trip), each with wall time (torch.cuda.synchronize) and the ratio to the plain stage in the same run;
 * at 4096² (from 2048²), peak GPU memory (torch.cuda.max_memory_allocated, weights included) of image- and
   latent-mode stages; these rows run `--large-steps` steps (default 2, 1 guided) because the peak of a stage
-  is reached within its first guided step, and a full 4096² stage would not fit the time budget.
+  is reached within its first guided step, and a full 4096² stage would not fit the time budget;
+* for every row, the node's pre-run memory estimate (`nodes.diffusehigh.estimate_memory`, nodes/memory.py: what
+  the node refuses to start below, weights excluded) next to the measured peak above the memory already
+  allocated before the stage (the resident weights), so the estimate can be checked against the GPU.
 
 Rows are printed as they finish; the markdown table at the end (and with --write, the section between the
 `results:gpu-highres` markers of BENCHMARKS.md). `--tiny` runs the same code with the tiny SDXL twin and a tiny
@@ -92,15 +95,23 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def estimate(self, size: int, params) -> float:
+        """The node's pre-run estimate for this stage on the model's device, GiB (weights excluded)."""
+        est = self.nd.estimate_memory(self.model, self.vae, 1, [(size, size)], params)
+        return est.peak(self.model.load_device) / 2 ** 30
+
     def stage(self, size: int, params, seed: int = 7):
-        """One stage from a random (size/2)² image to size²: (seconds, peak GiB or None, output)."""
+        """One stage from a random (size/2)² image to size²: (seconds, peak GiB or None, output); the memory
+        allocated before the stage (GiB or None) is kept in self.resident."""
         import torch
         g = torch.Generator().manual_seed(seed)
         image = torch.rand(1, size // 2, size // 2, 3, generator=g)
         gc.collect()
+        self.resident = None
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            self.resident = torch.cuda.memory_allocated() / 2 ** 30
         self.sync()
         t = time.perf_counter()
         with torch.inference_mode():
@@ -151,7 +162,8 @@ def run(tiny: bool, device, dtype, sizes: tuple[int, int], steps: int, guided: i
             gc.collect()
             continue
         row = dict(size=size, name=name, steps=p.steps, guided=p.guidance_steps, seconds=seconds, peak=peak,
-                   finite=finite)
+                   finite=finite, estimate=bench.estimate(size, p),
+                   above=None if peak is None or bench.resident is None else peak - bench.resident)
         rows.append(row)
         emit(row)
     plain = [r["seconds"] for r in rows if r["size"] == small and r["name"].startswith("plain")]
@@ -165,8 +177,10 @@ def run(tiny: bool, device, dtype, sizes: tuple[int, int], steps: int, guided: i
 def _fmt_row(r: dict) -> str:
     peak = "–" if r.get("peak") is None else f"{r['peak']:.1f}"
     ratio = "–" if r.get("ratio") is None else f"{r['ratio']:.3f}"
+    above = "–" if r.get("above") is None else f"{r['above']:.1f}"
+    estimate = "–" if r.get("estimate") is None else f"{r['estimate']:.1f}"
     return (f"| {r['size']}² | {r['name']} | {r['steps']} ({r['guided']} guided) | {r['seconds']:.2f} | {ratio} | "
-            f"{peak} |")
+            f"{peak} | {above} | {estimate} |")
 
 
 def render(res: dict, ctx: dict) -> str:
@@ -175,8 +189,9 @@ def render(res: dict, ctx: dict) -> str:
            f"{res['vae_params'] / 1e6:.1f} M parameters, random weights, UNet in {ctx['dtype']}; batch 1; one stage "
            "from an image of half the size; euler / ddim_uniform, last steps of 50, CFG 10; VAE tiles of 1024 px "
            "(node default).", ""]
-    out.append("| stage size | method | steps | wall (s) | time / plain stage | peak GPU memory, incl. weights (GiB) |")
-    out.append("|---|---|---|---|---|---|")
+    out.append("| stage size | method | steps | wall (s) | time / plain stage | peak GPU memory, incl. weights (GiB) | "
+               "peak above the resident weights (GiB) | node's pre-run estimate (GiB) |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         out.append(_fmt_row(r))
     out.append("")
@@ -198,6 +213,9 @@ def render(res: dict, ctx: dict) -> str:
     out.append(f"The plain stage ran first and last: its two timings differ by {100 * res['plain_spread']:.1f}% "
                "(the noise of the ratios, which use their mean). The largest-size rows run a shortened stage for "
                "the memory peak only (the peak of a stage is reached in its first guided step).")
+    out.append("The pre-run estimate is what the node refuses to start below (nodes/memory.py: ComfyUI's own UNet and "
+               "VAE estimates for the smallest batch it can fall back to, plus the stage's tensors; weights excluded, "
+               "since ComfyUI can offload them); it should not exceed the measured peak above the resident weights.")
     out.append(f"Whole script: {ctx['total']:.0f} s (model build {res['build_s']:.0f} s).")
     return "\n".join(out)
 
@@ -238,7 +256,8 @@ def main(argv=None) -> int:
     def emit(row):
         sys.stdout.write(f"row: {row['size']}² | {row['name']} | {row['steps']} steps ({row['guided']} guided) | "
                          f"{row['seconds']:.2f} s | peak "
-                         f"{'–' if row.get('peak') is None else format(row['peak'], '.1f')} GiB\n")
+                         f"{'–' if row.get('peak') is None else format(row['peak'], '.1f')} GiB | estimate "
+                         f"{'–' if row.get('estimate') is None else format(row['estimate'], '.4f')} GiB\n")
         sys.stdout.flush()
 
     res = run(args.tiny, device, dtype, sizes, steps, guided, args.large_steps, emit)

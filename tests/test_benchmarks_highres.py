@@ -37,6 +37,8 @@ def test_tiny_run_prints_every_row_and_the_table(comfy_host_path):
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
     assert re.search(r"Latent-mode guidance costs [0-9.]+× a plain img2img stage", out.stdout)
     assert "CPU (tiny configs)" in out.stdout
+    estimates = [float(r.split("estimate ")[1].split(" GiB")[0]) for r in rows]
+    assert all(e > 0 for e in estimates), rows
 
 
 def test_refusals():
@@ -58,13 +60,14 @@ def test_markdown_section_is_replaced_between_the_markers(tmp_path):
         dict(size=2048, name="DiffuseHigh, latent guidance", steps=15, guided=5, seconds=10.4, peak=12.0,
              ratio=1.04),
         dict(size=4096, name="DiffuseHigh, latent guidance", steps=2, guided=1, seconds=9.0, peak=30.0,
-             ratio=None),
+             ratio=None, above=24.5, estimate=21.04),
     ])
     ctx = dict(date="2026-01-01 00:00", device="GPU", torch="2", cuda="12", comfyui="0.3.64", dtype="bfloat16",
                command="python benchmarks/gpu_highres.py", total=100.0)
     md = m.render(res, ctx)
-    assert "| 2048² | DiffuseHigh, latent guidance | 15 (5 guided) | 10.40 | 1.040 | 12.0 |" in md
-    assert "| 4096² | DiffuseHigh, latent guidance | 2 (1 guided) | 9.00 | – | 30.0 |" in md
+    assert "| 2048² | DiffuseHigh, latent guidance | 15 (5 guided) | 10.40 | 1.040 | 12.0 | – | – |" in md
+    assert "| 4096² | DiffuseHigh, latent guidance | 2 (1 guided) | 9.00 | – | 30.0 | 24.5 | 21.0 |" in md
+    assert "pre-run estimate is what the node refuses to start below" in md
     assert "1.040× a plain img2img stage at 2048² (meets the ≤ 1.10× target)" in md
     assert "about 1.92 s of VAE decode + encode per guided step" in md
     path = tmp_path / "BENCHMARKS.md"
