@@ -325,6 +325,45 @@ def test_template_thumbnail_is_served(frontend, comfy_server, path):
     assert not frontend.problems()
 
 
+def test_template_browser_shows_the_packs_thumbnails(frontend):
+    """Templates → the pack's category: one card per workflow, each thumbnail loaded."""
+    from headless_server import PACK_DIR_NAME
+    frontend.close_dialogs()
+    frontend.problems()
+    frontend.driver.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    deadline = time.monotonic() + 20
+    clicked = False
+    while time.monotonic() < deadline and not clicked:
+        time.sleep(0.5)
+        clicked = frontend.driver.execute_script("""
+            const item = Array.from(document.querySelectorAll('.p-dialog span, .p-dialog button, .p-dialog li'))
+              .find(e => e.children.length === 0 && (e.innerText || '').trim() === arguments[0]);
+            if (item) item.click();
+            return !!item;""", PACK_DIR_NAME)
+    assert clicked, f"no '{PACK_DIR_NAME}' category in the template browser"
+    time.sleep(3)
+    frontend.screenshot(ARTIFACTS / "template_browser.png")
+    names = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+    seen, widths = set(), []
+    for step in range(12):           # the grid renders (and drops) cards as it is scrolled
+        state = frontend.driver.execute_script("""
+            const texts = Array.from(document.querySelectorAll('.p-dialog *'))
+              .filter(e => e.children.length === 0).map(e => (e.innerText || '').trim());
+            const widths = Array.from(document.querySelectorAll('.p-dialog img')).filter(i => i.complete)
+              .map(i => i.naturalWidth);
+            for (const el of document.querySelectorAll('.p-dialog *'))
+              if (el.scrollHeight > el.clientHeight + 10) el.scrollTop += 400;
+            return {texts, widths};""")
+        seen |= set(state["texts"]) & set(names)
+        widths += state["widths"]
+        time.sleep(0.8)
+    problems = frontend.problems()
+    frontend.close_dialogs()
+    assert seen == set(names), f"template cards missing: {sorted(set(names) - seen)}"
+    assert widths and all(w > 0 for w in widths), f"thumbnails that did not load: {widths}"
+    assert not problems, "while browsing the templates:\n" + "\n".join(problems)
+
+
 def _pack_node_ids() -> list[str]:
     return sorted(p.stem for p in DOCS_DIR.glob("*.md"))
 
@@ -507,26 +546,34 @@ def relayout(url: str) -> None:
 # <workflow name>.jpg from there as the template's thumbnail (mediaSubtype "jpg" for custom-node templates).
 
 THUMB_SIZE = (512, 384)
-TINY_LABEL = "tiny random-weight test model: the graph runs; not what the technique looks like"
+TINY_LABEL = "TINY TEST MODEL (random weights)\nshows that the graph runs, not the technique"
 
 
 def _label_image(images: dict, title: str, label: str):
-    """images {caption: HxWx3 uint8} side by side under a title, with `label` at the bottom."""
+    """images {caption: HxWx3 uint8} side by side under a title, with `label` in a red band at the bottom."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:                     # Pillow < 10.1: one bitmap size
+            return ImageFont.load_default()
+
     canvas = Image.new("RGB", THUMB_SIZE, (28, 28, 28))
     draw = ImageDraw.Draw(canvas)
-    draw.text((12, 10), title, fill=(240, 240, 240))
+    draw.text((14, 10), title, fill=(240, 240, 240), font=font(26))
     n = max(1, len(images))
-    cell = min((THUMB_SIZE[0] - 12 * (n + 1)) // n, THUMB_SIZE[1] - 110)
-    x = (THUMB_SIZE[0] - n * cell - (n - 1) * 12) // 2
+    cell = min((THUMB_SIZE[0] - 14 * (n + 1)) // n, THUMB_SIZE[1] - 150)
+    x = (THUMB_SIZE[0] - n * cell - (n - 1) * 14) // 2
     for caption, array in images.items():
         tile = Image.fromarray(np.asarray(array)[..., :3]).resize((cell, cell), Image.NEAREST)
-        canvas.paste(tile, (x, 40))
-        draw.text((x, 46 + cell), caption, fill=(220, 220, 220))
-        x += cell + 12
-    draw.rectangle([0, THUMB_SIZE[1] - 30, THUMB_SIZE[0], THUMB_SIZE[1]], fill=(120, 40, 40))
-    draw.text((10, THUMB_SIZE[1] - 22), label, fill=(255, 255, 255))
+        canvas.paste(tile, (x, 50))
+        draw.text((x, 56 + cell), caption[:24], fill=(220, 220, 220), font=font(16))
+        x += cell + 14
+    draw.rectangle([0, THUMB_SIZE[1] - 64, THUMB_SIZE[0], THUMB_SIZE[1]], fill=(150, 30, 30))
+    for i, line in enumerate(label.split("\n")):
+        draw.text((14, THUMB_SIZE[1] - 58 + 28 * i), line, fill=(255, 255, 255), font=font(22))
     return canvas
 
 
@@ -556,7 +603,7 @@ def make_thumbnails(server) -> None:
         images = {titles.get(node_id, node_id): arrays[0]
                   for node_id, arrays in server.images_by_node(entry).items()}
         images = dict(sorted(images.items()))
-        label = "the shipped digits model (real weights, 8x8 digits)" if digits else TINY_LABEL
+        label = "the pack's digits model (real weights)\n8x8 digits, upscaled" if digits else TINY_LABEL
         _label_image(images, path.stem, label).save(path.with_suffix(".jpg"), quality=85)
         sys.stdout.write(f"wrote {path.with_suffix('.jpg').relative_to(PACK_ROOT)}\n")
 
