@@ -200,17 +200,18 @@ def text_embeds(conditioning, family, from_positive: bool):
 # Memory of the gradient passes, before any allocation
 # ----------------------------------------------------------------------------------------------
 GIB = 1024 ** 3
-UNET_GRAD_ACTIVATIONS = 20.0
+UNET_GRAD_ACTIVATIONS = 25.16
 """Activations autograd keeps for one composite prediction with gradients (CFG batch), in units of ComfyUI's own
 inference estimate of the UNet (latent area x batch x dtype size x 0.01 MiB x the model's memory_usage_factor).
 From the cost figures of docs/tale.md (H200, SDXL fp16, 1024², random weights): energy latent peaks 16.0 GiB above
-energy none; less the 4.8 GiB of weight copies that leaves 11.2 GiB, 17.5 units; x1.15 margin. With the weights
-counted twice, the estimate for that run is 22.4 GiB (measured peak 22.3 GiB)."""
+energy none; less the 4.8 GiB of weight copies that leaves 11.2 GiB. One unit there is 2 x 128 x 128 x 2 bytes x
+0.01 MiB x 0.8 (SDXL's memory_usage_factor) = 0.512 GiB, so 11.2 / 0.512 = 21.875 units; x1.15 margin = 25.16.
+With the weights counted twice (2 x 4.78 GiB), the estimate for that run is 22.44 GiB (measured peak 22.3 GiB)."""
 VAE_GRAD_DECODE = 3.6
 """Activations of the VAE decode with gradients (energy clip), in units of the VAE's own decode estimate
 (`vae.memory_used_decode`). Same figures: energy clip peaks 15.5 GiB above energy latent; less about 1 GiB of CLIP
 vision and weight copies that leaves 14.5 GiB, 3.4 units (NVIDIA); x1.06 margin. Estimate for that run (ViT-L CLIP
-vision): about 40 GiB (measured peak 37.8 GiB)."""
+vision): about 40.3 GiB (measured peak 37.8 GiB)."""
 CLIP_VALUES_PER_TOKEN_LAYER = 24
 """Saved values per token, hidden unit and layer of a CLIP vision forward with gradients (attention, MLP 4x,
 norms)."""
@@ -280,21 +281,23 @@ def loaded_model_bytes(device) -> int:
 
 def check_memory(model, vae, clip_vision, params: TALEParams, latent_hw: tuple[int, int], family
                  ) -> MemoryEstimate | None:
-    """Refuse a gradient run whose estimated peak exceeds what the device has (free + held by unloadable models),
-    before anything is allocated. None when the run takes no gradient (its memory is plain sampling's, which
-    ComfyUI manages)."""
+    """Refuse a gradient run whose estimated peak exceeds what the device has (free + held by unloadable models -
+    ComfyUI's minimum inference reserve), before anything is allocated. None when the run takes no gradient (its
+    memory is plain sampling's, which ComfyUI manages)."""
     if not params.optimising:
         return None
     estimate = gradient_memory(model, vae, clip_vision, params, latent_hw)
     device = model.load_device
     free = int(comfy.model_management.get_free_memory(device))
     held = loaded_model_bytes(device)
-    if estimate.total > free + held:
+    reserve = int(comfy.model_management.minimum_inference_memory())  # what ComfyUI keeps free for itself
+    if estimate.total > free + held - reserve:
         h, w = latent_hw
         raise adapters.node_error(
             NODE, family, f"energy={params.energy} at this size ({w}x{h} latent pixels) needs {estimate.text()} on "
                           f"{device} for its gradient passes, but {free / GIB:.2f} GiB is free there (+ "
-                          f"{held / GIB:.2f} GiB held by loaded models ComfyUI can unload).",
+                          f"{held / GIB:.2f} GiB held by loaded models ComfyUI can unload, - {reserve / GIB:.2f} GiB ComfyUI "
+                          "reserves).",
             "use energy none (no gradients: the memory of plain sampling), a smaller background (the activations "
             "grow with its area)" + (", or energy latent (no VAE decoder or CLIP in the gradient)"
                                      if params.energy == "clip" else "") + ".")
