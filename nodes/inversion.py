@@ -123,10 +123,11 @@ class InversionSampler(comfy.samplers.Sampler):
         model_sampling = inner.model_sampling
         params = self.params
         if params.noise_regularization and isinstance(model_sampling, comfy.model_sampling.CONST):
-            adapters.logger.warning(
-                "%s %s [model family: %s]: noise_regularization skipped: the regulariser pushes noise predictions "
-                "toward Gaussian statistics, but a flow model predicts velocities. Turn it off to silence this.",
-                adapters.PACK_NAME, self.node_name, family.name)
+            adapters.warn_once(f"inversion.flow_regularizer.{self.node_name}",
+                               f"{adapters.PACK_NAME} {self.node_name} [model family: {family.name}]: "
+                               "noise_regularization skipped: the regulariser pushes noise predictions toward "
+                               "Gaussian statistics, but a flow model predicts velocities (said once; turn it off "
+                               "to silence this).")
             params = params.replace(noise_regularization=False)
         if params.average == "reference":
             params = params.replace(early_sigma=reference_early_sigma(model_sampling))
@@ -404,11 +405,11 @@ class InvertNode(io.ComfyNode):
         v = cls.INPUTS.checked(values)
         params = cls.INPUTS.params(v)
         if v.negative is None and not math.isclose(params.cfg, 1.0):
-            adapters.logger.warning(
-                "%s %s [model family: %s]: cfg is %g but no negative conditioning is connected, so the inversion is "
-                "plain conditional (cfg not used). Connect a negative (StyleSSP: the style image's content) for the "
-                "negative guidance, or set cfg to 1 to silence this.", adapters.PACK_NAME, NODE,
-                adapters.detect_family(v.model).name, params.cfg)
+            adapters.warn_once(f"inversion.cfg_without_negative.{NODE}",
+                               f"{adapters.PACK_NAME} {NODE} [model family: {adapters.detect_family(v.model).name}]: "
+                               f"cfg is {params.cfg:g} but no negative conditioning is connected, so the inversion "
+                               "is plain conditional (cfg not used). Connect a negative (StyleSSP: the style image's "
+                               "content) for the negative guidance, or set cfg to 1 to silence this (said once).")
             params = params.replace(cfg=1.0)
         inv = invert_latent(v.model, v.positive, v.negative, v.latent, v.sigmas, params, NODE)
         return io.NodeOutput(inv.latent(), inv.trajectory_latent(), inv.sampling_sigmas(), inv.noise())
