@@ -181,7 +181,7 @@ class StyleSSPStartPoint(io.ComfyNode):
     def execute(cls, **values) -> io.NodeOutput:
         v = cls.INPUTS.checked(values)
         params = cls.INPUTS.params(v)
-        start = build_start_point(v.model, v.inverted, v.content, v.sigmas, params.seed, params)
+        start = build_start_point(v.model, v.inverted, v.content, v.sigmas, params)
         return io.NodeOutput(start.latent, start.sigmas, start.noise)
 
 
@@ -192,9 +192,9 @@ class StartPoint:
         self.state, self.sigma, self.latent, self.sigmas, self.noise = state, sigma, latent, sigmas, noise
 
 
-def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor, seed: int,
-                      params: StyleSSPParams = DEFAULTS, node: str = NODE) -> StartPoint:
-    """The StyleSSP start point (Python API of the node)."""
+def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor, params: StyleSSPParams = DEFAULTS,
+                      node: str = NODE) -> StartPoint:
+    """The StyleSSP start point (Python API of the node); its noise streams come from params.seed."""
     problems = params.validate()
     if problems:
         raise adapters.node_error(node, None, "; ".join(problems), "correct the inputs.")
@@ -220,7 +220,7 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
                                   f"is {tuple(x.shape)} (different {what}).",
                                   "connect the latent that was inverted as content (or a batch-1 content latent of "
                                   "the same size, used for every image).")
-    fm_noise, content_noise = _seed_noise(seed, x.shape, 2)
+    fm_noise, content_noise = _seed_noise(params.seed, x.shape, 2)
     manipulated = manipulate(x, fm_noise, params)
     sigma_end, sigma_start = float(schedule[0]), float(sampling[0])
     if sigma_start > sigma_end * (1.0 + 1e-6):
@@ -252,7 +252,7 @@ def build_start_point(model, inverted: dict, content: dict, sigmas: torch.Tensor
                          "to %.4g), content term %g", adapters.PACK_NAME, node, family.name, params.mode,
                          params.schedule, sigma_start, len(sampling) - 1, steps, sigma_end, params.content_weight)
     return StartPoint(state, sigma_start, latent, sampling.to(torch.float32),
-                      StartNoise(state, sigma_start, model, int(seed)))
+                      StartNoise(state, sigma_start, model, int(params.seed)))
 
 
 def timestep_sigma(model_sampling, t: float, train_timesteps: int = 1000) -> float:

@@ -89,10 +89,9 @@ def sample(s: Setup, noise, sigmas, latent, cfg=3.0):
 def state_of(ssp, s, inv_latent, lat, sigmas, **overrides):
     values = dict(BASE)
     values.update(overrides)
-    seed = values.pop("seed")
     params = ssp.DEFAULTS.replace(**values)
     with torch.inference_mode():
-        return ssp.build_start_point(s.model, inv_latent, lat, sigmas, seed, params)
+        return ssp.build_start_point(s.model, inv_latent, lat, sigmas, params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +176,11 @@ def test_faithful_and_improved_modes_and_seeds(sd15, ssp, inv):
     inv_latent, _, sigmas, _ = inverted(inv, s, lat)
     faithful = start(ssp, s, inv_latent, lat, sigmas)[0]["samples"]
     assert torch.equal(faithful, start(ssp, s, inv_latent, lat, sigmas)[0]["samples"])
-    assert not torch.equal(faithful, start(ssp, s, inv_latent, lat, sigmas, seed=5)[0]["samples"])
+    seed5 = start(ssp, s, inv_latent, lat, sigmas, seed=5)
+    assert not torch.equal(faithful, seed5[0]["samples"])
+    # the Python API draws from params.seed, the node's one source of the seed: the same start point and noise
+    api = state_of(ssp, s, inv_latent, lat, sigmas, seed=5)
+    assert torch.equal(api.latent["samples"], seed5[0]["samples"]) and api.noise.seed == seed5[2].seed == 5
     improved = start(ssp, s, inv_latent, lat, sigmas, mode="improved")[0]["samples"]
     assert not torch.allclose(faithful, improved, atol=1e-3)
 
