@@ -8,11 +8,13 @@ denoisers passed in (kernels/tale_loop.py), the maths (kernels/tale.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from comfy_api.latest import io
 
+import comfy.model_sampling
 import comfy.samplers
 
 from ..kernels import tale as K
@@ -259,11 +261,8 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
              energy_text=None, trace=False):
     """The node's work. Returns (LATENT dict, preview IMAGE, placed MASK, TALEReport). Placement arguments left
     None are params.placement's."""
-    where = params.placement
-    where = where.__class__(mode=where.mode if placement is None else placement,
-                            box_x=where.box_x if box_x is None else box_x,
-                            box_y=where.box_y if box_y is None else box_y,
-                            box_scale=where.box_scale if box_scale is None else box_scale)
+    given = dict(mode=placement, box_x=box_x, box_y=box_y, box_scale=box_scale)
+    where = dataclasses.replace(params.placement, **{k: v for k, v in given.items() if v is not None})
     params = params.replace(placement=where)
     problems = params.validate()
     family = adapters.detect_family(model)
@@ -273,7 +272,6 @@ def run_tale(model, vae, positive, negative, background, foreground, object_mask
                                      "UNet: SD1.x, SD2.x, SDXL).", "use an SD1.x, SD2.x or SDXL model.",
                                      "it runs as an SD UNet")
     ms = model.get_model_object("model_sampling")
-    import comfy.model_sampling
     if isinstance(ms, comfy.model_sampling.CONST):
         raise adapters.node_error(NODE, family, "flow-matching sampling is not supported by this composition sampler.",
                                   "use an eps or v-prediction model.")

@@ -296,8 +296,8 @@ def check_memory(model, vae, clip_vision, params: TALEParams, latent_hw: tuple[i
         raise adapters.node_error(
             NODE, family, f"energy={params.energy} at this size ({w}x{h} latent pixels) needs {estimate.text()} on "
                           f"{device} for its gradient passes, but {free / GIB:.2f} GiB is free there (+ "
-                          f"{held / GIB:.2f} GiB held by loaded models ComfyUI can unload, - {reserve / GIB:.2f} GiB ComfyUI "
-                          "reserves).",
+                          f"{held / GIB:.2f} GiB held by loaded models ComfyUI can unload, - "
+                          f"{reserve / GIB:.2f} GiB ComfyUI reserves).",
             "use energy none (no gradients: the memory of plain sampling), a smaller background (the activations "
             "grow with its area)" + (", or energy latent (no VAE decoder or CLIP in the gradient)"
                                      if params.energy == "clip" else "") + ".")
