@@ -288,7 +288,8 @@ class LinearAGFit(io.ComfyNode):
     INPUTS = inp.NodeInputs("LinearAG Fit", [
         inp.Socket(RecordingType.Input("recording", tooltip="From LinearAG Record.")),
         inp.Socket(io.Latent.Input("samples", tooltip="The recorded sampler's output: connecting it makes the fit "
-                                                      "run after the recording run.")),
+                                                      "run after the recording run (NaN there means the recorded "
+                                                      "trajectories are broken too)."), finite=True),
         inp.FileStem("filename", f"Name of the coefficients file written to models/{COEFFICIENTS_FOLDER}/ (letters, "
                                  "digits, - and _)", param=None, default="linear_ag", check=files.stem_problem),
         inp.Float("ridge", "Relative Tikhonov regularisation of the fit", neutral="0", min=0.0, max=1.0, step=1e-6),
