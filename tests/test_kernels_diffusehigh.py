@@ -300,6 +300,10 @@ def test_guide_mismatch_names_the_space():
     with pytest.raises(SG.ReferenceMismatch) as e:
         guide(_x((1, 4, 24, 24)), 0)
     assert e.value.space == "latent"
+    two = SG.StructureGuide(p, K.reference_low_band(_x((2, 4, 16, 16))))
+    with pytest.raises(SG.ReferenceMismatch, match="batch 2 does not divide the prediction batch 3"):
+        two(_x((3, 4, 16, 16)), 0)
+    assert two(_x((4, 4, 16, 16)), 0).shape == (4, 4, 16, 16), "a reference batch that divides is repeated"
 
 
 def test_run_stages_chains_stages_with_the_denoiser_passed_in():

@@ -6,6 +6,7 @@ structure step, the guidance's and the mask's effect against a seeded baseline, 
 interrupts."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -399,14 +400,12 @@ def test_memory_stays_bounded_at_four_times_the_base_area(comfy_root, asg, tmp_p
 # ------------------------------------------------------------------------------------------------
 # Over HTTP, on the real server
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [0, 9])
-def test_invalid_scale_is_an_http_400_before_the_run(comfy_server, bad):
+def _asg_only(size: int, steps: int = 2) -> tuple[dict, str]:
+    """The shipped ASG workflow with only the ASG branch kept (with a valid other branch ComfyUI would queue that
+    one, HTTP 200, and still list the ASG node's error)."""
     from headless_server import load_api_workflow
-    prompt = load_api_workflow("asg_sdxl.json", size=64, steps=2)
+    prompt = load_api_workflow("asg_sdxl.json", size=size, steps=steps)
     asg_id = next(k for k, n in prompt.items() if n["class_type"] == "TFG_ASGDiffusion")
-    prompt[asg_id]["inputs"]["scale_width"] = bad
-    # keep only the ASG branch: with a valid B branch ComfyUI would queue that one (HTTP 200) and still list
-    # the ASG node's error
     keep = {asg_id}
     for node_id, node in prompt.items():
         if node["class_type"] in ("VAEDecode",) and node["inputs"]["samples"][0] == asg_id:
@@ -415,10 +414,36 @@ def test_invalid_scale_is_an_http_400_before_the_run(comfy_server, bad):
         if node["class_type"] in ("KSampler", "VAEDecode", "SaveImage") and node_id not in keep and not (
                 node["class_type"] == "SaveImage" and node["inputs"]["images"][0] in keep):
             del prompt[node_id]
+    return prompt, asg_id
+
+
+@pytest.mark.parametrize("bad", [0, 9])
+def test_invalid_scale_is_an_http_400_before_the_run(comfy_server, bad):
+    prompt, asg_id = _asg_only(64)
+    prompt[asg_id]["inputs"]["scale_width"] = bad
     status, data = comfy_server.post_prompt(prompt)
     assert status == 400, data
     assert set(data["node_errors"]) == {asg_id}, data["node_errors"]
     assert "input 'scale_width' must be at" in repr(data["node_errors"][asg_id]["errors"])
+
+
+def test_linked_numeric_inputs_run_over_http_like_typed_ones(comfy_server, asg):
+    """Every numeric widget fed by a PrimitiveInt / PrimitiveFloat node: accepted by validation, runs, and gives the
+    image of the same values typed in; an unknown choice is an HTTP 400 naming the input; the server stays up."""
+    typed, asg_id = _asg_only(128)
+    linked = json.loads(json.dumps(typed))
+    primitive = {"int": "PrimitiveInt", "float": "PrimitiveFloat"}
+    for n, w in enumerate(w for w in asg.ASGDiffusion.INPUTS.widgets if w.kind in primitive):
+        linked[f"p{n}"] = {"class_type": primitive[w.kind], "inputs": {"value": linked[asg_id]["inputs"][w.name]}}
+        linked[asg_id]["inputs"][w.name] = [f"p{n}", 0]
+    a = comfy_server.images_by_node(comfy_server.run_prompt(linked, timeout=600))
+    b = comfy_server.images_by_node(comfy_server.run_prompt(typed, timeout=600))
+    assert a and set(a) == set(b) and all((x == y).all() for k in a for x, y in zip(a[k], b[k]))
+    for name in ("sampler_name", "scheduler", "mask", "blend"):
+        bad = json.loads(json.dumps(typed))
+        bad[asg_id]["inputs"][name] = "no-such-option"
+        status, data = comfy_server.post_prompt(bad)
+        assert status == 400 and f"'{name}'" in repr(data["node_errors"][asg_id]["errors"]), (name, data)
 
 
 def test_latent_not_divisible_by_the_scale_fails_naming_node_and_family(comfy_server):
