@@ -7,7 +7,10 @@ Placement, faithful to the official pipelines:
 * Flux: image tokens of every double and single block, before the output projection: a `dit` block replacement
   installs an `optimized_attention_override` for the duration of that block only, and edits the image-token
   slice of the attention output.
-* SD3: image tokens of the joint attention output of the joint blocks (same mechanism; no official setting).
+* SD3/SD3.5: image tokens of the joint attention output of the joint blocks (same mechanism; no official setting).
+* Chroma (Flux-like double + single blocks), HunyuanVideo (double + single blocks, [img, txt] order), Qwen-Image
+  (joint [txt, img] blocks), Wan 2.1/2.2 and LTX-Video (the image self-attention of every block): same mechanism,
+  no official setting. Video tokens are frames x h x w per clip, merged across the clips of a batch.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ DEFAULTS = NegToMeParams()
 CATEGORY = "TFG/guidance"
 NODE = "NegToMe"
 REFERENCE_NODE = "NegToMe Reference"
-SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma", "hunyuan_video", "wan", "ltxv", "qwen_image")
 CALL_INFO = "tfg_negtome_call"
 
 _DESCRIPTION = (
@@ -42,10 +45,14 @@ _DESCRIPTION = (
     "(1+alpha)*x - alpha*matched, during the early, composition-setting steps. Diversity mode: the reference is "
     "batch image 0 (the official code; image 0 itself is unchanged), or all other images (our improvement); "
     "sample a batch of 2 or more. Works on SD1.x, SD2.x, SDXL (self and cross attention outputs of the output "
-    "blocks, each CFG half separately), Flux (image tokens of every double and single block, before the output "
-    "projection) and SD3 (image tokens of the joint blocks); other families raise an error. Cost: no extra "
-    "model passes; a chunked token-similarity search per active layer and step (the paper reports <4% more "
-    "time). The log reports per step how many layers merged tokens."
+    "blocks, each CFG half separately), Flux and Chroma (image tokens of every double and single block, before the "
+    "output projection), SD3/SD3.5 and Qwen-Image (image tokens of the joint attention of every block), "
+    "HunyuanVideo (video tokens of every double and single block), Wan 2.1/2.2 (T2V and I2V) and LTX-Video (the "
+    "video self-attention of every block); other families raise an error. Video: a clip's tokens are all its "
+    "frames x h x w, and clips of a batch are pushed apart (sample 2 or more clips). Cost: no extra model passes; "
+    "a chunked token-similarity search per active layer and step, in blocks of at most 64 MiB (the paper reports "
+    "<4% more time on images; video token counts make it larger). The log reports per step how many layers merged "
+    "tokens."
 )
 
 def _custom_blocks_problem(text: str) -> str | None:
@@ -102,12 +109,14 @@ def negtome_widgets(matchings: tuple[str, ...] = MATCHINGS) -> list:
                   min=0.0, max=1.0, step=0.01),
         inp.Choice("blocks", "Which attention layers. paper: SD1.x/SDXL output blocks whose token grid is at least "
                              f"{PAPER_UNET_MIN_GRID}x{PAPER_UNET_MIN_GRID} (SDXL 1024px: output 0-5; SD1.5 512px: "
-                             "output 6-11; nothing below 256px), Flux every double+single block, SD3 every joint "
-                             "block. all: every attention layer. custom: the custom_blocks list", BLOCK_PRESETS,
+                             "output 6-11; nothing below 256px), Flux/Chroma/HunyuanVideo every double+single block, "
+                             "SD3/SD3.5 every joint block, Wan/LTX-Video/Qwen-Image every block (no official DiT "
+                             "setting beyond Flux). all: every attention layer. custom: the custom_blocks list", BLOCK_PRESETS,
                    paper="paper"),
         inp.Text("custom_blocks", "blocks=custom only: comma-separated NAME.INDEX or NAME.FIRST-LAST. SD1.x/SDXL: "
                                   "input/middle/output (e.g. 'output.3-5'); Flux: double/single (e.g. 'double.0-18, "
-                                  "single.0-37'); SD3: joint (e.g. 'joint.0-23')",
+                                  "single.0-37'); Chroma/HunyuanVideo: double/single; SD3/SD3.5: joint (e.g. "
+                                  "'joint.0-23'); Wan, LTX-Video, Qwen-Image: block (e.g. 'block.0-9')",
                  check=_custom_blocks_problem, allowed="NAME.INDEX or NAME.FIRST-LAST items, comma-separated"),
         inp.Choice("similarity", "Precision of the token cosine similarities. model (default): in the model's dtype "
                                  "(bf16/fp16), as the released code. checked: the same, the matches nearest the "
@@ -232,9 +241,10 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
         raise adapters.node_error(node_name, None, "; ".join(problems), "correct the inputs.")
     family = adapters.resolve_family(
         node_name, model, SUPPORTED,
-        "this architecture has no patch points NegToMe knows (it needs UNet attention output patches, Flux "
-        "double/single blocks or SD3 joint blocks).",
-        "use an SD1.x, SD2.x, SDXL, SD3 or Flux model, or remove this node.",
+        "this architecture has no patch points NegToMe knows (it needs UNet attention output patches or the DiT "
+        "blocks of Flux, Chroma, SD3/SD3.5, Qwen-Image, HunyuanVideo, Wan 2.1/2.2 or LTX-Video).",
+        "use an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image, HunyuanVideo, Wan or LTX-Video model, or "
+        "remove this node.",
         "the SD1.x/SDXL placement is used")
     m = model.clone()
     key = adapters.new_patch_key("negtome")
@@ -336,7 +346,7 @@ def _make_apply_model(params: NegToMeParams, key: str, info_key: str, reference)
         schedule = state.schedule if state is not None and state.schedule is not None else \
             transformer_options.get("sample_sigmas")
         info = {"active": active, "step": adapters.step_index(sigma, schedule),
-                "height": x.shape[-2], "width": x.shape[-1],
+                "height": x.shape[-2], "width": x.shape[-1], "frames": x.shape[-3] if x.dim() == 5 else None,
                 "txt_len": None if c_crossattn is None else c_crossattn.shape[1]}
         options = {**transformer_options, info_key: info}
         if reference is not None and active:
@@ -377,24 +387,26 @@ class ReferenceImage:
         self.model_sampling = None
         self._token_masks: dict = {}
 
-    def token_mask(self, grid: tuple[int, int], device) -> torch.Tensor:
-        """The mask at a layer's token grid (computed once per grid and device, not per layer call)."""
+    def token_mask(self, grid: tuple[int, ...], device) -> torch.Tensor:
+        """The mask at a layer's token grid (computed once per grid and device, not per layer call); a video grid
+        (frames, h, w) repeats the (h, w) mask on every frame (frame-major, like the tokens)."""
         key = (grid, str(device))
         if key not in self._token_masks:
-            self._token_masks[key] = mask_to_tokens(self.mask.to(device), grid)
+            flat = mask_to_tokens(self.mask.to(device), tuple(grid[-2:]))
+            self._token_masks[key] = flat.repeat(grid[0]) if len(grid) == 3 else flat
         return self._token_masks[key]
 
     def row(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         ref = self.latent
-        if ref.shape[-2:] != x.shape[-2:]:
-            adapters.warn_once(
-                f"negtome.refsize.{id(self)}.{tuple(x.shape[-2:])}",
-                f"{adapters.PACK_NAME} {self.node_name} [model family: {self.family.name}]: the reference image "
-                f"encodes to a {tuple(ref.shape[-2:])} latent but the sampled latent is {tuple(x.shape[-2:])}; the "
-                "reference latent is resized (bilinear). Resize the image to the generation size for a faithful "
-                "reference.")
-            ref = torch.nn.functional.interpolate(ref.float(), size=x.shape[-2:], mode="bilinear",
-                                                  align_corners=False)
+        if ref.dim() == 5 and x.dim() == 4:  # a one-frame video latent on an image model's 4-D latents
+            ref = ref[:, :, 0]
+        if x.dim() == 5:
+            # video (or Qwen-Image's one-frame 5-D) latents: the reference frame is held still over every frame
+            ref = ref[:, :, 0] if ref.dim() == 5 else ref
+            ref = self._resized(ref, x.shape[-2:])
+            ref = ref.unsqueeze(2).expand(-1, -1, x.shape[2], -1, -1).contiguous()
+        else:
+            ref = self._resized(ref, x.shape[-2:])
         ref = ref.to(device=x.device, dtype=x.dtype)
         if ref.shape[1] != x.shape[1]:
             raise adapters.node_error(
@@ -407,6 +419,19 @@ class ReferenceImage:
         noise = torch.randn(tuple(ref.shape), generator=g).to(device=x.device, dtype=x.dtype)
         s = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
         return self.model_sampling.noise_scaling(s, noise, ref)
+
+    def _resized(self, ref: torch.Tensor, size) -> torch.Tensor:
+        """The (1, C, h, w) reference latent at the sampled latent's (h, w): bilinear, one warning per size."""
+        x_size = tuple(size)
+        if tuple(ref.shape[-2:]) != x_size:
+            adapters.warn_once(
+                f"negtome.refsize.{id(self)}.{x_size}",
+                f"{adapters.PACK_NAME} {self.node_name} [model family: {self.family.name}]: the reference image "
+                f"encodes to a {tuple(ref.shape[-2:])} latent but the sampled latent is {x_size}; the "
+                "reference latent is resized (bilinear). Resize the image to the generation size for a faithful "
+                "reference.")
+            ref = torch.nn.functional.interpolate(ref.float(), size=x_size, mode="bilinear", align_corners=False)
+        return ref
 
     def run(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, kwargs, sigma):
         if control is not None:
@@ -429,7 +454,8 @@ class ReferenceImage:
 
 
 def encode_reference(model, vae, image: torch.Tensor, node_name: str, family: adapters.ModelFamily) -> torch.Tensor:
-    """The first image of `image` (B, H, W, C) as a (1, C, h, w) latent in the sampler's space."""
+    """The first image of `image` (B, H, W, C) as a (1, C, h, w) latent in the sampler's space; a video VAE's
+    (1, C, T, h, w) latent keeps its first frame, (1, C, 1, h, w) (held still over the sampled frames later)."""
     if image.shape[0] > 1:
         adapters.warn_once(f"negtome.refbatch.{node_name}",
                            f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: {image.shape[0]} "
@@ -437,9 +463,12 @@ def encode_reference(model, vae, image: torch.Tensor, node_name: str, family: ad
     with torch.inference_mode(False), torch.no_grad():
         latent = vae.encode(image[:1, :, :, :3])
     latent_format = model.get_model_object("latent_format")
-    if latent.dim() != 4:
+    if latent.dim() == 5:
+        latent = latent[:, :, :1]
+    elif latent.dim() != 4:
         raise adapters.node_error(node_name, family, f"the VAE returned a {latent.dim()}-D latent; NegToMe's "
-                                                     "reference mode needs an image VAE.", "connect the model's VAE.")
+                                                     "reference mode needs an image or video VAE.",
+                                  "connect the model's VAE.")
     return latent_format.process_in(latent.float()).cpu()
 
 # ----------------------------------------------------------------------------------------------
@@ -512,8 +541,11 @@ class NegToMeReference(io.ComfyNode):
                 " Reference mode (the paper's copyright/style-avoidance use): a reference image, encoded with the "
                 "VAE, is inserted as image 0 of every CFG chunk on active steps, clean or noised to the current "
                 "sigma, and every generated image is pushed away from it (an optional mask limits which reference "
-                "tokens can be matched); its own output is discarded. Works on SD1.x, SD2.x, SDXL, Flux and SD3 "
-                "(not with ControlNet). Cost: one extra batch row per CFG chunk on active steps only."),
+                "tokens can be matched); its own output is discarded. Video (Wan 2.1/2.2, HunyuanVideo, LTX-Video): "
+                "the reference image is held still over every frame (one reference clip of the sampled length) and "
+                "every clip's tokens are matched against all of that clip's tokens; a mask applies to every frame. "
+                "Works on SD1.x, SD2.x, SDXL, Flux, Chroma, SD3/SD3.5, Qwen-Image, HunyuanVideo, Wan 2.1/2.2 and "
+                "LTX-Video (not with ControlNet). Cost: one extra batch row per CFG chunk on active steps only."),
             inputs=cls.INPUTS.schema(),
             outputs=[io.Model.Output(tooltip="The model with NegToMe's reference mode installed.")],
         )

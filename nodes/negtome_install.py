@@ -17,21 +17,46 @@ from . import adapters
 Merge = Callable[..., torch.Tensor]
 
 
+DIT_BLOCK_LISTS = {
+    "flux": {"double": "double_blocks", "single": "single_blocks"},
+    "chroma": {"double": "double_blocks", "single": "single_blocks"},
+    "hunyuan_video": {"double": "double_blocks", "single": "single_blocks"},
+    "sd3": {"joint": "joint_blocks"},
+    "wan": {"block": "blocks"},
+    "ltxv": {"block": "transformer_blocks"},
+    "qwen_image": {"block": "transformer_blocks"},
+}
+"""The network attribute holding each block kind's blocks, per DiT family key."""
+
+DIT_FAMILIES = tuple(DIT_BLOCK_LISTS)
+
+
 def dit_block_counts(model, family: adapters.ModelFamily, node_name: str) -> dict[str, int]:
-    """Blocks of each kind of a Flux ({"double", "single"}) or SD3 ({"joint"}) model; a node error when the
-    network lacks them."""
+    """Blocks of each kind of a DiT (e.g. Flux {"double", "single"}, SD3 {"joint"}, Wan {"block"}); a node error
+    when the network lacks them."""
     net = model.get_model_object("diffusion_model")
-    if family.key == "flux":
-        double, single = getattr(net, "double_blocks", None), getattr(net, "single_blocks", None)
-        if double is None or single is None:
-            raise adapters.node_error(node_name, family, f"{type(net).__name__} has no double_blocks/single_blocks, "
-                                                         "the patch points NegToMe needs.", "use a Flux model.")
-        return {"double": len(double), "single": len(single)}
-    joint = getattr(net, "joint_blocks", None)
-    if joint is None:
-        raise adapters.node_error(node_name, family, f"{type(net).__name__} has no joint_blocks, the patch points "
-                                                     "NegToMe needs.", "use an SD3 MMDiT model.")
-    return {"joint": len(joint)}
+    lists = DIT_BLOCK_LISTS.get(family.key)
+    if lists is None:
+        raise adapters.node_error(node_name, family, "this family has no DiT block layout NegToMe knows.",
+                                  "use a supported family or remove this node.")
+    counts = {}
+    for kind, attr in lists.items():
+        blocks = getattr(net, attr, None)
+        if blocks is None:
+            raise adapters.node_error(node_name, family, f"{type(net).__name__} has no {attr}, the patch points "
+                                                         "NegToMe needs.", f"use a {family.name} model of "
+                                                         "ComfyUI's own architecture (or report it).")
+        counts[kind] = len(blocks)
+    return counts
+
+
+def patch_size_of(net, family: adapters.ModelFamily):
+    """The network's patch size: an int (h = w) or a (t, h, w) tuple; LTX-Video's lives on its patchifier."""
+    if family.key == "ltxv":
+        patchifier = getattr(net, "patchifier", None)
+        return tuple(getattr(patchifier, "patch_size", (1, 1, 1)))
+    size = getattr(net, "patch_size", 2)
+    return tuple(size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def install_unet(m, key: str, info_key: str, blocks: str, custom: frozenset | None, merge: Merge) -> None:
@@ -55,12 +80,12 @@ def install_unet(m, key: str, info_key: str, blocks: str, custom: frozenset | No
 def install_dit(m, key: str, info_key: str, family: adapters.ModelFamily, counts: dict[str, int],
                 custom: frozenset | None, merge: Merge, node_name: str) -> None:
     """One `dit` block replacement per selected block (chained to any previous occupant of the slot): for the
-    duration of that block only, an `optimized_attention_override` edits the image-token span of the joint
-    attention output (before the output projection: the Flux pipeline's placement)."""
-    arch = "flux" if family.key == "flux" else "sd3"
+    duration of that block only, an `optimized_attention_override` edits the image-token span of the block's
+    first attention output (the joint attention, or Wan/LTX-Video's image self-attention), before the output
+    projection: the Flux pipeline's placement."""
+    arch = family.key
     replace = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    net = m.get_model_object("diffusion_model")
-    patch_size = int(getattr(net, "patch_size", 2))
+    patch_size = patch_size_of(m.get_model_object("diffusion_model"), family)
 
     def make_block_patch(kind: str, slot: str, index: int, previous):
         def block_patch(args, extra):
@@ -72,7 +97,8 @@ def install_dit(m, key: str, info_key: str, family: adapters.ModelFamily, counts
             state = adapters.run_state({"transformer_options": to}, key)
             txt = args.get("txt")
             span = dit_image_span(kind, args["img"].shape[1], None if txt is None else txt.shape[1],
-                                  info["txt_len"], info["height"], info["width"], patch_size)
+                                  info["txt_len"], info["height"], info["width"], patch_size, info.get("frames"),
+                                  arch)
             calls = [0]
             prev_override = to.get("optimized_attention_override")
 
