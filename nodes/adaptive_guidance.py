@@ -149,8 +149,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
                 "to skip; this run samples conditional-only as without the node. Set cfg above 1 to use it.",
                 adapters.PACK_NAME, node_name, family.name, node_name)
             return None
-        adapters.require_cfg_run(guider, node_name, family, "there is nothing to skip",
-                                 f"set cfg above 1 on the sampler/guider to use real CFG, or remove the {node_name} node.")
+        adapters.require_cfg_run(guider, node_name, family, "there is nothing to skip",  # context windows
+                                 f"set cfg above 1 on the sampler/guider, or remove the {node_name} node.")
         sampling = guider.model_patcher
         state = _RunState(AdaptiveGuidanceTracker(params), adapters.percent_to_sigma(sampling, params.start_percent),
                           run, make_estimator(guider, run, family) if make_estimator is not None else None)

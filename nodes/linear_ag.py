@@ -245,7 +245,8 @@ _SAMPLE_DESCRIPTION = (
     f"{PAPER}: estimates the unconditional prediction on alternating steps of the first part of the run from "
     "past predictions (an online delta rule by default, or an affine per-step regression fitted offline), then "
     "latches to conditional-only like Adaptive Guidance. Works on SD1.x, SD2.x, SDXL, SD3 and Flux with real CFG "
-    "(cfg > 1; at cfg 1 the run samples conditional-only with one warning). Fitted coefficients only fit the model family, sampler, scheduler and step count they were "
+    "(cfg > 1; at cfg 1 the run samples conditional-only with one warning). Fitted coefficients only fit the "
+    "model family, sampler, scheduler and step count they were "
     "recorded with (a mismatch raises an error). Cost: one model pass on estimated and latched steps instead of "
     "two (the paper: about 25 evaluations where CFG needs 40); negligible arithmetic.")
 

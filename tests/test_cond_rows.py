@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import host
-from sampling_helpers import ksample
 
 
 @pytest.fixture(scope="module")

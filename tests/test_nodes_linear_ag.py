@@ -56,7 +56,8 @@ def test_record_fit_save_load_roundtrip(sd15, la, models_dir):
     assert ui["text"][0].startswith("wrote models/tfg_linear_ag/fit.safetensors: SD1.x")
     assert (models_dir / "fit.safetensors").is_file()
     loaded = la.LinearAGLoad.execute(coefficients_name="fit.safetensors").args[0]
-    assert torch.equal(loaded.coefficients, coefficients.coefficients) and torch.equal(loaded.sigmas, coefficients.sigmas)
+    assert torch.equal(loaded.coefficients, coefficients.coefficients)
+    assert torch.equal(loaded.sigmas, coefficients.sigmas)
     assert "fit.safetensors" in la.LinearAGLoad.INPUT_TYPES()["required"]["coefficients_name"][1]["options"]
 
 
