@@ -569,7 +569,7 @@ def _label_image(images: dict, title: str, label: str):
     for caption, array in images.items():
         tile = Image.fromarray(np.asarray(array)[..., :3]).resize((cell, cell), Image.NEAREST)
         canvas.paste(tile, (x, 50))
-        draw.text((x, 56 + cell), caption[:24], fill=(220, 220, 220), font=font(16))
+        draw.text((x, 56 + cell), caption[:max(8, cell // 9)], fill=(220, 220, 220), font=font(16))
         x += cell + 14
     draw.rectangle([0, THUMB_SIZE[1] - 64, THUMB_SIZE[0], THUMB_SIZE[1]], fill=(150, 30, 30))
     for i, line in enumerate(label.split("\n")):
