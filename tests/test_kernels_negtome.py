@@ -575,3 +575,39 @@ def test_checked_rescores_the_positions_nearest_the_threshold_without_host_reads
     share, count = K.merge_batch(x, 1, 1.3, tau, matching, budget_bytes=budget, similarity="checked")
     monkeypatch.undo()
     assert torch.equal(share, every) and int(count) == n_every
+
+
+@pytest.mark.parametrize("matching", ["official", "best_match"])
+def test_video_token_counts_stay_within_the_64_mib_budget(matching, monkeypatch):
+    """Two clips of 20000 tokens each (e.g. 21 latent frames x 30 x 32 patches): the whole similarity would be
+    1.6 GB; every block the kernel materialises stays within the default 64 MiB budget, the result keeps the
+    shape, clip 0 (the reference) is unchanged, and sampled positions follow the unchunked rule."""
+    seen = []
+    original = K._similarity_block
+
+    def spy(a, b):
+        out = original(a, b)
+        seen.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(K, "_similarity_block", spy)
+    clips, tokens, dim, tau, alpha = 2, 20000, 64, 0.3, 0.9
+    x = _group(images=clips, tokens=tokens, dim=dim, seed=4)
+    budget = K.NegToMeParams().budget_bytes
+    assert budget == 64 * 2 ** 20
+    out, count = K.merge_batch(x, 1, alpha, tau, matching)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out[0], x[0]) and 0 < int(count) <= tokens
+    assert seen and max(seen) <= budget < 4 * tokens * tokens
+    assert K.similarity_peak_bytes(tokens, tokens, budget, matching) <= budget
+    assert K.peak_extra_bytes(clips, tokens, dim, budget, matching) <= 4 * budget
+    # sampled positions against the unchunked rule (one column / row of the similarity at a time)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    for j in torch.randperm(tokens, generator=torch.Generator().manual_seed(1))[:40].tolist():
+        if matching == "official":  # output j: best source token i for reference token j
+            v, i = (xn[1] @ xn[0, j]).max(dim=0)
+            expected = (1 + alpha) * x[1, j] - alpha * x[0, int(i)] if v > tau else x[1, j]
+        else:  # source token j pushed from its own best reference token
+            v, i = (xn[0] @ xn[1, j]).max(dim=0)
+            expected = (1 + alpha) * x[1, j] - alpha * x[0, int(i)] if v > tau else x[1, j]
+        torch.testing.assert_close(out[1, j], expected, rtol=1e-5, atol=1e-5)
