@@ -322,6 +322,8 @@ class NodeInputs:
                 value = values.get(item.name)
                 if value is None and not item.optional:
                     value = self.default(item)
+                if item.kind == "int" and isinstance(value, float) and value.is_integer():
+                    value = int(value)
                 full[item.name] = value
             else:
                 full[item.name] = values.get(item.name)
