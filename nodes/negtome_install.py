@@ -122,9 +122,10 @@ def install_dit(m, key: str, info_key: str, family: adapters.ModelFamily, counts
             result = call(new_args, extra)
             if calls[0] == 0:
                 raise adapters.node_error(
-                    node_name, family, f"{DIT_SLOTS[kind]} {index} ran no attention through optimized_attention, "
-                                       "so NegToMe cannot reach its attention output.",
-                    "report this with your ComfyUI version.")
+                    node_name, family, f"{DIT_SLOTS[kind]} {index} ran no attention through optimized_attention "
+                                       "with the block's transformer_options (e.g. Wan 2.2 S2V's blocks do not pass "
+                                       "them on), so NegToMe cannot reach its attention output.",
+                    "remove NegToMe for this model, or report this with your ComfyUI version.")
             return result
         return block_patch
 

@@ -105,6 +105,48 @@ def test_patches_every_block_on_the_clip_tokens(dit, nt, install, monkeypatch):
     assert set(seen) == {(4, tokens, 2)}, (seen[:3], tokens)
 
 
+IMAGE_FIRST = ("wan", "hunyuan_video", "ltxv")
+"""Families whose patched attention output starts with the image tokens (the others: CONTEXT_TOKENS text first)."""
+
+
+def test_merges_the_image_span_of_the_block_attention(dit, nt, install, monkeypatch):
+    """What each block merges is the image (video) token span of its first attention output: [txt, img] of
+    Flux-like double/single blocks, SD3 joint and Qwen-Image blocks; [img, txt] of HunyuanVideo; the image
+    self-attention (image tokens only) of Wan and LTX-Video."""
+    import tiny_dit_models
+    name, d = dit
+    adapters = host.pack_module("nodes.adapters")
+    key, _ = FAMILIES[name]
+    n = expected_tokens(d, install, adapters)
+    outputs = []
+
+    def recording_override(func, *args, **kwargs):  # an earlier occupant of the override: NegToMe chains to it
+        out = func(*args, **kwargs)
+        outputs.append(out)
+        return out
+
+    merged = []
+    original = nt.merge_batch
+
+    def spy(x, *args, **kwargs):
+        merged.append((x, outputs[-1]))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(nt, "merge_batch", spy)
+    m = d.model.clone()
+    m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recording_override
+    ksample(d, patched(nt, m))
+    assert merged
+    text = tiny_dit_models.CONTEXT_TOKENS
+    for tokens, attention in merged:
+        start = 0 if key in IMAGE_FIRST else text
+        assert torch.equal(tokens, attention[:, start:start + n])
+        if key in ("wan", "ltxv"):
+            assert attention.shape[1] == n  # self-attention over the clip's tokens only
+        else:
+            assert attention.shape[1] == n + text
+
+
 def test_alpha_zero_and_empty_window_are_bit_identical(dit, nt, monkeypatch):
     _, d = dit
     base = ksample(d, d.model)
@@ -241,3 +283,19 @@ def test_network_without_the_block_list_is_a_named_error(comfy_root, nt, install
     fake = types.SimpleNamespace(get_model_object=lambda name: net)
     with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: Wan 2\.1\].*has no blocks.*Fix:"):
         install.dit_block_counts(fake, family, "NegToMe")
+
+
+def test_block_that_hides_its_attention_is_a_named_error(comfy_root, nt):
+    """A block replacement that drops transformer_options (as Wan 2.2 S2V's blocks do) leaves NegToMe no attention
+    output to edit: an error during the run naming node, family and fix, not a silent no-op."""
+    import tiny_dit_models
+    d = tiny_dit_models.get("wan21_t2v")
+    net = d.model.get_model_object("diffusion_model")
+
+    def hides_options(args, extra):  # runs the block as S2V's block_wrap does: no transformer_options
+        return {"img": net.blocks[0](args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"])}
+
+    m = d.model.clone()
+    m.set_model_patch_replace(hides_options, "dit", "double_block", 0)
+    with pytest.raises(ValueError, match=r"TFG NegToMe \[model family: Wan 2\.1\].*transformer_options.*Fix:"):
+        ksample(d, patched(nt, m))
