@@ -70,7 +70,7 @@ class ComfyServer:
     The process is started and stopped by the runner's launcher (tools/headless/server.py, `LocalComfyUI`: the
     one launcher of the pack); this class adds the test base directory and the HTTP helpers."""
 
-    def __init__(self, comfy_path, startup_timeout: float = 90.0, extra_args=(), sd15_checkpoint=None):
+    def __init__(self, comfy_path, startup_timeout: float = 240.0, extra_args=(), sd15_checkpoint=None):
         self.comfy_path = Path(comfy_path)
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)

@@ -902,3 +902,18 @@ def test_self_started_comfyui(comfy_host_path, tmp_path):
     assert png.name.startswith("selfstart")
     assert list((base / "output").glob("selfstart*.png"))                  # the temp base directory was used
     assert "ComfyUI ready at http://127.0.0.1:" in proc.stderr
+
+
+def test_launcher_fails_at_once_when_the_server_lacks_the_ready_node(comfy_host_path, tmp_path):
+    """The one launcher (tools/headless/server.py): a server that answers without the expected node (a pack that
+    failed to import) is an error as soon as it answers, naming the node and the log, not a startup timeout."""
+    import time
+    server = h.LocalComfyUI(comfy_host_path, cpu=True, base_directory=tmp_path / "base", ready_node="TFG_NoSuchNode",
+                            extra_args=["--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
+                            startup_timeout=600, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": None})
+    t0 = time.monotonic()
+    with pytest.raises(h.ServerConnectionError, match="started without the node TFG_NoSuchNode"):
+        server.start()
+    server.stop()
+    assert time.monotonic() - t0 < 300 and server.proc is None
+    assert server.log_path.is_file()                                      # kept for the user to read

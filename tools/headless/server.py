@@ -151,11 +151,21 @@ class LocalComfyUI:
         self.url = f"http://{LOOPBACK}:{self.port}"
 
     def is_ready(self) -> bool:
+        """True once the server answers (and lists `ready_node`). ComfyUI loads custom nodes before it listens, so
+        a server that answers without `ready_node` never gets it: that is an error, raised at once."""
         import requests
         try:
             if self.ready_node:
                 r = requests.get(f"{self.url}/object_info/{self.ready_node}", timeout=2)
-                return r.status_code == 200 and self.ready_node in r.json()
+                if r.status_code == 200 and self.ready_node in r.json():
+                    return True
+                if r.status_code in (200, 404):
+                    self.keep_log = True
+                    raise ServerConnectionError(
+                        f"ComfyUI at {self.url} started without the node {self.ready_node} (did the pack fail to "
+                        f"import? see 'IMPORT FAILED' / 'Error while calling comfy_entrypoint' in the log {self.log_path}):"
+                        f"\n" + self.log_tail())
+                return False
             return requests.get(f"{self.url}/system_stats", timeout=2).status_code == 200
         except (requests.RequestException, ValueError):
             return False
@@ -183,7 +193,12 @@ class LocalComfyUI:
             while True:
                 if self.proc.poll() is not None:
                     break
-                if self.is_ready():
+                try:
+                    ready = self.is_ready()
+                except ServerConnectionError:
+                    self._terminate()
+                    raise
+                if ready:
                     log.info("ComfyUI ready at %s after %.1f s (log: %s)", self.url, time.monotonic() - t0,
                              self.log_path)
                     return self.url
