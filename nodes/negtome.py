@@ -518,7 +518,9 @@ class NegToMeReference(io.ComfyNode):
         inp.Socket(io.Vae.Input("vae", tooltip="The VAE of this model, to encode the reference image.")),
         inp.Socket(io.Image.Input("image", tooltip="The reference image to avoid (the first of a batch is used). "
                                                    "Best at the generation size; otherwise its latent is resized "
-                                                   "(bilinear) to the sampled size."), finite=True),
+                                                   "(bilinear) to the sampled size. Video models: the image is "
+                                                   "held still over every sampled frame (a still reference "
+                                                   "clip)."), finite=True),
         inp.Bool("noise_reference", "False: insert the clean reference latent every step. True: noise it to the "
                                     "current sigma first (fresh noise per step, seeded by the step's sigma)",
                  paper="False (official noise_rag=False)", param=None, default=False),
