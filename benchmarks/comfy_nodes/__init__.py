@@ -1,7 +1,9 @@
 """Benchmark-only ComfyUI nodes (V1): the digits evaluation model in a graph.
 
-Not part of the pack's node list. To use it headless or in the UI, link this folder into ComfyUI's
-custom_nodes, e.g. `ln -s /path/to/pack/benchmarks/comfy_nodes ComfyUI/custom_nodes/tfg_digits_eval`.
+Not part of the pack's node list: users get the same model from the pack's own nodes, Digits Model (TFG demo) and
+Digits To Image (TFG demo) (nodes/digits.py; the quick start's workflow uses them). This folder keeps the
+benchmark's graph (digits_ag_api.json, with a weights input for retrained files) runnable; to use it, link it into
+ComfyUI's custom_nodes, e.g. `ln -s /path/to/pack/benchmarks/comfy_nodes ComfyUI/custom_nodes/tfg_digits_eval`.
 
 * TFG Digits Eval Model: MODEL, positive CONDITIONING for a digit, the empty (null-class) negative, and an
   empty 8x8 one-channel LATENT of the requested batch; feed them to KSampler / SamplerCustomAdvanced.
