@@ -63,10 +63,10 @@ def interval_widgets(prefix: str = "") -> list:
         inp.Float("interval_start", "Guidance interval: CFG runs only from this fraction of the schedule on; before "
                                     "it the conditional prediction alone is used (no uncond pass)",
                   neutral="0.0", paper="a sigma range per model (ports cite sigma 5.42 down to 0.28 for SDXL)",
-                  param=prefix + "interval_start", min=0.0, max=1.0, step=0.01),
+                  param=prefix + "interval_start", min=0.0, max=1.0, step=0.01, optional=True),
         inp.Float("interval_end", "Guidance interval: CFG runs only up to this fraction of the schedule; after it "
                                   "the conditional prediction alone is used (no uncond pass)",
-                  neutral="1.0", param=prefix + "interval_end", min=0.0, max=1.0, step=0.01),
+                  neutral="1.0", param=prefix + "interval_end", min=0.0, max=1.0, step=0.01, optional=True),
     ]
 
 

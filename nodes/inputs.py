@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable
 import torch
 from comfy_api.latest import io
 
+from .files import stem_problem
+
 PACK_NAME = "TFG"
 _MISSING = object()
 
@@ -184,6 +186,7 @@ def FileStem(name, meaning, **kw) -> Widget:
     """A file name without folder or extension (confined to the pack's folder again when the node executes)."""
     kw.setdefault("pattern", FILE_STEM_PATTERN)
     kw.setdefault("allowed", "a name of letters, digits, '-' and '_' (no folder, no extension, at most 100)")
+    kw.setdefault("check", stem_problem)  # also refuses reserved device names (CON, NUL, …)
     return Widget(name, "string", meaning, **kw)
 
 
@@ -320,8 +323,9 @@ class NodeInputs:
         for item in self.items:
             if isinstance(item, Widget):
                 value = values.get(item.name)
-                if value is None and not item.optional:
-                    value = self.default(item)
+                if value is None and (not item.optional or item.default is not _MISSING
+                                      or (item.field is not None and self.defaults is not None)):
+                    value = self.default(item)  # an optional widget left out of an older graph runs at its default
                 if item.kind == "int" and isinstance(value, float) and value.is_integer():
                     value = int(value)
                 full[item.name] = value
