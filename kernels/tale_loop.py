@@ -82,10 +82,8 @@ def invert_to(den_inv: InversionDenoiser, latent: torch.Tensor, sigmas: torch.Te
     return {n - k: state for k, state in enumerate(result.trajectory)}
 
 
-def total_ticks(params: "K.TALEParams", n: int) -> int:
-    """Progress ticks of `compose` over a schedule of n steps (inversion, replay, discarded composite, composite
-    steps, inner steps)."""
-    p = params
+def _schedule(p: "K.TALEParams") -> tuple:
+    """(replay, reblend, stale, window, last_bg, inner, stop): how `compose` walks the schedule for these params."""
     T = p.t_prime
     replay = p.trajectories == "replay"
     reblend = p.history == "reblend" and T > 0
@@ -94,6 +92,14 @@ def total_ticks(params: "K.TALEParams", n: int) -> int:
     last_bg = window[-1] if window else T
     inner = p.inner_steps if p.optimising else 0
     stop = 0 if (replay or stale) else T - int(reblend)
+    return replay, reblend, stale, window, last_bg, inner, stop
+
+
+def total_ticks(params: "K.TALEParams", n: int) -> int:
+    """Progress ticks of `compose` over a schedule of n steps (inversion, replay, discarded composite, composite
+    steps, inner steps)."""
+    T = params.t_prime
+    replay, reblend, stale, window, last_bg, inner, stop = _schedule(params)
     return (n - stop) + (last_bg if replay else 0) + (T if stale else 0) + (n - T) + len(window) * inner
 
 
@@ -154,13 +160,7 @@ def compose(params: "K.TALEParams", background: torch.Tensor, foreground: torch.
             return K.euler_step(x, den, sigmas[i], sigmas[i + 1])
         return K.dpmpp_2m_step(x, den, old, sigmas[i - 1] if i > 0 else None, sigmas[i], sigmas[i + 1])
 
-    replay = p.trajectories == "replay"
-    reblend = p.history == "reblend" and T > 0
-    stale = p.history == "reference" and T > 0
-    window = list(p.window())
-    last_bg = window[-1] if window else T
-    inner = p.inner_steps if p.optimising else 0
-    stop = 0 if (replay or stale) else T - int(reblend)
+    replay, reblend, stale, window, last_bg, inner, stop = _schedule(p)
     # ---- inversion (+ replay) of background and foreground
     pair = torch.cat([background, foreground.to(device)])
     states = invert_to(den_i, pair, sigmas, stop, input_scale, tick_)
