@@ -71,7 +71,8 @@ class DigitsModel(io.ComfyNode):
 
 class DigitsToImage(io.ComfyNode):
     INPUTS = inp.NodeInputs(IMAGE_NODE, [
-        inp.Socket(io.Latent.Input("samples", tooltip="A sampled digits latent (one channel, values in [-1, 1]).")),
+        inp.Socket(io.Latent.Input("samples", tooltip="A sampled digits latent (one channel, values in [-1, 1])."),
+                   finite=True),
         inp.Int("scale", "Nearest-neighbour upscale factor (8 gives 64x64 images).", param=None, default=8,
                 min=1, max=64),
     ])

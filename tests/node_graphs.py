@@ -229,6 +229,9 @@ def _feed(g: dict, node_id: str, name: str, io_type: str, coefficients_name: str
     if io_type == "SIGMAS":
         return ["sig", 0]
     if io_type == "LATENT":
+        if node_id == "TFG_DigitsImage":            # a sampled latent of the shipped digits model
+            _digits_chain(g, "dm")
+            return ["dks", 0]
         if node_id == "TFG_LinearAGFit":
             _ensure_recording_chain(g)
             return ["recks", 0]
@@ -257,10 +260,26 @@ def _feed(g: dict, node_id: str, name: str, io_type: str, coefficients_name: str
     raise ValueError(f"node_graphs: no feeder for {node_id}.{name} ({io_type}); add one")
 
 
+def _digits_chain(g: dict, loader: str) -> None:
+    """The shipped digits model (`loader`: a TFG_DigitsModel node key, added when missing) sampled by KSampler into
+    g["dks"] (its own conditioning and one-channel latent: the SD1.5 prompts do not fit it)."""
+    if loader not in g:
+        g[loader] = {"class_type": "TFG_DigitsModel", "inputs": {"digit": 3, "batch_size": 2}}
+    g["dks"] = {"class_type": "KSampler", "inputs": {
+        "model": [loader, 0], "seed": 0, "steps": STEPS, "cfg": SAMPLE_CFG, "sampler_name": "euler",
+        "scheduler": "normal", "positive": [loader, 1], "negative": [loader, 2], "latent_image": [loader, 3],
+        "denoise": 1.0}}
+
+
 def _consume(g: dict, node_id: str, outs: list[str]) -> None:
     """Every output of the target reaches a PreviewImage."""
     t = TARGET
     done = set()
+    if node_id == "TFG_DigitsModel":                # model, conditionings and latent belong together
+        _digits_chain(g, t)
+        g["dimg"] = {"class_type": "TFG_DigitsImage", "inputs": {"samples": ["dks", 0], "scale": 8}}
+        g["dimg_out"] = {"class_type": "PreviewImage", "inputs": {"images": ["dimg", 0]}}
+        return
     if "SIGMAS" in outs and "NOISE" in outs and "LATENT" in outs:
         lat, sig, noise = outs.index("LATENT"), outs.index("SIGMAS"), outs.index("NOISE")
         g["c_guider"] = {"class_type": "CFGGuider", "inputs": {"model": ["L", 0], "positive": ["pos", 0],
