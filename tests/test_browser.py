@@ -350,17 +350,20 @@ def test_template_browser_shows_the_packs_thumbnails(frontend):
             const texts = Array.from(document.querySelectorAll('.p-dialog *'))
               .filter(e => e.children.length === 0).map(e => (e.innerText || '').trim());
             const widths = Array.from(document.querySelectorAll('.p-dialog img')).filter(i => i.complete)
-              .map(i => i.naturalWidth);
+              .map(i => [i.getAttribute('src') || '', i.naturalWidth]);
             for (const el of document.querySelectorAll('.p-dialog *'))
               if (el.scrollHeight > el.clientHeight + 10) el.scrollTop += 400;
             return {texts, widths};""")
         seen |= set(state["texts"]) & set(names)
-        widths += state["widths"]
+        # frontend 1.32 loads thumbnails by URL, 1.27 (ComfyUI 0.3.64) through blob: URLs and keeps empty-src
+        # placeholder <img>s in the grid: every image with a source must have loaded
+        widths += [(src, w) for src, w in state["widths"] if src]
         time.sleep(0.8)
     problems = frontend.problems()
     frontend.close_dialogs()
     assert seen == set(names), f"template cards missing: {sorted(set(names) - seen)}"
-    assert widths and all(w > 0 for w in widths), f"thumbnails that did not load: {widths}"
+    assert widths and all(w > 0 for _, w in widths), \
+        f"thumbnails that did not load: {sorted({src for src, w in widths if w == 0})}"
     assert not problems, "while browsing the templates:\n" + "\n".join(problems)
 
 
