@@ -188,15 +188,12 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         state.last_step = step
         batch = x.shape[0]
         low, high = state.interval
-        if not low < sigma <= high:  # outside the guidance interval: cond only, as after a latch
-            cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
-            tracker.skip(step, sigma, batch, reason="interval")
-            return [cond_only[0], cond_only[0]]
+        outside_interval = not low < sigma <= high  # outside the guidance interval: cond only, as after a latch
         mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
-            else "compute"
-        if tracker.all_latched(batch) or mode == "cond_only":
+            and not outside_interval else "compute"
+        if outside_interval or tracker.all_latched(batch) or mode == "cond_only":
             cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
-            tracker.skip(step, sigma, batch)
+            tracker.skip(step, sigma, batch, reason="interval" if outside_interval else "")
             # hand the cond prediction on as the uncond one: every CFG formula (and CFG++) reduces to cond
             return [cond_only[0], cond_only[0]]
         if mode == "estimate" and estimator.can_estimate(step, batch):
