@@ -107,3 +107,11 @@ def setup(request, comfy_root, tmp_path_factory):
 def sd15(comfy_root, tmp_path_factory):
     from sampling_helpers import get_setup
     return get_setup("sd15", tmp_path_factory)
+
+
+@pytest.fixture(params=["wan21_t2v", "wan21_i2v", "wan22_t2v", "hunyuan_video", "ltxv", "qwen_image", "chroma",
+                        "sd35"])
+def dit(request, comfy_root):
+    """(name, tiny_dit_models.TinyDiT) for each newer DiT family (tests/tiny_dit_models.py)."""
+    import tiny_dit_models
+    return request.param, tiny_dit_models.get(request.param)

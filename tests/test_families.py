@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import host
+import tiny_dit_models
 from sampling_helpers import with_counter
 
 STEPS = 3
@@ -42,22 +43,8 @@ def adapters(comfy_root):
     return host.pack_module("nodes.adapters")
 
 
-@pytest.fixture(params=sorted(DIT_FAMILIES))
-def dit(request, comfy_root):
-    import tiny_dit_models
-    return request.param, tiny_dit_models.get(request.param)
-
-
-def _noise(latent: torch.Tensor) -> torch.Tensor:
-    return torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
-
-
 def ksample(d, model, batch=2, cfg=CFG):
-    import comfy.sample
-    latent = d.latent(batch)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, _noise(latent), STEPS, cfg, "euler", "normal", d.positive, d.negative,
-                                   latent, disable_pbar=True, seed=0).clone()
+    return tiny_dit_models.ksample(d, model, STEPS, cfg, batch)
 
 
 def advanced_sample(d, guider, batch=2):
@@ -65,7 +52,7 @@ def advanced_sample(d, guider, batch=2):
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", STEPS)
     latent = d.latent(batch)
     with torch.inference_mode():
-        return guider.sample(_noise(latent), latent, comfy.samplers.sampler_object("euler"), sigmas,
+        return guider.sample(tiny_dit_models.noise(latent), latent, comfy.samplers.sampler_object("euler"), sigmas,
                              disable_pbar=True, seed=0).clone()
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import host
+import tiny_dit_models
 from sampling_helpers import with_counter
 
 STEPS = 2
@@ -44,23 +45,12 @@ def install(comfy_root):
     return host.pack_module("nodes.negtome_install")
 
 
-@pytest.fixture(params=sorted(FAMILIES))
-def dit(request, comfy_root):
-    import tiny_dit_models
-    return request.param, tiny_dit_models.get(request.param)
-
-
 def patched(nt, model, **overrides):
     return nt.NegToMe.execute(model=model, **dict(BASE, **overrides)).args[0]
 
 
 def ksample(d, model, batch=2, cfg=CFG):
-    import comfy.sample
-    latent = d.latent(batch)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, STEPS, cfg, "euler", "normal", d.positive, d.negative, latent,
-                                   disable_pbar=True, seed=0).clone()
+    return tiny_dit_models.ksample(d, model, STEPS, cfg, batch)
 
 
 def expected_tokens(d, install, adapters) -> int:

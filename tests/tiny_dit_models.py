@@ -213,3 +213,16 @@ def get(name: str) -> TinyDiT:
     if name not in _built:
         _built[name] = BUILDERS[name]()
     return _built[name]
+
+
+def noise(latent: torch.Tensor) -> torch.Tensor:
+    return torch.randn(latent.shape, generator=torch.Generator().manual_seed(11))
+
+
+def ksample(d: TinyDiT, model, steps: int, cfg: float, batch: int = 2) -> torch.Tensor:
+    """ComfyUI's KSampler path (comfy.sample.sample, euler/normal, fixed noise) on a tiny DiT."""
+    import comfy.sample
+    latent = d.latent(batch)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise(latent), steps, cfg, "euler", "normal", d.positive, d.negative,
+                                   latent, disable_pbar=True, seed=0).clone()
