@@ -164,8 +164,8 @@ def test_merge_chunks_are_independent():
         K.merge_chunks(torch.cat([a, b]), 3, 0.9, 0.3)
 
 
-@pytest.mark.parametrize("matching", MATCHINGS)
-def test_similarity_blocks_respect_reported_peak(matching, monkeypatch):
+def _record_block_bytes(monkeypatch) -> list[int]:
+    """The bytes of every similarity block the kernel materialises, in order (filled as the kernel runs)."""
     seen = []
     original = K._similarity_block
 
@@ -175,6 +175,12 @@ def test_similarity_blocks_respect_reported_peak(matching, monkeypatch):
         return out
 
     monkeypatch.setattr(K, "_similarity_block", spy)
+    return seen
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+def test_similarity_blocks_respect_reported_peak(matching, monkeypatch):
+    seen = _record_block_bytes(monkeypatch)
     tokens, budget = 50, 4 * 50 * 3 + 17
     K.merge_group(_group(tokens=tokens), 0.9, 0.3, matching, budget_bytes=budget)
     peak = K.similarity_peak_bytes(tokens, tokens, budget, matching)
@@ -396,15 +402,7 @@ def test_model_dtype_similarity_is_fp32_on_fp32_and_the_released_maths_on_bf16()
 
 
 def test_peak_bound_with_several_images_per_block(monkeypatch):
-    seen = []
-    original = K._similarity_block
-
-    def spy(a, b):
-        out = original(a, b)
-        seen.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(K, "_similarity_block", spy)
+    seen = _record_block_bytes(monkeypatch)
     tokens, budget = 20, 4 * 20 * 20 * 2  # two of the three source images per block
     for matching in MATCHINGS:
         seen.clear()
@@ -582,15 +580,7 @@ def test_video_token_counts_stay_within_the_64_mib_budget(matching, monkeypatch)
     """Two clips of 20000 tokens each (e.g. 21 latent frames x 30 x 32 patches): the whole similarity would be
     1.6 GB; every block the kernel materialises stays within the default 64 MiB budget, the result keeps the
     shape, clip 0 (the reference) is unchanged, and sampled positions follow the unchunked rule."""
-    seen = []
-    original = K._similarity_block
-
-    def spy(a, b):
-        out = original(a, b)
-        seen.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(K, "_similarity_block", spy)
+    seen = _record_block_bytes(monkeypatch)
     clips, tokens, dim, tau, alpha = 2, 20000, 64, 0.3, 0.9
     x = _group(images=clips, tokens=tokens, dim=dim, seed=4)
     budget = K.NegToMeParams().budget_bytes
