@@ -210,3 +210,16 @@ class AdaptiveGuidanceTracker:
         return (f"space={self.params.space} threshold={self.params.threshold} decision={self.params.decision}; "
                 f"min gamma per step: {gammas or '-'}; latched: {latch}; {estimated_text}"
                 f"model passes {run} of {full} ({saved:.1f}% saved)")
+
+
+def lanes_summary(lanes: list[tuple[str, AdaptiveGuidanceTracker]]) -> str:
+    """The report of a run whose evaluations were split into lanes (one tracker per context window): one
+    tracker's summary per lane, then the passes of all lanes together. A single unnamed lane reports as is."""
+    if len(lanes) == 1 and not lanes[0][0]:
+        return lanes[0][1].summary()
+    run = sum(tracker.model_passes()[0] for _, tracker in lanes)
+    full = sum(tracker.model_passes()[1] for _, tracker in lanes)
+    saved = 0.0 if full == 0 else 100.0 * (full - run) / full
+    parts = [f"[{label}] {tracker.summary()}" for label, tracker in lanes]
+    return f"{len(lanes)} context windows: " + " | ".join(parts) + \
+        f" | all windows: model passes {run} of {full} ({saved:.1f}% saved)"

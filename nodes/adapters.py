@@ -289,14 +289,16 @@ def default_calc_cond_batch(previous: Callable | None) -> Callable:
 
 
 def require_cfg_run(guider, node: str, family: ModelFamily, consequence: str, fix: str) -> None:
-    """At the start of a run: raise unless ComfyUI computes a real uncond pass and no context windows split it."""
+    """At the start of a run: raise unless ComfyUI computes a real uncond pass."""
     if not guider_uses_uncond(guider):
         raise node_error(node, family, f"cfg is 1, so ComfyUI computes no unconditional pass and {consequence} "
                          "(Flux-dev and other guidance-distilled models are normally run this way).", fix)
+
+
+def refuse_context_windows(guider, node: str, family: ModelFamily, problem: str, fix: str) -> None:
+    """At the start of a run: raise when context windows (ComfyUI's Context Windows nodes) split the latent."""
     if guider.model_options.get("context_handler") is not None:
-        raise node_error(node, family, "context windows are active (a Context Windows node): each window would be "
-                         "handled as if it were the whole latent, mixing the windows.",
-                         f"remove the context-windows node or the {node} node.")
+        raise node_error(node, family, f"context windows are active (a Context Windows node): {problem}", fix)
 
 
 def guider_uses_uncond(guider) -> bool:

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 import comfy.samplers
 
 from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
-                                         AdaptiveGuidanceTracker)
+                                         AdaptiveGuidanceTracker, lanes_summary)
 from . import adapters, cond_rows
 from . import inputs as inp
 
@@ -22,7 +22,8 @@ _DESCRIPTION = (
     "the rest of the run. Works on SD1.x, SD2.x, SDXL, SD3 and Flux (and any model) sampled with real CFG "
     "(cfg > 1); with cfg = 1 there is no unconditional pass to skip and the run samples conditional-only with one "
     "warning. Optional guidance interval (Kynkäänniemi et al., arXiv 2404.07724): CFG only inside a part of the "
-    "schedule, conditional-only outside. "
+    "schedule, conditional-only outside. With ComfyUI's context windows (long video) each window latches on its "
+    "own. "
     "Cost: no extra model passes; saves up to one pass per step once latched (the paper reports ~25% of "
     "evaluations). Logs the cosine per step and the passes saved after every run, for calibration."
 )
@@ -90,16 +91,61 @@ def conditioning_sockets(negative_tooltip: str) -> list:
             inp.Socket(io.Conditioning.Input("negative", tooltip=negative_tooltip), finite=True)]
 
 
-class _RunState:
-    def __init__(self, tracker: AdaptiveGuidanceTracker, sigma_start: float, run: adapters.RunInfo, estimator):
+class _Lane:
+    """The latch (and LinearAG's estimator) of one part of the latent that the model evaluates on its own: the
+    whole latent, or one context window (ComfyUI's context-window nodes call calc_cond_batch once per window, so
+    each window latches on its own evidence)."""
+
+    def __init__(self, label: str, tracker: AdaptiveGuidanceTracker, estimator):
+        self.label = label
         self.tracker = tracker
-        self.sigma_start = sigma_start
-        self.run = run
         self.estimator = estimator
         self.last_step = -1
         self.control_cache: dict = {}
+
+
+class _RunState:
+    def __init__(self, params: AdaptiveGuidanceParams, sigma_start: float, run: adapters.RunInfo, new_estimator):
+        self.params = params
+        self.sigma_start = sigma_start
+        self.run = run
+        self.new_estimator = new_estimator
+        self.lanes: dict = {}
+        """window key (None: the whole latent) -> _Lane, created at the window's first evaluation."""
+        self.windows_by_step: dict[int, set] = {}
         self.interval = (0.0, float("inf"))
         """(low, high] sigma range in which CFG runs (the guidance interval)."""
+
+    def lane(self, key, label: str) -> _Lane:
+        lane = self.lanes.get(key)
+        if lane is None:
+            estimator = self.new_estimator() if self.new_estimator is not None else None
+            lane = self.lanes[key] = _Lane(label, AdaptiveGuidanceTracker(self.params), estimator)
+        return lane
+
+    def trackers(self) -> list[tuple[str, AdaptiveGuidanceTracker]]:
+        return [(lane.label, lane.tracker) for lane in self.lanes.values()]
+
+
+def _index_text(indices: tuple[int, ...]) -> str:
+    if indices == tuple(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}-{indices[-1]}"
+    return ",".join(str(i) for i in indices)
+
+
+def context_window_of(model_options: dict, x) -> tuple:
+    """(key, label) of the context window this calc_cond_batch call evaluates, or (None, "") for the whole
+    latent. ComfyUI's IndexListContextHandler puts the window into transformer_options before each call."""
+    handler = model_options.get("context_handler")
+    window = model_options.get("transformer_options", {}).get("context_window")
+    indices = getattr(window, "index_list", None)
+    if handler is None or not indices:
+        return None, ""
+    dim = getattr(window, "dim", getattr(handler, "dim", 0))
+    if x.dim() <= dim or x.shape[dim] != len(indices):  # left over from an earlier call: not this one's window
+        return None, ""
+    indices = tuple(int(i) for i in indices)
+    return (dim, indices), f"window {_index_text(indices)}"
 
 
 def refuse_multi_conditioning_guider(guider, node_name: str, family) -> None:
@@ -149,11 +195,13 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
                 "to skip; this run samples conditional-only as without the node. Set cfg above 1 to use it.",
                 adapters.PACK_NAME, node_name, family.name, node_name)
             return None
-        adapters.require_cfg_run(guider, node_name, family, "there is nothing to skip",  # context windows
-                                 f"set cfg above 1 on the sampler/guider, or remove the {node_name} node.")
         sampling = guider.model_patcher
-        state = _RunState(AdaptiveGuidanceTracker(params), adapters.percent_to_sigma(sampling, params.start_percent),
-                          run, make_estimator(guider, run, family) if make_estimator is not None else None)
+        new_estimator = None
+        if make_estimator is not None:
+            def new_estimator():
+                return make_estimator(guider, run, family)
+            new_estimator()  # checks the run (fitted coefficients) at its start, before any model pass
+        state = _RunState(params, adapters.percent_to_sigma(sampling, params.start_percent), run, new_estimator)
         state.interval = (adapters.percent_to_sigma(sampling, params.interval_end),
                           adapters.percent_to_sigma(sampling, params.interval_start))
         return state
@@ -161,19 +209,28 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
     def finish(state: _RunState | None, guider) -> None:
         if state is None:
             return
-        tracker = state.tracker
-        if not tracker.records:
+        trackers = state.trackers()
+        if not any(tracker.records for _, tracker in trackers):
             adapters.warn_once(
                 f"{key}.nopair",
                 f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: the run had no cond/uncond pair "
                 f"to compare ({type(guider).__name__} does not use plain CFG), so {node_name} did nothing.")
             return
-        if params.space == "eps" and 0 in tracker.latch_step.values() and params.start_percent == 0.0:
+        first_step_latch = any(0 in tracker.latch_step.values() for _, tracker in trackers)
+        if params.space == "eps" and first_step_latch and params.start_percent == 0.0:
             adapters.warn_once(
                 f"{key}.eps0",
                 f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: latched at the first step in eps "
                 "space, so the run had almost no guidance. Use space=x0, or raise start_percent/threshold.")
-        report = tracker.summary()
+        most_windows_per_step = max((len(w) for w in state.windows_by_step.values()), default=0)
+        if len(state.lanes) > most_windows_per_step > 0:
+            adapters.warn_once(
+                f"{key}.moving_windows",
+                f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: the context schedule moved its "
+                f"windows between steps ({len(state.lanes)} different windows, at most {most_windows_per_step} per "
+                f"step); {node_name} latches per window, so a moved window starts unlatched and saves less. Use "
+                "context_schedule standard_static (fixed windows) to save the most.")
+        report = lanes_summary(trackers)
         setattr(guider, "tfg_adaptive_guidance_report", report)
         adapters.logger.info("%s %s [%s]: %s", adapters.PACK_NAME, node_name, family.name, report)
 
@@ -181,11 +238,15 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         state = adapters.run_state(model_options, key)
         if state is None or len(conds) != 2 or conds[0] is None or conds[1] is None:
             return executor(base_model, conds, x, timestep, model_options)
-        tracker, estimator = state.tracker, state.estimator
         sigma = float(timestep.flatten()[0])
         step = adapters.step_index(timestep, state.run.sigmas)
-        first_evaluation_of_step = step != state.last_step  # multistage samplers evaluate a step repeatedly
-        state.last_step = step
+        window, label = context_window_of(model_options, x)
+        lane = state.lane(window, label)
+        if window is not None:
+            state.windows_by_step.setdefault(step, set()).add(window)
+        tracker, estimator = lane.tracker, lane.estimator
+        first_evaluation_of_step = step != lane.last_step  # multistage samplers evaluate a step repeatedly
+        lane.last_step = step
         batch = x.shape[0]
         low, high = state.interval
         outside_interval = not low < sigma <= high  # outside the guidance interval: cond only, as after a latch
@@ -209,7 +270,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         else:  # some images have latched: the uncond pass runs for the others only
             cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
             computed = cond_rows.uncond_for_rows(executor, base_model, conds[1], x, timestep, model_options, rows,
-                                                 state.control_cache)
+                                                 lane.control_cache)
             uncond = cond.index_copy(0, rows.to(cond.device), computed.to(cond.dtype))
         if estimator is not None and first_evaluation_of_step:
             estimator.record(x, cond, uncond, sigma, computed=True)

@@ -164,6 +164,10 @@ def install_recorder(model, recording: LinearAGRecording, node_name: str):
     def make_state(guider, run: adapters.RunInfo):
         adapters.require_cfg_run(guider, node_name, family, "there is nothing to record",
                                  "record with the cfg you will sample with (> 1).")
+        adapters.refuse_context_windows(
+            guider, node_name, family, "the recording would mix the windows' predictions into one trajectory.",
+            "record on clips short enough for one window (without the Context Windows node); the fitted "
+            "coefficients then apply with context windows, per window.")
         recording.begin_run(family, run)
         return _Run()
 

@@ -362,13 +362,6 @@ def test_adapter_single_slot_chains_to_previous(sd15, adapters):
     torch.testing.assert_close(out, ksample(sd15, sd15.model))
 
 
-def test_context_windows_are_refused_loudly(sd15, ag):
-    m = patch(ag, sd15.model)
-    m.model_options["context_handler"] = object()  # what ComfyUI's Context Windows nodes install
-    with pytest.raises(ValueError, match=r"TFG Adaptive Guidance \[model family: SD1.x\]: context windows"):
-        ksample(sd15, m)
-
-
 # ------------------------------------------------------------------------------------------------
 # per_sample: the uncond pass runs only for the images that have not latched (issue 15.1)
 # ------------------------------------------------------------------------------------------------
