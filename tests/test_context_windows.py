@@ -40,8 +40,12 @@ def wan(comfy_root):
 
 
 def windowed(model, schedule="standard_static", length=2, overlap=1, dim=2):
-    """The model as ComfyUI's Context Windows (Manual) node returns it."""
-    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+    """The model as ComfyUI's WAN Context Windows (Manual) node (dim 2; lengths in pixel frames, 4 per latent
+    frame) or Context Windows (Manual) node (other dims) returns it; `length`, `overlap` in latent frames."""
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode, WanContextWindowsManualNode
+    if dim == 2:
+        return WanContextWindowsManualNode.execute(model, 4 * (length - 1) + 1, 4 * (overlap - 1) + 1, schedule, 1,
+                                                   False, "pyramid").result[0]
     return ContextWindowsManualNode.execute(model, length, overlap, schedule, 1, False, "pyramid", dim).result[0]
 
 
