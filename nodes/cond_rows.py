@@ -6,8 +6,8 @@ hint to the batch. To run the unconditional pass for rows `rows` of a batch of `
 value is first expanded to the whole batch exactly as ComfyUI would, then the rows are taken:
 - the model conditions (`model_conds`: cross-attention, pooled `y`, concat latents of inpainting models, …),
 - area/mask conditions (`mask`, per image; `area` is spatial and applies as is),
-- ControlNet-type objects whose hint holds one image per row (the hint they see during the pass; their own
-  caches are put back afterwards),
+- ControlNet-type objects whose hint holds one image per row (the hint, and the extra images an inpainting
+  ControlNet concatenates to it, that they see during the pass; their own caches are put back afterwards),
 - the timestep (one sigma per row).
 Everything else in a condition (area, strength, timestep range, hooks, GLIGEN) and in `model_options` is shared
 by every row in ComfyUI and is handed on unchanged.
@@ -98,11 +98,18 @@ def controls_for_rows(conds: list[dict] | None, rows: torch.Tensor, batch: int, 
         hint = getattr(control, "cond_hint_original", None)
         if not isinstance(hint, torch.Tensor) or hint.shape[0] <= 1:
             continue
-        saved = {name: getattr(control, name) for name in ("cond_hint_original",) + _CONTROL_CACHES
+        saved = {name: getattr(control, name) for name in ("cond_hint_original", "extra_concat_orig") + _CONTROL_CACHES
                  if hasattr(control, name)}
         kept = cache.get(id(control))
         derived = kept[1] if kept is not None and kept[0] == key_rows else {}
         control.cond_hint_original = comfy.controlnet.broadcast_image_to(hint, batch, 1)[rows.to(hint.device)]
+        extra = getattr(control, "extra_concat_orig", None)
+        if isinstance(extra, list) and extra:
+            # ComfyUI repeats each extra image to the hint's batch, then broadcasts hint + extras to the latent batch
+            control.extra_concat_orig = [
+                c if not isinstance(c, torch.Tensor) or c.shape[0] <= 1 else comfy.controlnet.broadcast_image_to(
+                    comfy.utils.repeat_to_batch_size(c, hint.shape[0]), batch, 1)[rows.to(c.device)]
+                for c in extra]
         for name in _CONTROL_CACHES:
             if hasattr(control, name):
                 setattr(control, name, derived.get(name))

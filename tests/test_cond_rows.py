@@ -22,23 +22,30 @@ def encode(clip_setup, texts):
     return [[torch.cat([p[0] for p in parts]), extra]]
 
 
-def fake_control(hint):
-    """A ControlNet-type object that records the hint rows it sees (ComfyUI's broadcast) and adds nothing."""
+def fake_control(hint, extra_concat=()):
+    """A ControlNet-type object that records the hint rows it sees (ComfyUI's broadcast; with `extra_concat`, the
+    extra images an inpainting ControlNet concatenates, repeated to the hint's batch as ComfyUI does) and adds
+    nothing."""
     import comfy.controlnet
+    import comfy.utils
 
     class RecordingControl(comfy.controlnet.ControlBase):
         def __init__(self):
             super().__init__()
             self.cond_hint_original = hint
+            self.extra_concat_orig = list(extra_concat)
             self.seen = []
 
         def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
             if self.cond_hint is None:
                 self.cond_hint = self.cond_hint_original.clone()
+                extras = [comfy.utils.repeat_to_batch_size(c, self.cond_hint.shape[0]) for c in self.extra_concat_orig]
+                self.cond_hint = torch.cat([self.cond_hint] + extras, dim=1)
             if x_noisy.shape[0] != self.cond_hint.shape[0]:
                 self.cond_hint = comfy.controlnet.broadcast_image_to(self.cond_hint, x_noisy.shape[0],
                                                                      batched_number)
-            self.seen.append(self.cond_hint[:, 0, 0, 0].tolist())
+            self.seen.append(self.cond_hint[:, 0, 0, 0].tolist() if not self.extra_concat_orig else
+                             self.cond_hint[:, :, 0, 0].tolist())
             return None
 
         def copy(self):
@@ -107,3 +114,18 @@ def test_pieces_follow_comfyui_batch_rules(comfy_root, rows_module):
     sliced = rows_module.conds_rows(original, rows, 4)
     assert original[0]["model_conds"]["c"] is per_row and original[0]["mask"] is masks  # inputs untouched
     assert sliced[0]["model_conds"]["c"].cond.shape[0] == 2
+
+
+def test_inpainting_controlnet_extras_follow_the_rows(comfy_root, rows_module):
+    """An inpainting ControlNet's extra images (one per image) are sliced with the hint: the pass over rows [0, 2]
+    of 3 sees hint and extras of those rows; a one-image extra is shared as is; the object is put back."""
+    hint = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
+    per_row_extra = (10 + torch.arange(3.0)).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
+    shared_extra = torch.full((1, 1, 4, 4), 7.0)
+    control = fake_control(hint, [per_row_extra, shared_extra])
+    original_extras = control.extra_concat_orig
+    rows = torch.tensor([0, 2])
+    with rows_module.controls_for_rows([{"control": control}], rows, 3, {}):
+        control.get_control(torch.zeros(2, 4, 4, 4), None, {}, 1, {})
+    assert control.seen[-1] == [[0.0, 10.0, 7.0], [2.0, 12.0, 7.0]]
+    assert control.extra_concat_orig is original_extras and control.cond_hint_original is hint
