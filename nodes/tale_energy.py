@@ -25,14 +25,39 @@ from .tale_placement import NODE, Placement
 # ----------------------------------------------------------------------------------------------
 def with_grad_weights(model):
     """A clone whose comfy-ops weights and biases get a no-op wrapper: comfy.ops then copies them at forward
-    time, and a copy made outside inference mode can be saved for backward (research notes §1.10)."""
+    time, and a copy made outside inference mode can be saved for backward (research notes §1.10). Its attention
+    is differentiable during the gradient passes (`differentiable_attention`)."""
     m = model.clone()
     for name, module in m.model.named_modules():
         if hasattr(module, "weight_function") and getattr(module, "weight", None) is not None:
             m.add_weight_wrapper(f"{name}.weight", _identity)
         if hasattr(module, "bias_function") and getattr(module, "bias", None) is not None:
             m.add_weight_wrapper(f"{name}.bias", _identity)
+    options = m.model_options.setdefault("transformer_options", {})
+    options[ATTENTION_OVERRIDE] = differentiable_attention(options.get(ATTENTION_OVERRIDE))
     return m
+
+
+ATTENTION_OVERRIDE = "optimized_attention_override"
+"""ComfyUI's chainable-by-hand hook around every attention call (comfy.ldm.modules.attention.wrap_attn)."""
+
+
+def differentiable_attention(previous):
+    """An attention override: calls whose query is tracked by autograd (the energy's gradient passes) go to ComfyUI's
+    PyTorch attention (scaled_dot_product_attention, which has a backward); ComfyUI's sub-quadratic attention
+    (CPUs and low-memory setups) exponentiates in place and Sage attention has no backward. Every other call goes to
+    the previous override (another node's) or the attention ComfyUI chose."""
+    import comfy.ldm.modules.attention as attention
+
+    def override(func, *args, **kwargs):
+        query = args[0] if args else kwargs.get("q")
+        if torch.is_grad_enabled() and isinstance(query, torch.Tensor) and query.requires_grad:
+            return attention.attention_pytorch(*args, **kwargs)
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return override
 
 
 def _identity(t):

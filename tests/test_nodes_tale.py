@@ -685,3 +685,42 @@ def test_sdxl_runs_and_flow_models_are_refused(tn, K, comfy_root, tmp_path_facto
     with pytest.raises(ValueError, match=r"\[model family: Flux\].*not supported"), torch.inference_mode():
         tn.run_tale(flux.model, tiny_models.build_tiny_vae("flux"), flux.positive, flux.negative, bg, fg, mask,
                     K.TALEParams(**SMALL), box_scale=0.75)
+
+
+def test_gradient_passes_run_on_sub_quadratic_attention(tn, K, sd, monkeypatch):
+    """ComfyUI's sub-quadratic attention (CPUs, low-memory setups) exponentiates in place, which autograd refuses
+    once keys are chunked; the gradient passes go to PyTorch attention instead, the other passes stay on it."""
+    import comfy.ldm.modules.attention as attention
+    chunked_attention = attention.efficient_dot_product_attention
+    calls = {"sub_quad": 0}
+
+    def chunked(*args, **kwargs):  # chunk the tiny model's 60 keys as a 1024² image's would be
+        calls["sub_quad"] += 1
+        return chunked_attention(*args, **dict(kwargs, kv_chunk_size=16))
+
+    monkeypatch.setattr(attention, "efficient_dot_product_attention", chunked)
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_sub_quad)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_sub_quad)
+    latent, _, _, report = _run(tn, K, sd, energy="latent", latent_weight=0.001, t_prime=2, tau=1, inner_steps=1)
+    assert torch.isfinite(latent["samples"]).all() and report.passes["grad"] == 1
+    assert calls["sub_quad"] > 0  # the passes without gradients kept the host's attention
+
+
+def test_the_attention_override_chains_to_the_previous_one(tn, comfy_root):
+    import comfy.ldm.modules.attention as attention
+    te = host.pack_module("nodes.tale_energy")
+    seen = []
+
+    def previous(func, *args, **kwargs):
+        seen.append(func)
+        return func(*args, **kwargs)
+
+    override = te.differentiable_attention(previous)
+    q = torch.randn(1, 4, 8)
+    plain = override(attention.attention_basic, q, q, q, 1)
+    assert seen == [attention.attention_basic]
+    tracked = q.clone().requires_grad_(True)
+    out = override(attention.attention_basic, tracked, tracked, tracked, 1)
+    out.sum().backward()
+    assert seen == [attention.attention_basic] and tracked.grad is not None  # the gradient call bypassed it
+    torch.testing.assert_close(out.detach(), plain, atol=1e-5, rtol=1e-5)
