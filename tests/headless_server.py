@@ -31,7 +31,10 @@ TINY_SD15_NAME = "tiny_sd15.safetensors"
 READY_NODE = "TFG_AdaptiveGuidance"
 HOST = "127.0.0.1"
 
-TINY_LOADERS = {"sdxl": "TFGTest_TinySDXLLoader", "flux": "TFGTest_TinyFluxLoader", "sd3": "TFGTest_TinySD3Loader"}
+TINY_LOADERS = {"sdxl": "TFGTest_TinySDXLLoader", "flux": "TFGTest_TinyFluxLoader", "sd3": "TFGTest_TinySD3Loader",
+                "wan21": "TFGTest_TinyWan21Loader", "qwen_image": "TFGTest_TinyQwenImageLoader"}
+# the family a workflow's file name ends with (ag_ab_sdxl.json, ag_ab_qwen_image.json); longest first
+FAMILIES = ("qwen_image", "wan21", "sd15", "sdxl", "sd3", "flux")
 # loader class -> {its output index: output index of a TFGTest_Tiny*Loader (MODEL 0, CLIP 1, VAE 2)}
 _LOADER_OUTPUTS = {
     "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
@@ -41,7 +44,9 @@ _LOADER_OUTPUTS = {
     "TripleCLIPLoader": {0: 1},
     "VAELoader": {0: 2},
 }
-_LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
+_LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo")
+VIDEO_FRAMES = 5                 # `length` of shrunk video latents: 2 latent frames (Wan's VAE packs 4 per latent)
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv")
 
 
 def ensure_tiny_files(comfy_path: Path) -> Path:
@@ -234,39 +239,59 @@ class ComfyServer:
                 raise TimeoutError(f"no /history entry for {prompt_id}")
             time.sleep(0.1)
 
-    def images_by_node(self, entry: dict) -> dict:
-        """{output node id: [HxWxC uint8 arrays]} for every image in a /history entry."""
-        import numpy as np
+    def _view(self, item: dict) -> bytes:
         import requests
+        r = requests.get(f"{self.url}/view", params={"filename": item["filename"],
+                                                     "subfolder": item.get("subfolder", ""),
+                                                     "type": item.get("type", "output")}, timeout=30)
+        r.raise_for_status()
+        return r.content
+
+    def images_by_node(self, entry: dict) -> dict:
+        """{output node id: [HxWxC uint8 arrays]} for every image in a /history entry; a saved video
+        (SaveVideo) gives its frames, in order."""
+        import numpy as np
         from PIL import Image
         out = {}
         for node_id in sorted(entry.get("outputs", {}), key=_node_sort_key):
             for img in entry["outputs"][node_id].get("images", []):
-                r = requests.get(f"{self.url}/view", params={"filename": img["filename"],
-                                                             "subfolder": img.get("subfolder", ""),
-                                                             "type": img.get("type", "output")}, timeout=30)
-                r.raise_for_status()
-                with Image.open(BytesIO(r.content)) as im:
+                content = self._view(img)
+                if img["filename"].lower().endswith(VIDEO_EXTENSIONS):
+                    out.setdefault(node_id, []).extend(video_frames(content))
+                    continue
+                with Image.open(BytesIO(content)) as im:
                     out.setdefault(node_id, []).append(np.array(im))
+        return out
+
+    def videos_by_node(self, entry: dict) -> dict:
+        """{output node id: [TxHxWx3 uint8 arrays]} for every saved video file in a /history entry."""
+        import numpy as np
+        out = {}
+        for node_id in sorted(entry.get("outputs", {}), key=_node_sort_key):
+            for item in entry["outputs"][node_id].get("images", []):
+                if item["filename"].lower().endswith(VIDEO_EXTENSIONS):
+                    out.setdefault(node_id, []).append(np.stack(video_frames(self._view(item))))
         return out
 
     def latents_by_node(self, entry: dict) -> dict:
         """{output node id: [latent tensors]} for every SaveLatent output of a /history entry."""
-        import requests
         import safetensors.torch
         out = {}
         for node_id in sorted(entry.get("outputs", {}), key=_node_sort_key):
             for lat in entry["outputs"][node_id].get("latents", []):
-                r = requests.get(f"{self.url}/view", params={"filename": lat["filename"],
-                                                             "subfolder": lat.get("subfolder", ""),
-                                                             "type": lat.get("type", "output")}, timeout=30)
-                r.raise_for_status()
-                out.setdefault(node_id, []).append(safetensors.torch.load(r.content)["latent_tensor"])
+                out.setdefault(node_id, []).append(safetensors.torch.load(self._view(lat))["latent_tensor"])
         return out
 
     def image_arrays(self, entry: dict) -> list:
         """All output images of a /history entry as numpy arrays, ordered by output node id."""
         return [a for arrays in self.images_by_node(entry).values() for a in arrays]
+
+
+def video_frames(content: bytes) -> list:
+    """The frames of a video file (bytes) as HxWx3 uint8 arrays, decoded with PyAV (a ComfyUI requirement)."""
+    import av
+    with av.open(BytesIO(content)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
 def _node_sort_key(node_id: str):
@@ -287,11 +312,14 @@ def executed_nodes(entry: dict) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 def workflow_family(path) -> str:
-    """"sd15", "sdxl", "sd3" or "flux" from a file name such as ag_ab_sdxl.json."""
-    family = Path(path).stem.rsplit("_", 1)[-1].lower()
-    if family not in ("sd15", "sdxl", "sd3", "flux"):
-        raise ValueError(f"{Path(path).name}: cannot tell the model family (expected *_sd15/_sdxl/_sd3/_flux.json)")
-    return family
+    """The family a workflow's file name ends with: "sd15", "sdxl", "sd3", "flux", "wan21" or "qwen_image"
+    (ag_ab_sdxl.json -> "sdxl", ag_ab_qwen_image.json -> "qwen_image")."""
+    stem = Path(path).stem.lower()
+    for family in FAMILIES:
+        if stem.endswith("_" + family):
+            return family
+    raise ValueError(f"{Path(path).name}: cannot tell the model family (expected the name to end with one of "
+                     f"{', '.join('_' + f for f in FAMILIES)})")
 
 
 def swap_loaders(prompt: dict, family: str) -> dict:
@@ -320,8 +348,8 @@ def swap_loaders(prompt: dict, family: str) -> dict:
 
 def load_api_workflow(path, family_swaps: bool = True, size: int | None = 64, steps: int | None = None) -> dict:
     """An API-format workflow from workflows/api/, made runnable on the tiny CPU models: loaders
-    swapped by the family in the file name, empty latents shrunk to `size`, and (optionally) every
-    `steps` input set to `steps`."""
+    swapped by the family in the file name, empty latents shrunk to `size` (video latents also to
+    VIDEO_FRAMES frames), and (optionally) every `steps` input set to `steps`."""
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = WORKFLOWS_API_DIR / path
@@ -333,6 +361,8 @@ def load_api_workflow(path, family_swaps: bool = True, size: int | None = 64, st
         if size is not None and node.get("class_type") in _LATENT_NODES:
             inputs["width"] = size
             inputs["height"] = size
+            if "length" in inputs:
+                inputs["length"] = min(inputs["length"], VIDEO_FRAMES)
         if steps is not None and isinstance(inputs.get("steps"), int):
             inputs["steps"] = steps
     return prompt

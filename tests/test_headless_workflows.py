@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from headless_server import (PACK_DIR_NAME, TESTING_PACK_DIR_NAME, TINY_LOADERS, TINY_SD15_NAME,
+from headless_server import (PACK_DIR_NAME, TESTING_PACK_DIR_NAME, TINY_LOADERS, TINY_SD15_NAME, VIDEO_FRAMES,
                              WORKFLOWS_API_DIR, executed_nodes, load_api_workflow)
 
 STEPS = 6
@@ -149,12 +149,63 @@ def test_api_workflow_runs(comfy_server, path):
     images = comfy_server.image_arrays(entry)
     assert images, f"{path.name} saved no image"
     by_node = comfy_server.images_by_node(entry)
+    videos = comfy_server.videos_by_node(entry)
     for node_id, node in prompt.items():
         if node["class_type"] == "SaveImage":
             assert by_node.get(node_id), f"{path.name}: SaveImage {node_id} produced no image (a branch did not run)"
+        if node["class_type"] == "SaveVideo":
+            clips = videos.get(node_id, [])
+            assert len(clips) == 1, f"{path.name}: SaveVideo {node_id} saved {len(clips)} videos (a branch did not run)"
+            assert clips[0].shape[0] == VIDEO_FRAMES, f"{path.name}: {clips[0].shape[0]} frames, not {VIDEO_FRAMES}"
     for image in images:
         # upscaling workflows (DiffuseHigh, ASG) save larger images than the tiny latent
         assert min(image.shape[:2]) >= SIZE and image.dtype == np.uint8 and image.shape[2] == 3
+
+
+DIT_AB_WORKFLOWS = {"ag_ab_wan21.json": "Wan 2.1", "ag_ab_qwen_image.json": "Qwen-Image"}
+AG_REPORT = r"Adaptive Guidance \[{family}\]: .*?latched: (.*?); .*?model passes (\d+) of (\d+)"
+
+
+def _branch_outputs(server, prompt: dict, entry: dict) -> dict:
+    """{"A": [frames or image], "B": [...]}: what the save nodes titled "A: ..." / "B: ..." wrote."""
+    by_node = server.images_by_node(entry)
+    out = {}
+    for node_id, node in prompt.items():
+        title = node.get("_meta", {}).get("title", "")
+        if node["class_type"] in ("SaveImage", "SaveVideo") and title[:2] in ("A:", "B:"):
+            out[title[0]] = by_node.get(node_id, [])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DIT_AB_WORKFLOWS))
+def test_dit_ab_workflow_differs_only_by_adaptive_guidance(comfy_server, name):
+    """The shipped Wan / Qwen-Image A/B graphs on the tiny models: with the AG node never latching
+    (start_percent 1.0) branch B is A to the bit and runs every CFG pass; latching (threshold 0.5), B differs from
+    A and the server log reports fewer model passes than CFG's, under the family's name."""
+    family = DIT_AB_WORKFLOWS[name]
+    results = {}
+    for case, ag_inputs in (("never", {"start_percent": 1.0}), ("latch", {"threshold": 0.5, "start_percent": 0.0})):
+        prompt = load_api_workflow(name, size=SIZE, steps=4)
+        ags = [n for n in prompt.values() if n["class_type"] == "TFG_AdaptiveGuidance"]
+        assert len(ags) == 1, f"{name}: expected one Adaptive Guidance node"
+        ags[0]["inputs"].update(ag_inputs)
+        before = len(comfy_server.log_text())
+        entry = comfy_server.run_prompt(prompt)
+        reports = re.findall(AG_REPORT.format(family=re.escape(family)), comfy_server.log_text()[before:])
+        assert len(reports) == 1, f"{name} ({case}): expected one AG report for {family}:\n" \
+                                  f"{comfy_server.log_text()[before:][-3000:]}"
+        outputs = _branch_outputs(comfy_server, prompt, entry)
+        assert set(outputs) == {"A", "B"} and all(outputs.values()), outputs.keys()
+        results[case] = (reports[0], outputs)
+    (latched, run, full), outputs = results["never"]
+    assert latched == "never" and int(run) == int(full) > 0, results["never"][0]
+    assert len(outputs["A"]) == len(outputs["B"])
+    assert all(np.array_equal(a, b) for a, b in zip(outputs["A"], outputs["B"])), \
+        f"{name}: AG that never latches changed branch B"
+    (latched, run, full), outputs = results["latch"]
+    assert latched != "never" and int(run) < int(full), results["latch"][0]
+    assert any(not np.array_equal(a, b) for a, b in zip(outputs["A"], outputs["B"])), \
+        f"{name}: a latching AG left branch B unchanged: the comparison is not sensitive"
 
 
 @pytest.mark.parametrize("bad", [{"threshold": 1.5}, {"start_percent": -0.2}], ids=["threshold", "start_percent"])

@@ -23,10 +23,24 @@ MAX_TITLE = 40
 MODEL_WIDGETS = {"CheckpointLoaderSimple": (0,), "UNETLoader": (0,), "DualCLIPLoader": (0, 1), "VAELoader": (0,),
                  "CLIPLoader": (0,), "ControlNetLoader": (0,)}
 IMAGE_LOADERS = ("LoadImage", "LoadImageMask")
+SAVE_TYPES = ("SaveImage", "PreviewImage", "SaveVideo")
+
+
+# comfy_extras modules whose nodes shipped workflows use (host.node_classes has the core and custom-sampler nodes)
+EXTRA_NODE_MODULES = ("nodes_model_advanced", "nodes_sd3", "nodes_hunyuan", "nodes_video")
 
 
 def _headless():
     return host.headless()
+
+
+def node_info() -> dict:
+    """/object_info of every node type a shipped workflow may use, in process."""
+    import importlib
+    classes = host.node_classes()
+    for name in EXTRA_NODE_MODULES:
+        classes.update(host.module_node_classes(importlib.import_module(f"comfy_extras.{name}")))
+    return host.object_info(classes)
 
 
 def _ui(path):
@@ -34,7 +48,12 @@ def _ui(path):
 
 
 def _family(path) -> str:
-    return path.stem.rsplit("_", 1)[-1]
+    """The family the file name ends with (headless_server.workflow_family), else its last `_` part."""
+    from headless_server import workflow_family
+    try:
+        return workflow_family(path)
+    except ValueError:
+        return path.stem.rsplit("_", 1)[-1]
 
 
 def _strip_meta(api: dict) -> dict:
@@ -55,7 +74,7 @@ def test_ui_and_api_twins_agree(ui_path, comfy_root):
     ui = json.loads(ui_path.read_text())
     api = json.loads((WORKFLOWS / "api" / ui_path.name).read_text())
     assert headless.detect_format(ui) == "ui" and headless.detect_format(api) == "api"
-    info = host.object_info(host.node_classes())
+    info = node_info()
     missing = {n["type"] for n in ui["nodes"]} - set(info) - UI_ONLY_TYPES
     assert not missing, f"unknown node types {missing}"
     converted = headless.ui_to_api(ui, info)
@@ -69,7 +88,7 @@ def test_workflow_compares_with_and_without_the_technique(ui_path):
     api = json.loads((WORKFLOWS / "api" / ui_path.name).read_text())
     types = [n["class_type"] for n in api.values()]
     assert any(t.startswith("TFG_") for t in types)
-    saves = types.count("SaveImage") + types.count("PreviewImage")
+    saves = sum(types.count(t) for t in SAVE_TYPES)
     assert saves >= (1 if "_fit_" in ui_path.name else 2)
 
 
@@ -99,14 +118,18 @@ def test_note_lists_model_files_and_input_images(ui_path):
 
 
 def test_one_model_file_name_per_family():
-    by_family = {}
+    """Per family, every workflow names the same file in each loader slot (checkpoint, diffusion model, text
+    encoders, VAE; ControlNets differ by purpose)."""
+    by_slot = {}
     for path in ALL_UI_FILES:
         for node in _ui(path)["nodes"]:
-            if node["type"] == "CheckpointLoaderSimple":
-                by_family.setdefault(_family(path), set()).add(node["widgets_values"][0])
-    assert by_family
-    for family, names in by_family.items():
-        assert len(names) == 1, f"{family}: workflows disagree on the checkpoint name: {sorted(names)}"
+            if node["type"] == "ControlNetLoader":
+                continue
+            for index in MODEL_WIDGETS.get(node["type"], ()):
+                by_slot.setdefault((_family(path), node["type"], index), set()).add(node["widgets_values"][index])
+    assert any(key[1] == "CheckpointLoaderSimple" for key in by_slot)
+    for (family, loader, index), names in by_slot.items():
+        assert len(names) == 1, f"{family}: workflows disagree on the {loader} file name: {sorted(names)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +164,7 @@ def _append_missing_widgets(ui: dict, info: dict) -> list[str]:
 def sync() -> None:
     host.setup_inprocess_comfyui(host.find_comfyui())
     headless = _headless()
-    info = host.object_info(host.node_classes())
+    info = node_info()
     for ui_path in UI_FILES:
         if ui_path.name in NOT_OURS:
             continue

@@ -1,4 +1,5 @@
-"""Test-only ComfyUI node pack: loaders for the tiny random-weight SDXL, Flux and SD3 models.
+"""Test-only ComfyUI node pack: loaders for the tiny random-weight SDXL, Flux and SD3 models (and, in
+dit_loaders.py, Wan 2.1 T2V and Qwen-Image).
 
 It also holds a tiny CLIP-vision loader (tale_testing.py) and nodes that put NaN/Inf into a tensor
 (hostile.py). It lives under tests/ so it never reaches a user's install; the headless test server symlinks it
@@ -75,7 +76,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TFGTest_TinySD3Loader": "Tiny SD3 Loader (TFG tests)",
 }
 
-# the tiny CLIP-vision loader (TALE) and the non-finite tensor nodes (hostile-input tests)
+# the tiny CLIP-vision loader (TALE), the non-finite tensor nodes (hostile-input tests) and the tiny DiT loaders
+from .dit_loaders import NODE_CLASS_MAPPINGS as _DIT_NODES, NODE_DISPLAY_NAME_MAPPINGS as _DIT_NAMES  # noqa: E402
 from .hostile import NODE_CLASS_MAPPINGS as _HOSTILE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _HOSTILE_NAMES  # noqa: E402
 from .tale_testing import NODE_CLASS_MAPPINGS as _TALE_NODES, NODE_DISPLAY_NAME_MAPPINGS as _TALE_NAMES  # noqa: E402
 
@@ -83,3 +85,5 @@ NODE_CLASS_MAPPINGS.update(_TALE_NODES)
 NODE_CLASS_MAPPINGS.update(_HOSTILE_NODES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_TALE_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_HOSTILE_NAMES)
+NODE_CLASS_MAPPINGS.update(_DIT_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_DIT_NAMES)
