@@ -17,6 +17,7 @@ Per node of the pack: the frontend's help panel (node library → help) shows th
 real run of each API twin on the tiny test models (labelled so on the image; the digits quick start on its real
 model). `python tests/test_browser.py --layout` re-places the nodes of every UI workflow from the sizes the frontend
 gives them (see `layout`) and writes the files back; the API twins are unaffected (positions are UI-only).
+Both take `--only NAME[,NAME…]` (workflow file stems) to redo just those workflows.
 """
 from __future__ import annotations
 
@@ -396,7 +397,7 @@ def test_every_pack_node_has_a_help_page(comfy_server):
 # Layout (python tests/test_browser.py --layout)
 # ----------------------------------------------------------------------------------------------
 
-OUTPUT_TYPES = ("SaveImage", "PreviewImage")
+OUTPUT_TYPES = ("SaveImage", "PreviewImage", "SaveVideo")
 NOT_LAID_OUT = {"quickstart_digits_ab.json"}   # laid out by hand by its owner (tools/quickstart.py)
 UI_ONLY = ("Note", "MarkdownNote")
 GAP_X, GAP_Y = 60, 40            # between node boxes
@@ -522,12 +523,17 @@ def layout(workflow: dict, measured: dict) -> dict:
     return workflow
 
 
-def relayout(url: str) -> None:
+def _selected(path: Path, only) -> bool:
+    """`--only NAME[,NAME…]`: just these workflows (file stems), so a tool run leaves the others untouched."""
+    return not only or path.stem in only
+
+
+def relayout(url: str, only=None) -> None:
     page = Frontend(url)
     try:
         page.open()
         for path in UI_WORKFLOWS:
-            if path.name in NOT_LAID_OUT:
+            if path.name in NOT_LAID_OUT or not _selected(path, only):
                 continue
             workflow = json.loads(path.read_text(encoding="utf-8"))
             for n in workflow["nodes"]:
@@ -580,9 +586,11 @@ def _label_image(images: dict, title: str, label: str):
     return canvas
 
 
-def make_thumbnails(server) -> None:
+def make_thumbnails(server, only=None) -> None:
     from headless_server import load_api_workflow
     for path in sorted(WORKFLOWS_DIR.glob("*.json")):
+        if not _selected(path, only):
+            continue
         api_path = WORKFLOWS_DIR / "api" / path.name
         digits = "digits" in path.name
         entry = None
@@ -612,6 +620,11 @@ def make_thumbnails(server) -> None:
 
 
 def _main(argv) -> int:
+    only = None
+    if "--only" in argv:
+        i = argv.index("--only")
+        only = set(argv[i + 1].replace(".json", "").split(","))
+        argv = argv[:i] + argv[i + 2:]
     if "--layout" in argv or "--thumbnails" in argv:
         sys.path.insert(0, str(TESTS_DIR))
         import headless_server
@@ -622,9 +635,9 @@ def _main(argv) -> int:
             if "--layout" in argv:
                 import requests
                 requests.post(f"{server.url}/settings", json=FRONTEND_SETTINGS, timeout=10)
-                relayout(server.url)
+                relayout(server.url, only)
             if "--thumbnails" in argv:
-                make_thumbnails(server)
+                make_thumbnails(server, only)
         return 0
     return pytest.main([__file__, "-q", *argv])
 
