@@ -7,7 +7,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.host/ComfyUI timeout 590 bash benchmarks/device_check.sh
 # TINY=1 runs every part with scaled-down models on any device (the CPU tests use it): same plumbing, no
-# BENCHMARKS.md write.
+# BENCHMARKS.md write. BUDGET_S (540) and REPEATS (3) can be lowered for such checks.
 #
 # Parts, in order; each under a hard `timeout` of min(its cap, what is left of the budget less 15 s for the end):
 # 1. NegToMe per-layer kernel against the released maths (benchmarks/negtome_overhead.py), cap 50 s.
@@ -40,6 +40,7 @@ export COMFYUI_PATH=${COMFYUI_PATH:-$ROOT/.host/ComfyUI}
 PY=${PYTHON:-python3}
 TINY=${TINY:-0}
 BUDGET_S=${BUDGET_S:-540}
+REPEATS=${REPEATS:-3}
 RESERVE_S=15
 START=$(date +%s)
 : > "$OUT/parts.txt"
@@ -103,7 +104,7 @@ if [ "$TINY" = 1 ]; then
 else
     TINYFLAG=(); KERNEL=(--iters 10 --rounds 3); VIDEO=(--size 832x480x33); IMAGE1024=(--size 1024)
 fi
-GPU=("$PY" benchmarks/gpu.py "${TINYFLAG[@]}" --repeats 3)
+GPU=("$PY" benchmarks/gpu.py "${TINYFLAG[@]}" --repeats "$REPEATS")
 
 run_part negtome_kernel 50 "$PY" benchmarks/negtome_overhead.py "${KERNEL[@]}" --json "$OUT/negtome_kernel.json"
 run_part gpu_sdxl 80 "${GPU[@]}" --models sdxl "${IMAGE1024[@]}" --batch 4 --steps 20 --warm-steps 3 \

@@ -345,7 +345,7 @@ def run_family(family: str, tiny: bool, size, batch: int, steps: int, device, dt
             counter, seconds, peak, finite = sample(method, spec, b, steps)
             samples[name].append(seconds)
             previous = info.get(name)
-            info[name] = dict(evals=counter.rows / b, calls=counter.calls, peak=peak if previous is None or previous["peak"] is None
+            info[name] = dict(evals=counter.rows / b, uncond=counter.uncond / b, calls=counter.calls, peak=peak if previous is None or previous["peak"] is None
                               else max(previous["peak"], peak), finite=finite and (previous or {}).get("finite", True))
             logger.info("%s %-44s %.2f evals/image %.2fs", family, name, counter.rows / b, seconds)
         if progress is not None:
@@ -365,7 +365,8 @@ def _rows(built, failed, samples, info, expected) -> list[dict]:
                              ratio=nan, eval_ratio=nan, floor_ratio=None, floor_excess=None, kind=_kind(spec)))
             continue
         times = sorted(runs)
-        rows.append(dict(method=name, batch=b, evals=info[name]["evals"], calls=info[name]["calls"],
+        rows.append(dict(method=name, batch=b, evals=info[name]["evals"], uncond=info[name]["uncond"],
+                         calls=info[name]["calls"],
                          expected_evals=expected[name],
                          seconds=times[len(times) // 2], spread=(times[0], times[-1]), peak=info[name]["peak"],
                          times=list(runs), runs=len(runs), finite=info[name]["finite"], kind=_kind(spec)))
