@@ -166,22 +166,45 @@ DIT_AB_WORKFLOWS = {"ag_ab_wan21.json": "Wan 2.1", "ag_ab_qwen_image.json": "Qwe
 AG_REPORT = r"Adaptive Guidance \[{family}\]: .*?latched: (.*?); .*?model passes (\d+) of (\d+)"
 
 
-def _branch_outputs(server, prompt: dict, entry: dict) -> dict:
-    """{"A": [frames or image], "B": [...]}: what the save nodes titled "A: ..." / "B: ..." wrote."""
-    by_node = server.images_by_node(entry)
-    out = {}
-    for node_id, node in prompt.items():
+def _upstream(prompt: dict, node_id: str, class_type: str) -> str:
+    """The nearest node of `class_type` that feeds `node_id` (through its linked inputs)."""
+    todo, seen = [node_id], set()
+    while todo:
+        current = todo.pop(0)
+        for value in prompt[current]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt and str(value[0]) not in seen:
+                source = str(value[0])
+                if prompt[source]["class_type"] == class_type:
+                    return source
+                seen.add(source)
+                todo.append(source)
+    raise AssertionError(f"no {class_type} upstream of node {node_id}")
+
+
+def _add_branch_probes(prompt: dict) -> dict:
+    """SaveLatent on each branch's KSampler and SaveImage on its VAEDecode, the branches named by the titles
+    "A: ..." / "B: ..." of the workflow's save nodes. Returns {"A": (latent probe, image probe), "B": ...}. (The
+    videos themselves are not compared: libx264 does not encode equal frames to equal files run after run.)"""
+    probes = {}
+    for node_id, node in list(prompt.items()):
         title = node.get("_meta", {}).get("title", "")
         if node["class_type"] in ("SaveImage", "SaveVideo") and title[:2] in ("A:", "B:"):
-            out[title[0]] = by_node.get(node_id, [])
-    return out
+            label = title[0]
+            prompt[f"probe_lat_{label}"] = {"class_type": "SaveLatent", "inputs": {
+                "samples": [_upstream(prompt, node_id, "KSampler"), 0], "filename_prefix": f"tfgtest/probe_{label}"}}
+            prompt[f"probe_img_{label}"] = {"class_type": "SaveImage", "inputs": {
+                "images": [_upstream(prompt, node_id, "VAEDecode"), 0], "filename_prefix": f"tfgtest/probe_{label}"}}
+            probes[label] = (f"probe_lat_{label}", f"probe_img_{label}")
+    assert set(probes) == {"A", "B"}, f"expected save nodes titled 'A: ...' and 'B: ...': {sorted(probes)}"
+    return probes
 
 
 @pytest.mark.parametrize("name", sorted(DIT_AB_WORKFLOWS))
 def test_dit_ab_workflow_differs_only_by_adaptive_guidance(comfy_server, name):
     """The shipped Wan / Qwen-Image A/B graphs on the tiny models: with the AG node never latching
-    (start_percent 1.0) branch B is A to the bit and runs every CFG pass; latching (threshold 0.5), B differs from
-    A and the server log reports fewer model passes than CFG's, under the family's name."""
+    (start_percent 1.0) branch B is A to the bit (latent and decoded frames) and runs every CFG pass; latching
+    (threshold 0.5), B differs from A and the server log reports fewer model passes than CFG's, under the family's
+    name."""
     family = DIT_AB_WORKFLOWS[name]
     results = {}
     for case, ag_inputs in (("never", {"start_percent": 1.0}), ("latch", {"threshold": 0.5, "start_percent": 0.0})):
@@ -189,23 +212,27 @@ def test_dit_ab_workflow_differs_only_by_adaptive_guidance(comfy_server, name):
         ags = [n for n in prompt.values() if n["class_type"] == "TFG_AdaptiveGuidance"]
         assert len(ags) == 1, f"{name}: expected one Adaptive Guidance node"
         ags[0]["inputs"].update(ag_inputs)
+        probes = _add_branch_probes(prompt)
         before = len(comfy_server.log_text())
         entry = comfy_server.run_prompt(prompt)
         reports = re.findall(AG_REPORT.format(family=re.escape(family)), comfy_server.log_text()[before:])
         assert len(reports) == 1, f"{name} ({case}): expected one AG report for {family}:\n" \
                                   f"{comfy_server.log_text()[before:][-3000:]}"
-        outputs = _branch_outputs(comfy_server, prompt, entry)
-        assert set(outputs) == {"A", "B"} and all(outputs.values()), outputs.keys()
+        latents, images = comfy_server.latents_by_node(entry), comfy_server.images_by_node(entry)
+        outputs = {label: (latents[lat][0], images[img]) for label, (lat, img) in probes.items()}
         results[case] = (reports[0], outputs)
     (latched, run, full), outputs = results["never"]
     assert latched == "never" and int(run) == int(full) > 0, results["never"][0]
-    assert len(outputs["A"]) == len(outputs["B"])
-    assert all(np.array_equal(a, b) for a, b in zip(outputs["A"], outputs["B"])), \
-        f"{name}: AG that never latches changed branch B"
+    (lat_a, frames_a), (lat_b, frames_b) = outputs["A"], outputs["B"]
+    assert torch.equal(lat_a, lat_b), f"{name}: AG that never latches changed branch B's latent"
+    assert len(frames_a) == len(frames_b) and all(np.array_equal(a, b) for a, b in zip(frames_a, frames_b)), \
+        f"{name}: AG that never latches changed branch B's frames"
     (latched, run, full), outputs = results["latch"]
     assert latched != "never" and int(run) < int(full), results["latch"][0]
-    assert any(not np.array_equal(a, b) for a, b in zip(outputs["A"], outputs["B"])), \
-        f"{name}: a latching AG left branch B unchanged: the comparison is not sensitive"
+    (lat_a, frames_a), (lat_b, frames_b) = outputs["A"], outputs["B"]
+    assert not torch.equal(lat_a, lat_b), f"{name}: a latching AG left branch B unchanged: not sensitive"
+    assert any(not np.array_equal(a, b) for a, b in zip(frames_a, frames_b)), \
+        f"{name}: branch B's latent changed but its frames did not"
 
 
 @pytest.mark.parametrize("bad", [{"threshold": 1.5}, {"start_percent": -0.2}], ids=["threshold", "start_percent"])
