@@ -19,8 +19,10 @@
 #    - Wan 2.1 T2V 1.3B 832x480x33 frames batch 1, 8 steps: CFG, cond only, AG 50%/30%, LinearAG; CFG and
 #      NegToMe at batch 2 (~75 s; cap 90 s).
 #    - Qwen-Image 1024² batch 1, 8 steps: the same rows (~75 s; cap 90 s).
-#    - Wan 2.1 T2V 14B 832x480x33 frames batch 1, 4 steps: CFG, cond only, AG 50%, LinearAG (~105 s; what is
-#      left, cap 130 s).
+#    - Wan 2.1 T2V 14B 832x480x33 frames batch 1, 4 steps: CFG, cond only, AG 50%, LinearAG (~115 s; what is
+#      left, cap 130 s). No NegToMe row on 14B: at batch 2 it would add ~35 s a round (the 1.3B row has the same
+#      14 040 tokens per clip).
+#    Warm-up runs: 3 steps (LinearAG's first estimated step is step 1 < half of 3); the per-image row warms at 20.
 #    gpu.py rewrites its JSON after every timed round: a part stopped by its limit keeps its finished rounds.
 # 3. BENCHMARKS.md's GPU section written from the saved JSONs (gpu.py --render ... --write), never by hand.
 # 4. The summary of the targets (benchmarks/gpu_summary.py): NegToMe default <= 1.02x CFG on SDXL and <= 1.03x on
@@ -112,10 +114,10 @@ run_part gpu_sdxl 80 "${GPU[@]}" --models sdxl "${IMAGE1024[@]}" --batch 4 --ste
 run_part gpu_flux 110 "${GPU[@]}" --models flux "${IMAGE1024[@]}" --batch 4 --steps 10 --warm-steps 3 \
     --only negtome --no-floor flux --json "$OUT/gpu_flux.json"
 run_part gpu_wan1.3b 90 "${GPU[@]}" --models wan1.3b "${VIDEO[@]}" --batch 1 --negtome-batch 2 --steps 8 \
-    --warm-steps 2 --only ag,linear_ag,negtome --json "$OUT/gpu_wan1.3b.json"
+    --warm-steps 3 --only ag,linear_ag,negtome --json "$OUT/gpu_wan1.3b.json"
 run_part gpu_qwen 90 "${GPU[@]}" --models qwen "${IMAGE1024[@]}" --batch 1 --negtome-batch 2 --steps 8 \
-    --warm-steps 2 --only ag,linear_ag,negtome --json "$OUT/gpu_qwen.json"
-run_part gpu_wan14b 130 "${GPU[@]}" --models wan14b "${VIDEO[@]}" --batch 1 --steps 4 --warm-steps 2 \
+    --warm-steps 3 --only ag,linear_ag,negtome --json "$OUT/gpu_qwen.json"
+run_part gpu_wan14b 130 "${GPU[@]}" --models wan14b "${VIDEO[@]}" --batch 1 --steps 4 --warm-steps 3 \
     --only ag50,linear_ag --json "$OUT/gpu_wan14b.json"
 
 echo "== BENCHMARKS.md GPU section ($(elapsed) s)"

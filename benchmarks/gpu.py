@@ -41,10 +41,11 @@ Wan 14B there 1.1 s, Qwen-Image 1024² 0.16 s. Rows a step: CFG 2, floor 1, AG50
 LinearAG ~1.25, CFG + NegToMe at batch 2: 4 + 4. One run of every method is warm-up + 3 timed rounds:
 * SDXL 1024² b4, 20 steps (CFG, floor, AG50, AG30, per-image, LinearAG, NegToMe): ~16 s a round -> ~60 s.
 * Flux 1024² b4, 10 steps (CFG, NegToMe; no floor): ~25 s a round -> ~95 s.
-* Wan 1.3B 832x480x33 b1, 8 steps (CFG, floor, AG50, AG30, LinearAG; CFG and NegToMe at b2): 8 x 0.16 x
-  (7.4 + 8.4) ~ 20 s a round -> ~75 s. Qwen-Image 1024² b1, 8 steps, same rows: ~75 s.
+* Wan 1.3B 832x480x33 b1, 8 steps (CFG, floor, AG50, AG30, LinearAG: 7.4 rows a step; CFG and NegToMe at b2:
+  8): 8 x 0.16 x 15.4 ~ 20 s a round -> 3 rounds + a 3-step warm-up + start-up ~ 75 s. Qwen-Image 1024² b1,
+  8 steps, same rows: ~75 s.
 * Wan 14B 832x480x33 b1, 4 steps (CFG, floor, AG50, LinearAG: 6 rows a step; AG30 equals AG50 at 4 steps, and
-  NegToMe at batch 2 would add ~35 s a round): 4 x 1.1 x 6 ~ 26 s a round -> ~105 s with its build.
+  NegToMe at batch 2 would add ~35 s a round): 4 x 1.1 x 6 ~ 26 s a round -> ~115 s with warm-up and build.
 With the kernel check (~40 s) and start-up (~15 s) that is ~480 s of the 540 s that benchmarks/device_check.sh
 allows itself (it runs each model as its own part under a hard time limit, this script with --json, and writes
 BENCHMARKS.md from the saved JSON with `--render ... --write`). On the device machine it runs as
@@ -339,6 +340,8 @@ def run_family(family: str, tiny: bool, size, batch: int, steps: int, device, dt
         rows = _rows(built, failed, samples, info, {name: expected(spec, b) for name, _, spec, b in built})
         return dict(meta, rows=rows, rounds=rounds_done)
 
+    if progress is not None:  # saved before timing: a model stopped during its runs still shows its rows
+        progress(result(0))
     for r in range(repeats):
         shift = r % max(1, len(timed))
         for name, method, spec, b in timed[shift:] + timed[:shift]:  # rotated: drift hits every method alike

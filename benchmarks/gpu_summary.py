@@ -141,6 +141,10 @@ def main(argv=None) -> int:
         kernel = json.loads((out / "negtome_kernel.json").read_text())
     except (OSError, ValueError) as e:
         notes.append(f"negtome_kernel.json missing or unreadable: {e}")
+    notes.append("Floor-implied time / CFG = f + (eval ratio - 0.5) x 2 x (1 - f), f = the cond-only (cfg 1) "
+                 "row's time / CFG: the time a method would take if each step cost as much as the rows it computes, "
+                 "on the line through CFG (2 rows a step) and the floor (1 row); the difference is the method's own "
+                 "cost. Reported, no target (issue 15's target is time / CFG <= eval ratio + 0.03).")
     rows = checks(results, kernel, read_parts(out / "parts.txt"))
     text = render(rows, notes)
     (out / "summary.md").write_text(text)

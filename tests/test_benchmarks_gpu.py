@@ -100,17 +100,18 @@ def test_every_method_is_warmed_then_timed_in_rotated_order(gpu, monkeypatch):
         return prepare(model, method, *a, **k)
 
     monkeypatch.setattr(harness, "prepare", spy)
-    rounds = []
+    snapshots = []
     methods = [("AG, latch at 0%", 0.0), ("NegToMe", gpu.negtome_params())]
     res = gpu.run_family("sdxl", True, 32, 2, 2, torch.device("cpu"), torch.float32, methods, repeats=3,
-                         warm_steps=2, progress=lambda r: rounds.append((r["rounds"], [x["runs"] for x in r["rows"]])))
+                         warm_steps=2, progress=lambda r: snapshots.append(json.loads(json.dumps(r, default=str))))
+    rounds = [(r["rounds"], [x["runs"] for x in r["rows"]]) for r in snapshots]
     names = ["CFG", "cond only (cfg 1)", "AG, latch at 0%", "NegToMe"]
     assert [r["method"] for r in res["rows"]] == names
     assert calls[:4] == names  # one untimed run of each method first
     timed = calls[4:]
     assert len(timed) == 12 and all(timed.count(n) == 3 for n in names)
     assert [timed[0], timed[4], timed[8]] == [names[0], names[1], names[2]]  # each round starts one later
-    assert rounds == [(1, [1] * 4), (2, [2] * 4), (3, [3] * 4)]  # saved after every round
+    assert rounds == [(0, [0] * 4), (1, [1] * 4), (2, [2] * 4), (3, [3] * 4)]  # saved after warm-up, every round
     rows = _rows(res)
     assert rows["CFG"]["evals"] == 4.0 and rows["CFG"]["ratio"] == 1.0
     assert rows["cond only (cfg 1)"]["evals"] == 2.0 and rows["cond only (cfg 1)"]["eval_ratio"] == 0.5
@@ -119,6 +120,13 @@ def test_every_method_is_warmed_then_timed_in_rotated_order(gpu, monkeypatch):
         assert r["evals"] == r["expected_evals"]
         assert len(r["times"]) == 3 and r["spread"][0] <= r["seconds"] <= r["spread"][1]
         assert r["ratio"] == pytest.approx(r["seconds"] / rows["CFG"]["seconds"])
+    # what a run stopped by its time limit leaves: rows without runs, rows with fewer runs, both said
+    ctx = dict(date="d", device="cpu", torch="t", cuda=None, comfyui="c", dtype="float32", repeats=3, warm="2",
+               command="gpu.py", total=1.0)
+    before = gpu.render({"sdxl": snapshots[0]}, ctx)
+    assert "| SDXL (" in before and "| CFG (not timed) | 2 | – | – | – |" in before
+    partial = gpu.render({"sdxl": snapshots[2]}, ctx)
+    assert "(2 of 3 runs)" in partial and "Stopped by the time limit before all timed runs: sdxl CFG" in partial
     f = rows["cond only (cfg 1)"]["ratio"]
     ag = rows["AG, latch at 0%"]
     assert ag["floor_ratio"] == pytest.approx(f + (0.75 - 0.5) * 2 * (1 - f))
