@@ -6,8 +6,8 @@ Each returns (MODEL, CLIP, VAE) like CheckpointLoaderSimple:
 - MODEL: the tiny random-weight diffusion model of tests/tiny_dit_models.py (ComfyUI's own WAN21_T2V / QwenImage
   classes, real architecture, shrunk widths);
 - CLIP: a stand-in text encoder (`DiTTextEncoder`, the TinyTextEncoder of tests/tiny_models.py with the tiny
-  model's context width and the real tokenizer's key), deterministic in the text, with no pooled output (the
-  real umT5 / Qwen2.5-VL encoders give none these models use);
+  model's context width and the real tokenizer's key), deterministic in the text, with no pooled output (neither
+  model takes one);
 - VAE: ComfyUI's own Wan 2.1 VAE class (`comfy.ldm.wan.vae.WanVAE`, through `comfy.sd.VAE`) at width 8 instead
   of 96, random weights: it decodes the 5-D latents [B, 16, T, H, W] to 1 + 4 (T - 1) frames at 8x the size, as
   the real one. Qwen-Image ships a VAE of the same class (ComfyUI loads qwen_image_vae.safetensors through it).
@@ -50,7 +50,7 @@ class DiTTextEncoder(tiny_models.TinyTextEncoder):
         self.family = family
         self.num_tokens = tokens
         self.context_dim = context_dim
-        self.pooled_dim = 1
+        self.pooled_dim = 1                 # embed() draws one; encode_from_tokens drops it
         self.token_keys = (token_key,)
         self.layer_idx = None
         self.tokenizer_options = {}
