@@ -53,6 +53,7 @@ PAPER_UNET_MIN_GRID = 32
 """SDXL pipeline default `min_attn_dim`: output-block layers whose token grid is at least this on both sides."""
 
 DEFAULT_BUDGET_MB = 64.0
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_tolerance(dtype: torch.dtype) -> float:
@@ -240,13 +241,20 @@ def peak_extra_bytes(n_images: int, n_tokens: int, dim: int, budget_bytes: int, 
 # layer never stalls the GPU queue. Images are processed in blocks (as many as the budget allows), so small token
 # grids take one similarity product per CFG chunk, and large ones fall back to column/row blocks of one image.
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return 2 if dtype in _HALF else 4 if dtype == torch.float32 else torch.finfo(dtype).bits // 8
+
+
 def _similarity_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine block a @ b^T of already-normalised rows (module-level so tests can observe its size)."""
-    return a @ b.transpose(-1, -2)
+    return torch.bmm(a, b.mT) if a.dim() == 3 else torch.mm(a, b.t())
 
 
 def _normalise(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.to(dtype), dim=-1)
+    """F.normalize(x.to(dtype), dim=-1), bit for bit (x / max(||x||, 1e-12), the norm in `dtype`), in three ops."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
 
 
 def _best_over_sources(src_n: torch.Tensor, ref_n: torch.Tensor, ref_mask: torch.Tensor | None,
@@ -306,10 +314,13 @@ def _extrapolate(x: torch.Tensor, matched: torch.Tensor, merge: torch.Tensor, al
 
     Half-precision features take one fused pass, lerp(x, matched, -alpha) = x + alpha (x - matched) computed in
     fp32 (PyTorch's opmath) and rounded once: no fp32 copies of the tokens."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in _HALF:
         pushed = torch.lerp(x, matched, -alpha, out=matched)  # into the caller's temporary: no new tensor
+    elif x.dtype == torch.float32:
+        pushed = torch.mul(x, 1.0 + alpha)  # a new tensor
+        pushed.sub_(matched.mul_(alpha))
     else:
-        pushed = x.float() * (1.0 + alpha)  # a new tensor even for fp32 x
+        pushed = x.float() * (1.0 + alpha)
         pushed.sub_(matched.float().mul_(alpha))
         pushed = pushed.to(x.dtype)
     return torch.where(merge.unsqueeze(-1), pushed, x, out=out)
@@ -416,51 +427,63 @@ def _masked(vals: torch.Tensor, ref_mask: torch.Tensor | None, matching: str, id
     return vals.masked_fill(off, float("-inf"))
 
 
+def _image_zero_blocks(src_n: torch.Tensor, ref_n: torch.Tensor, matching: str, ref_mask: torch.Tensor | None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best similarities and their indices for the normalised source images src_n (C, n, N, D) against each chunk's
+    normalised reference ref_n (C, N, D), with one batched product: (C, n, N) values and indices (written into
+    `out` when given). `official`: per output position j, the best source token i; `best_match`: per source token
+    i, the best reference token j."""
+    n_chunks, n, n_tokens, dim = src_n.shape
+    flat = src_n.reshape(n_chunks, n * n_tokens, dim)  # a view: the normalised copy is contiguous
+    if matching == "official":  # (C, N_ref, n * N_src): the reduction runs along the innermost (source) dimension,
+        block = _similarity_block(ref_n, flat)  # permuted so the results come out (C, n, N_ref)
+        block = block.view(n_chunks, n_tokens, n, n_tokens).permute(0, 2, 1, 3)
+    else:
+        block = _similarity_block(flat, ref_n).view(n_chunks, n, n_tokens, n_tokens)  # (C, n, N_src, N_ref)
+        if ref_mask is not None:
+            block.masked_fill_(~ref_mask, float("-inf"))
+    return block.max(dim=3) if out is None else torch.max(block, dim=3, out=out)
+
+
 def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, threshold: float, matching: str,
                         ref_mask: torch.Tensor | None, budget_bytes: int, sim_dtype: torch.dtype,
                         check: bool) -> torch.Tensor:
-    """`official` / `best_match` on every chunk of x4 (C, F, N, D) at once, into out4: one normalisation, then
-    per block of source images (the same images of every chunk) one batched similarity product of at most
-    budget_bytes; one gather and one extrapolation. The caller checked that one image per chunk fits."""
+    """`official` / `best_match` on every chunk of x4 (C, F, N, D) at once, into out4: per block of source images
+    (the same images of every chunk) one batched similarity product of at most budget_bytes, written straight into
+    the (C, F-1, N) results; then one gather and one extrapolation. The group is normalised once when its
+    normalised copy fits the budget (else the reference once and each block's sources). The caller checked that
+    one image per chunk fits. A fixed, small number of tensor ops whatever the batch (tests pin the count)."""
     n_chunks, n_images, n_tokens, dim = x4.shape
-    size = torch.finfo(sim_dtype).bits // 8
-    k = min(n_images - 1, int(budget_bytes) // (size * n_chunks * n_tokens * n_tokens))
-    one_block = k >= n_images - 1
-    xn = _normalise(x4, sim_dtype) if one_block else None  # one normalisation, or one per block (less memory)
-    ref_n = xn[:, 0] if one_block else _normalise(x4[:, 0], sim_dtype)  # (C, N, D)
-    pieces = []
-    for f0 in range(1, n_images, k):
-        f1 = min(n_images, f0 + k)
-        n = f1 - f0
-        src_n = (xn[:, f0:f1] if one_block else _normalise(x4[:, f0:f1], sim_dtype)).reshape(
-            n_chunks, n * n_tokens, dim)
-        if matching == "official":  # (C, N_ref, n * N_src), reduced along the innermost (source) dimension
-            block = _similarity_block(ref_n, src_n)
-            v, i = block.view(n_chunks, n_tokens, n, n_tokens).max(dim=3)
-            v, i = v.transpose(1, 2), i.transpose(1, 2)  # (C, n, N_ref)
-        else:  # (C, n * N_src, N_ref)
-            block = _similarity_block(src_n, ref_n)
-            if ref_mask is not None:
-                block.masked_fill_(~ref_mask.view(1, 1, -1), float("-inf"))
-            v, i = block.max(dim=2)
-            v, i = v.view(n_chunks, n, n_tokens), i.view(n_chunks, n, n_tokens)
-        del block, src_n
-        pieces.append((v, i))
-    del xn, ref_n
-    if len(pieces) == 1:
-        vals, idx = pieces[0]
+    n_src = n_images - 1
+    size = _itemsize(sim_dtype)
+    k = min(n_src, int(budget_bytes) // (size * n_chunks * n_tokens * n_tokens))
+    # (select/narrow rather than x[:, 0] indexing: the per-call Python cost counts on launch-bound GPUs)
+    xn = _normalise(x4, sim_dtype) if size * x4.numel() <= budget_bytes else None
+    ref_n = xn.select(1, 0) if xn is not None else _normalise(x4.select(1, 0), sim_dtype)  # (C, N, D)
+    if k >= n_src:
+        vals, idx = _image_zero_blocks(xn.narrow(1, 1, n_src) if xn is not None else
+                                       _normalise(x4.narrow(1, 1, n_src), sim_dtype), ref_n, matching, ref_mask)
     else:
-        vals, idx = torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+        vals = torch.empty((n_chunks, n_src, n_tokens), dtype=sim_dtype, device=x4.device)
+        idx = torch.empty((n_chunks, n_src, n_tokens), dtype=torch.long, device=x4.device)
+        for f0 in range(0, n_src, k):
+            n = min(k, n_src - f0)
+            src_n = xn.narrow(1, 1 + f0, n) if xn is not None else _normalise(x4.narrow(1, 1 + f0, n), sim_dtype)
+            _image_zero_blocks(src_n, ref_n, matching, ref_mask, out=(vals.narrow(1, f0, n), idx.narrow(1, f0, n)))
+            del src_n
+    del xn, ref_n
     if ref_mask is not None and matching == "official":
-        vals = vals.masked_fill(~ref_mask.view(1, 1, -1), float("-inf"))
+        vals = vals.masked_fill(~ref_mask, float("-inf"))
     if check:
         vals = _masked(_rescore_near_threshold(vals, threshold, _image_zero_pairs(x4, idx, matching)), ref_mask,
                        matching, idx)
-    merge = vals > threshold
-    chunk = torch.arange(n_chunks, device=x4.device).view(n_chunks, 1, 1)
-    matched = x4[:, 0][chunk, idx]  # (C, F-1, N, D): reference token idx of each chunk's image 0
-    out4[:, 0].copy_(x4[:, 0])
-    _extrapolate(x4[:, 1:], matched, merge, alpha, out=out4[:, 1:])
+    merge = torch.gt(vals, threshold)  # (C, F-1, N)
+    # reference token idx of each chunk's image 0, one gather for every chunk
+    ref = x4.select(1, 0)
+    matched = torch.gather(ref, 1, idx.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
+    out4.select(1, 0).copy_(ref)
+    _extrapolate(x4.narrow(1, 1, n_src), matched.view(n_chunks, n_src, n_tokens, dim), merge, alpha,
+                 out=out4.narrow(1, 1, n_src))
     return merge.sum()
 
 
@@ -583,21 +606,21 @@ def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, 
     dtype, e.g. a slice of a larger buffer) receives the result. With alpha == 0 or chunks of one image, x itself
     is returned (out untouched) and the count is 0. x is never modified; unmatched tokens are copied bit-exact."""
     ref_mask = _check_args(x, matching, ref_mask, similarity)
-    if n_chunks < 1 or x.shape[0] % n_chunks:
-        raise ValueError(f"batch of {x.shape[0]} does not split into {n_chunks} chunks")
-    per_chunk = x.shape[0] // n_chunks
+    n_rows, n_tokens, dim = x.shape
+    if n_chunks < 1 or n_rows % n_chunks:
+        raise ValueError(f"batch of {n_rows} does not split into {n_chunks} chunks")
+    per_chunk = n_rows // n_chunks
     if alpha == 0.0 or per_chunk < 2:
         return x, torch.zeros((), dtype=torch.long, device=x.device)
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty((n_rows, n_tokens, dim), dtype=x.dtype, device=x.device)
     elif out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
     sim_dtype = similarity_dtype(x.dtype, similarity)
     check = similarity == "checked" and sim_dtype != torch.float32
-    size = torch.finfo(sim_dtype).bits // 8
-    if matching != "all_others" and _fits_batched(n_chunks, per_chunk, x.shape[1], x.shape[2], budget_bytes, size,
-                                                   x.element_size()):
-        shape = (n_chunks, per_chunk) + tuple(x.shape[1:])
+    if matching != "all_others" and _fits_batched(n_chunks, per_chunk, n_tokens, dim, budget_bytes,
+                                                   _itemsize(sim_dtype), x.element_size()):
+        shape = (n_chunks, per_chunk, n_tokens, dim)
         count = _image_zero_batched(x.view(shape), out.view(shape), alpha, threshold, matching, ref_mask,
                                     budget_bytes, sim_dtype, check)
         return out, count
