@@ -618,12 +618,21 @@ def merge_batch(x: torch.Tensor, n_chunks: int, alpha: float, threshold: float, 
         raise ValueError(f"out must have shape {tuple(x.shape)} and dtype {x.dtype}")
     sim_dtype = similarity_dtype(x.dtype, similarity)
     check = similarity == "checked" and sim_dtype != torch.float32
-    if matching != "all_others" and _fits_batched(n_chunks, per_chunk, n_tokens, dim, budget_bytes,
-                                                   _itemsize(sim_dtype), x.element_size()):
-        shape = (n_chunks, per_chunk, n_tokens, dim)
-        count = _image_zero_batched(x.view(shape), out.view(shape), alpha, threshold, matching, ref_mask,
-                                    budget_bytes, sim_dtype, check)
-        return out, count
+    if matching != "all_others":
+        size, element = _itemsize(sim_dtype), x.element_size()
+        together = (n_chunks if _fits_batched(n_chunks, per_chunk, n_tokens, dim, budget_bytes, size, element) else
+                    1 if _fits_batched(1, per_chunk, n_tokens, dim, budget_bytes, size, element) else 0)
+        if together:  # every chunk in one batched call, or one chunk per call: a fixed number of ops per call
+            x4, out4 = x.view(n_chunks, per_chunk, n_tokens, dim), out.view(n_chunks, per_chunk, n_tokens, dim)
+            if together == n_chunks:
+                return out, _image_zero_batched(x4, out4, alpha, threshold, matching, ref_mask, budget_bytes,
+                                                sim_dtype, check)
+            count = None
+            for c in range(0, n_chunks, together):
+                merged = _image_zero_batched(x4.narrow(0, c, together), out4.narrow(0, c, together), alpha,
+                                             threshold, matching, ref_mask, budget_bytes, sim_dtype, check)
+                count = merged if count is None else count + merged
+            return out, count
     count = None
     for c in range(n_chunks):
         rows = slice(c * per_chunk, (c + 1) * per_chunk)

@@ -63,12 +63,23 @@ def install_unet(m, key: str, info_key: str, blocks: str, custom: frozenset | No
     """attn1 and attn2 output patches (after the output projection, before the residual add: the SDXL pipeline's
     placement), each selected layer merging its image tokens on active calls."""
 
+    layers: dict = {}  # (latent h, w, tokens, block) -> (grid, selected): pure rules, asked once per layer shape
+
     def attn_output_patch(n, extra_options):
         info = extra_options.get(info_key)
         if info is None or not info["active"]:
             return n
-        grid = token_grid_of(extra_options.get("original_shape"), n.shape[1])
-        if not unet_layer_selected(extra_options.get("block"), grid, blocks, custom):
+        shape, block = extra_options.get("original_shape"), extra_options.get("block")
+        layer = (None if shape is None else (int(shape[-2]), int(shape[-1])), n.shape[1],
+                 None if block is None else tuple(block))
+        known = layers.get(layer)
+        if known is None:
+            if len(layers) > 4096:
+                layers.clear()
+            grid = token_grid_of(shape, n.shape[1])
+            known = layers[layer] = (grid, unet_layer_selected(block, grid, blocks, custom))
+        grid, selected = known
+        if not selected:
             return n
         state = adapters.run_state({"transformer_options": extra_options}, key)
         return merge(n, extra_options.get("cond_or_uncond", [0]), state, info["step"], grid)
@@ -107,15 +118,18 @@ def install_dit(m, key: str, info_key: str, family: adapters.ModelFamily, counts
                 calls[0] += 1
                 if calls[0] != 1 or not span.matches(tuple(out.shape)):
                     return out  # e.g. SD3.5's extra image self-attention: not a joint attention output
-                start, stop = span.start, span.start + span.length
-                img = out[:, start:stop]
+                start, length, total = span.start, span.length, out.shape[1]
+                img = out.narrow(1, start, length)
                 result = torch.empty_like(out, memory_format=torch.contiguous_format)
                 merged = merge(img, to.get("cond_or_uncond", [0]), state, info["step"], span.grid,
-                               into=result[:, start:stop])  # written in place: no concatenation copy
+                               into=result.narrow(1, start, length))  # written in place: no concatenation copy
                 if merged is img:
                     return out
-                result[:, :start] = out[:, :start]
-                result[:, stop:] = out[:, stop:]
+                if start:  # the other tokens, copied only where there are some (narrow: no indexing overhead)
+                    result.narrow(1, 0, start).copy_(out.narrow(1, 0, start))
+                if start + length < total:
+                    rest = total - start - length
+                    result.narrow(1, start + length, rest).copy_(out.narrow(1, start + length, rest))
                 return result
 
             new_args = {**args, "transformer_options": {**to, "optimized_attention_override": override}}
