@@ -14,18 +14,26 @@ released maths):
 Each shape is timed for one CFG chunk (4 images) and for a whole call (8 rows = 4 images x cond/uncond). Calls
 are queued back to back and synchronised once per timing, the settings take turns each round (median reported).
 It also reports how many tokens each setting merges and how many differ from fp32 matching, and the largest
-similarity block each allocates (the budget is 64 MiB). Uses CUDA when available, else the CPU (`--tiny` shrinks
-the shapes; on a CPU the model dtype is fp32, where all settings are the same maths). Needs no ComfyUI.
+similarity block each allocates (the budget is 64 MiB), and next to each timing the tensor ops one call
+dispatches (`count_ops`): `launches` (ops that run a kernel: on a GPU at these sizes the per-call cost is mostly
+one launch each), `ops` (every dispatcher call, views included: the host-side cost) and `syncs` (ops that read a
+value back to the host or have a data-dependent shape; must be 0). Uses CUDA when available, else the CPU
+(`--tiny` shrinks the shapes; on a CPU the model dtype is fp32, where all settings are the same maths).
+`--ops-only` prints just the op counts at the full shapes (on the meta device: no memory, no maths; seconds on a
+CPU). Needs no ComfyUI.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import host  # noqa: E402  (tests/host.py: loads the pack without ComfyUI)
@@ -62,6 +70,60 @@ def released_negtome(x: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
 
 def released_call(x: torch.Tensor, n_chunks: int, alpha: float, tau: float) -> torch.Tensor:
     return torch.cat([released_negtome(c, alpha, tau) for c in x.chunk(n_chunks)])
+
+
+NO_KERNEL = frozenset({"_unsafe_view", "alias", "detach", "_reshape_alias", "lift_fresh", "empty", "empty_strided",
+                       "empty_like", "new_empty", "new_empty_strided", "resize_"})
+"""Ops that are not views by their schema but run no kernel (metadata, allocation)."""
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "equal", "allclose",
+                      "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+                      "repeat_interleave", "histc", "_assert_async", "tolist", "_nested_tensor_from_mask"})
+"""Ops that read a value back to the host or whose output shape depends on the data (a device sync on a GPU)."""
+
+
+@dataclass
+class OpCount:
+    """The tensor ops one call dispatched (seen below autograd, as they run: composite ops such as matmul are
+    counted as the ops they decompose into)."""
+
+    ops: int = 0
+    """Every dispatcher call, views included (the host-side cost of a call)."""
+    launches: int = 0
+    """Ops that run a kernel (not views, not allocations): one GPU launch each."""
+    syncs: int = 0
+    """Ops that synchronise with the host: `SYNC_OPS`, and indexing with a bool mask (a hidden nonzero)."""
+    by_name: collections.Counter = field(default_factory=collections.Counter)
+
+    def brief(self) -> str:
+        return f"{self.launches}/{self.ops}/{self.syncs}"
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self, count: OpCount):
+        super().__init__()
+        self.count = count
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        count = self.count
+        count.ops += 1
+        count.by_name[name] += 1
+        if not func.is_view and name not in NO_KERNEL:
+            count.launches += 1
+        if name in SYNC_OPS or (name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()))):
+            count.syncs += 1
+        return func(*args, **kwargs)
+
+
+def count_ops(fn) -> OpCount:
+    """The ops one call of `fn()` dispatches (under no_grad, so composite ops count as what they run)."""
+    count = OpCount()
+    with torch.no_grad(), _OpCounter(count):
+        fn()
+    return count
 
 
 def sync(device):
@@ -131,8 +193,9 @@ def run(args) -> dict:
          f"threshold {tau}, budget {params.budget_mb:g} MiB; median of {args.rounds} rotated timings of {iters} "
          "calls")
     emit("")
-    emit("| shape | rows | setting | ms/call | / released | tokens merged | differ from fp32 | largest block (MiB) |")
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("| shape | rows | setting | ms/call | / released | kernel launches / ops / syncs per call | tokens merged | "
+         "differ from fp32 | largest block (MiB) |")
+    emit("|---|---|---|---|---|---|---|---|---|")
     results = []
     for label, images, tokens, dim, dtype, calls in shapes:
         if device.type == "cpu":
@@ -159,17 +222,20 @@ def run(args) -> dict:
                 released = released_call(x, n_chunks, alpha, tau)
                 info["released maths"] = (changed(released, x), changed(released, exact),
                                           images * tokens * tokens * x.element_size() / 2 ** 20)
+            counts = {k: count_ops(fn) for k, fn in rows.items()}
             times = time_rows(rows, iters, warmup, args.rounds, device)
             base = times["released maths"]
             shape = f"{images}x{tokens}x{dim} {str(dtype).replace('torch.', '')}"
             for setting, ms in times.items():
                 merged, differ, block = info[setting]
-                emit(f"| {label} {shape} | {images * n_chunks} | {setting} | {ms:.3f} | {ms / base:.2f} | {merged} | "
-                     f"{differ} | {block:.0f} |")
+                ops = counts[setting]
+                emit(f"| {label} {shape} | {images * n_chunks} | {setting} | {ms:.3f} | {ms / base:.2f} | "
+                     f"{ops.brief()} | {merged} | {differ} | {block:.0f} |")
                 results.append(dict(shape=label, images=images, tokens=tokens, dim=dim, dtype=str(dtype),
                                     rows=images * n_chunks,
                                     setting=setting, ms=ms, ratio=ms / base, merged=merged, differ_from_fp32=differ,
-                                    largest_block_mib=block, calls_per_active_step=calls))
+                                    largest_block_mib=block, calls_per_active_step=calls, launches=ops.launches,
+                                    ops=ops.ops, syncs=ops.syncs))
     emit("")
     emit("Per active step (layer calls x ms of a whole 8-row call), ms:")
     for label, _, _, _, _, calls in shapes:
@@ -177,8 +243,37 @@ def run(args) -> dict:
         emit(f"  {label:22s} x{calls:3d}  " + "  ".join(f"{k} {v:8.2f}" for k, v in per.items()))
     worst = max((r["ratio"] for r in results if r["setting"] == params.similarity), default=float("nan"))
     emit(f"\nDefault ({params.similarity}) at most {worst:.2f}x the released maths (target <= 1.2x on a GPU).")
+    syncs = sum(r["syncs"] for r in results if r["setting"] != "released maths")
+    emit(f"Host syncs in the pack's calls: {syncs} (target 0).")
     return dict(device=name, torch=torch.__version__, alpha=alpha, threshold=tau, budget_mb=params.budget_mb,
                 default_similarity=params.similarity, rows=results, worst_default_ratio=worst)
+
+
+def op_table(args) -> dict:
+    """Op counts per layer call at the full shapes, on the meta device (no maths, no memory): the released maths
+    against each similarity setting, one CFG chunk (4 rows) and a whole call (8 rows), bf16 and fp32 features."""
+    params = K.NegToMeParams()
+    alpha, tau, budget = params.alpha, args.threshold, params.budget_bytes
+    emit(f"NegToMe ops per layer call (torch {torch.__version__}, meta device): kernel launches / dispatcher ops / "
+         f"host syncs; matching official, budget {params.budget_mb:g} MiB")
+    emit("")
+    emit("| shape | rows | dtype | released maths | " + " | ".join(SETTINGS) + " |")
+    emit("|---|---|---|---|" + "---|" * len(SETTINGS))
+    rows = []
+    for label, images, tokens, dim, _, _ in SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            for n_chunks in (1, 2):
+                x = torch.empty(images * n_chunks, tokens, dim, dtype=dtype, device="meta")
+                out = torch.empty_like(x)
+                counts = {"released maths": count_ops(lambda: released_call(x, n_chunks, alpha, tau))}
+                for setting in SETTINGS:
+                    counts[setting] = count_ops(lambda s=setting: K.merge_batch(
+                        x, n_chunks, alpha, tau, "official", None, budget, s, out=out))
+                emit(f"| {label} {images}x{tokens}x{dim} | {images * n_chunks} | {str(dtype).replace('torch.', '')} | "
+                     + " | ".join(c.brief() for c in counts.values()) + " |")
+                rows.append(dict(shape=label, rows=images * n_chunks, dtype=str(dtype),
+                                 **{k: dict(launches=c.launches, ops=c.ops, syncs=c.syncs) for k, c in counts.items()}))
+    return dict(torch=torch.__version__, budget_mb=params.budget_mb, op_rows=rows)
 
 
 def main(argv=None) -> int:
@@ -191,8 +286,10 @@ def main(argv=None) -> int:
                         help="CPU threads for a CPU run (default 1: stable figures on a shared machine)")
     parser.add_argument("--threshold", type=float, default=K.NegToMeParams().threshold)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--ops-only", action="store_true",
+                        help="only the op counts per call at the full shapes (meta device; fast on a CPU)")
     args = parser.parse_args(argv)
-    result = run(args)
+    result = op_table(args) if args.ops_only else run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

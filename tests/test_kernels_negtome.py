@@ -601,3 +601,133 @@ def test_video_token_counts_stay_within_the_64_mib_budget(matching, monkeypatch)
             v, i = (xn[0] @ xn[1, j]).max(dim=0)
             expected = (1 + alpha) * x[1, j] - alpha * x[0, int(i)] if v > tau else x[1, j]
         torch.testing.assert_close(out[1, j], expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-call cost: ops dispatched per layer call, no host synchronisation (the counter of benchmarks/negtome_overhead.py)
+# ------------------------------------------------------------------------------------------------
+def _overhead_benchmark():
+    """benchmarks/negtome_overhead.py as a module: its op counter and its released-maths reference."""
+    import importlib.util
+    import sys
+
+    name = "tfg_negtome_overhead_benchmark"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, host.PACK_ROOT / "benchmarks" / "negtome_overhead.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_op_counter_sees_launches_views_and_syncs():
+    """The counter the bounds below rely on: views are not launches; a read-back and a bool-mask index are syncs."""
+    B = _overhead_benchmark()
+    x = torch.randn(4, 8)
+    plain = B.count_ops(lambda: (x * 2).t().sum(0))
+    assert (plain.launches, plain.ops, plain.syncs) == (2, 3, 0)
+    assert B.count_ops(lambda: (x.sum() > 0).item()).syncs == 1
+    assert B.count_ops(lambda: x[x > 0]).syncs >= 1
+    assert B.count_ops(lambda: torch.nonzero(x)).syncs == 1
+
+
+@pytest.mark.parametrize("matching", MATCHINGS)
+@pytest.mark.parametrize("similarity", K.SIMILARITIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget", [4 * 37 * 5, 4 * 37 * 37 * 2, 10 ** 9])
+def test_merge_batch_dispatches_no_sync_ops(matching, similarity, dtype, budget):
+    """No op on the hot path reads a value back or has a data-dependent shape (on a GPU each would stall the
+    queue), whichever matching, similarity, budget (column blocks, image blocks, one product), mask or batch."""
+    B = _overhead_benchmark()
+    x = _group(images=4, tokens=37, dim=16, dtype=dtype)
+    for mask in (None, torch.arange(37) % 2 == 0):
+        if mask is not None and matching == "all_others":
+            continue
+        for chunks in (1, 2):
+            x2 = torch.cat([x, x.flip(0)]) if chunks == 2 else x
+            count = B.count_ops(lambda: K.merge_batch(x2, chunks, 0.9, 0.1, matching, mask, budget, similarity))
+            assert count.syncs == 0, dict(count.by_name)
+
+
+# SDXL 1024x1024 shapes (output blocks 0-2: 32x32 tokens x 1280; 3-5: 64x64 x 640) and Flux's (64x64 x 3072), on the
+# meta device: the op counts of the real sizes without memory or maths.
+_SDXL_32, _SDXL_64, _FLUX = (1024, 1280), (4096, 640), (4096, 3072)
+
+
+def _counts(tokens, dim, rows, dtype, matching="official", similarity="model"):
+    B = _overhead_benchmark()
+    x = torch.empty(rows, tokens, dim, dtype=dtype, device="meta")
+    out = torch.empty_like(x)
+    budget = K.NegToMeParams().budget_bytes
+    pack = B.count_ops(lambda: K.merge_batch(x, rows // 4, 0.9, 0.7, matching, None, budget, similarity, out=out))
+    released = B.count_ops(lambda: B.released_call(x[:4], 1, 0.9, 0.7))  # the released maths on one chunk
+    return pack, released
+
+
+@pytest.mark.parametrize("matching", ["official", "best_match"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_product_calls_cost_no_more_ops_than_the_released_maths_on_one_chunk(matching, dtype):
+    """SDXL output blocks 0-2 (4x1024x1280): one similarity product for the whole call, so a layer call of one CFG
+    chunk (4 rows) or both (8 rows) launches no more kernels than the released maths on one chunk (+1 for fp32
+    features, whose exact (1 + alpha) x - alpha m takes three ops where half precision takes one lerp), and
+    dispatches at most 10 more ops (views) in all. Fails when a loop of small ops or a per-chunk pass creeps in."""
+    fp32_extra = 1 if dtype == torch.float32 else 0
+    for rows in (4, 8):
+        pack, released = _counts(*_SDXL_32, rows, dtype, matching)
+        assert pack.syncs == 0
+        assert pack.launches <= released.launches + fp32_extra, dict(pack.by_name)
+        assert pack.ops <= released.ops + 10, dict(pack.by_name)
+        assert pack.by_name["bmm"] == 1 and pack.by_name["max"] == 1
+
+
+@pytest.mark.parametrize("shape", [_SDXL_64, _FLUX], ids=["sdxl64", "flux"])
+@pytest.mark.parametrize("rows", [4, 8])
+def test_block_loops_cost_two_ops_per_block_and_three_per_normalisation(shape, rows):
+    """Calls whose similarity takes several 64 MiB blocks: each further block costs one product and one max, and
+    groups whose normalised copy exceeds the budget one normalisation (three ops) per block of sources besides
+    the reference's; nothing else grows with the blocks or the chunks (bf16, the default similarity)."""
+    tokens, dim = shape
+    budget = K.NegToMeParams().budget_bytes
+    pack, released = _counts(tokens, dim, rows, torch.bfloat16)
+    chunks = rows // 4
+    per_block = max(1, budget // (2 * chunks * tokens * tokens))
+    blocks = -(-3 // per_block)
+    assert blocks > 1 and pack.by_name["bmm"] == blocks and pack.by_name["max"] == blocks
+    renormalised = 2 * rows * tokens * dim > budget
+    bound = released.launches + 2 * (blocks - 1) + (3 * blocks if renormalised else 0)
+    assert pack.syncs == 0
+    assert pack.launches <= bound, dict(pack.by_name)
+    assert pack.by_name["linalg_vector_norm"] == (1 + blocks if renormalised else 1)
+
+
+def test_chunks_that_fit_only_one_at_a_time_repeat_the_one_chunk_ops():
+    """fp32 features at 4096 tokens x 640: both chunks' similarity (128 MiB) exceeds the budget, one chunk's fits:
+    the 8-row call costs twice the 4-row call's kernels plus one addition of the counts, no column blocks."""
+    four, _ = _counts(*_SDXL_64, 4, torch.float32)
+    eight, _ = _counts(*_SDXL_64, 8, torch.float32)
+    assert eight.syncs == 0 and eight.by_name["bmm"] == 2 * four.by_name["bmm"]
+    assert eight.launches <= 2 * four.launches + 1, dict(eight.by_name)
+
+
+@pytest.mark.parametrize("matching", ["official", "best_match"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget", [2 * 29 * 29, 2 * 2 * 29 * 29, 2 * 2 * 29 * 29 * 3, 10 ** 9])
+def test_batched_model_similarity_is_the_released_maths_per_chunk(matching, dtype, budget):
+    """The default (`model`) on half-precision features, two CFG chunks: per block of source images, one image per
+    chunk at a time (budget of one chunk's image), both chunks per product, or everything at once: each chunk's
+    result is the released maths' on that chunk in the features' dtype (F.normalize, max over the sources), image
+    0 kept, the pushed tokens the fp32 formula rounded once (official; best_match: the max over reference tokens)."""
+    tau, alpha = 0.3, 0.9
+    x = torch.cat([_group(images=4, tokens=29, dim=8, seed=s, dtype=dtype) for s in (1, 2)])
+    out, count = K.merge_batch(x, 2, alpha, tau, matching, budget_bytes=budget, similarity="model")
+    expected, total = [], 0
+    for xb in x.split(4):
+        xn = torch.nn.functional.normalize(xb, dim=-1)
+        s = xn @ xn[0].T  # (F, N_src, N_ref)
+        v, i = s.max(dim=-2) if matching == "official" else s.max(dim=-1)
+        merge = v > tau
+        merge[0] = False
+        total += int(merge.sum())
+        expected.append(torch.where(merge.unsqueeze(-1), _extrapolated(xb, xb[0][i], alpha), xb))
+    assert int(count) == total > 0
+    assert torch.equal(out, torch.cat(expected))
