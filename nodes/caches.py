@@ -17,8 +17,9 @@ Both cache nodes put a holder into `transformer_options["easycache"]`:
 The policy for an EasyCache run under Adaptive Guidance / LinearAG (`prepare_run` at the start, `before_step` before
 the passes of every step):
 1. EasyCache's CALC_COND_BATCH wrapper is moved outermost for the run, so its decision covers every pass of a step.
-2. EasyCache decides on the cond pass (the one Adaptive Guidance always computes), and within its window the cond
-   pass runs first and the uncond pass (all rows, or the open images) as a second call that follows the decision.
+2. EasyCache decides on the cond pass (the one Adaptive Guidance always computes), and within its range the cond
+   pass runs first and the uncond pass (all rows, or the open images) as a second call that follows the decision
+   (ComfyUI would batch the uncond first, or run it first when memory is short, and EasyCache would decide on it).
 3. A step may be skipped only when every uncond uuid of the step has a difference computed on the same step as the
    cond's and for the same rows; otherwise the step is computed (EasyCache's own "not skipping" branch).
 4. Adaptive Guidance latches only on computed steps (`step_reused`): on a reused step the cond and uncond
@@ -37,7 +38,9 @@ import comfy.patcher_extension
 from . import adapters
 
 HOLDER_KEY = "easycache"
-"""Where both core cache nodes keep their holder in transformer_options (and the key of their wrappers)."""
+"""Where both core cache nodes keep their holder in transformer_options."""
+EASYCACHE_WRAPPER_KEY = "easycache"
+"""The key of EasyCache's wrappers (LazyCache's are "lazycache")."""
 EASYCACHE = "EasyCache"
 LAZYCACHE = "LazyCache"
 _EASYCACHE_FIELDS = ("uuid_cache_diffs", "first_cond_uuid", "initial_step", "skip_current_step",
@@ -105,10 +108,11 @@ def _cache_wrapper_first(model_options: dict) -> None:
     own wrappers are untouched."""
     wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
     ccb = wrappers.get(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH)
-    if not ccb or HOLDER_KEY not in ccb or next(iter(ccb)) == HOLDER_KEY:
+    key = EASYCACHE_WRAPPER_KEY
+    if not ccb or key not in ccb or next(iter(ccb)) == key:
         return
-    wrappers[comfy.patcher_extension.WrappersMP.CALC_COND_BATCH] = {
-        HOLDER_KEY: ccb[HOLDER_KEY], **{k: v for k, v in ccb.items() if k != HOLDER_KEY}}
+    wrappers[comfy.patcher_extension.WrappersMP.CALC_COND_BATCH] = {key: ccb[key],
+                                                                    **{k: v for k, v in ccb.items() if k != key}}
 
 
 def refuse_fitted_estimator(guider, node_name: str, family) -> None:
