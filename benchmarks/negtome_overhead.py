@@ -118,11 +118,15 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def count_ops(fn) -> OpCount:
-    """The ops one call of `fn()` dispatches (under no_grad, so composite ops count as what they run)."""
+def count_ops(fn, warm: bool = True) -> OpCount:
+    """The ops one call of `fn()` dispatches (under no_grad, so composite ops count as what they run), after one
+    uncounted call when `warm` (per-shape constants are made once, as in a run)."""
     count = OpCount()
-    with torch.no_grad(), _OpCounter(count):
-        fn()
+    with torch.no_grad():
+        if warm:
+            fn()
+        with _OpCounter(count):
+            fn()
     return count
 
 

@@ -731,3 +731,27 @@ def test_batched_model_similarity_is_the_released_maths_per_chunk(matching, dtyp
         expected.append(torch.where(merge.unsqueeze(-1), _extrapolated(xb, xb[0][i], alpha), xb))
     assert int(count) == total > 0
     assert torch.equal(out, torch.cat(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("budget", [2 * 29 * 29, 10 ** 9])
+def test_half_precision_token_table_path_equals_the_where_path(dtype, budget, monkeypatch):
+    """Half-precision chunks stored as one token table (UNet layer outputs) take unmerged tokens through
+    lerp(x, x, -alpha) instead of a where pass: the result equals the where path's (a strided token slice, as the
+    DiT path passes, takes that one) bit for bit, merged and unmerged tokens alike, x untouched."""
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(8, 3 + 29, 8, generator=g)
+    full[:, 3:] += 1.5 * torch.randn(1, 29, 8, generator=g)
+    full = full.to(dtype)
+    before = full.clone()
+    strided = full[:, 3:]
+    contiguous = strided.contiguous()
+    for alpha in (0.9, 0.3, -1.0):
+        sliced, n_sliced = K.merge_batch(strided, 2, alpha, 0.8, "official", budget_bytes=budget, similarity="model")
+        with monkeypatch.context() as m:  # the table path must not fall back to the where pass
+            m.setattr(K, "_extrapolate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("where path")))
+            table, n_table = K.merge_batch(contiguous, 2, alpha, 0.8, "official", budget_bytes=budget,
+                                           similarity="model")
+        assert 0 < int(n_table) == int(n_sliced) < 2 * 3 * 29
+        assert torch.equal(table, sliced)
+    assert torch.equal(full, before)
