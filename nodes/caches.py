@@ -139,8 +139,8 @@ def refuse_recording(guider, node_name: str, family) -> None:
         node_name, family, f"a step cache ({_holder_name(holder)}) is in the graph: it replaces some steps' "
                            "predictions with cached approximations (or skips the steps), so the recorded "
                            "trajectories would teach LinearAG the cache's errors.",
-        "record without the cache node (connect LinearAG Record to the model before EasyCache/LazyCache, or "
-        "bypass the cache while recording); sampling with LinearAG afterwards may use the cache.")
+        "record without the cache node (bypass EasyCache/LazyCache for the recording runs); sampling with "
+        "LinearAG afterwards may use the cache.")
 
 
 def refuse_layout_change(guider, node_name: str, family, sigmas, adds_rows: Callable[[float], bool]) -> None:
