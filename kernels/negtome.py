@@ -27,8 +27,9 @@ one chunk's does, chunk by chunk the same way; otherwise chunk by chunk, image b
 Similarities (`SIMILARITIES`): `model` (default) searches in the features' dtype as the released code does;
 `checked` does the same and re-scores the chosen matches nearest the threshold in fp32; `fp32` searches in fp32
 (`check_tolerance` states how close the first two are to `fp32`). The extrapolation is computed in fp32
-and rounded once to the input dtype; unmatched tokens are returned bit-identical (half-precision groups stored as
-one token table take them through lerp(x, x, -alpha), exact for finite values; an infinite one comes back NaN).
+and rounded once to the input dtype; unmatched tokens are returned bit-identical (half-precision features whose
+token rows are contiguous take them through lerp(x, x, -alpha), exact for finite values; an infinite one comes back
+NaN).
 The hot path (`merge_batch`)
 never synchronises with the host: the merged-token count stays a device tensor. Pure torch; device and dtype
 follow the inputs; inputs are never modified.
@@ -484,13 +485,16 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
     merge = torch.gt(vals, threshold)  # (C, F-1, N)
     ref, src, out_src = x4.select(1, 0), x4.narrow(1, 1, n_src), out4.narrow(1, 1, n_src)
     out4.select(1, 0).copy_(ref)
-    if x4.dtype in _HALF and x4.stride(1) == n_tokens * x4.stride(2):
-        # Each chunk's tokens as one table (C, F * N, D): a merged position gathers its reference token (image 0
-        # holds table rows 0..N-1), an unmerged one its own token, and lerp(x, x, -alpha) == x exactly (finite x),
-        # so one gather and one lerp write every source token: no `where` pass over the tokens.
-        pick = torch.where(merge, idx, _source_rows(n_images, n_tokens, x4.device))
-        matched = torch.gather(x4.view(n_chunks, n_images * n_tokens, dim), 1,
-                               pick.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
+    row = x4.stride(1) // dim  # token rows from one image's first token to the next's (N when contiguous)
+    if x4.dtype in _HALF and x4.stride(3) == 1 and x4.stride(2) == dim and row * dim == x4.stride(1) >= \
+            n_tokens * dim:
+        # Each chunk's tokens as one table (C, rows, D) over their storage (a DiT token span: the rows between
+        # images are other tokens, never picked): a merged position gathers its reference token (image 0 holds
+        # rows 0..N-1), an unmerged one its own token, and lerp(x, x, -alpha) == x exactly (finite x), so one
+        # gather and one lerp write every source token: no `where` pass over the tokens.
+        table = x4.as_strided((n_chunks, n_src * row + n_tokens, dim), (x4.stride(0), dim, 1))
+        pick = torch.where(merge, idx, _source_rows(n_images, n_tokens, row, x4.device))
+        matched = torch.gather(table, 1, pick.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
         torch.lerp(src, matched.view(n_chunks, n_src, n_tokens, dim), -alpha, out=out_src)
     else:  # reference token idx of each chunk's image 0, one gather for every chunk; then where(merge, pushed, x)
         matched = torch.gather(ref, 1, idx.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
@@ -501,16 +505,17 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
 _SOURCE_ROWS: dict = {}
 
 
-def _source_rows(n_images: int, n_tokens: int, device: torch.device) -> torch.Tensor:
-    """(1, F-1, N) int64: the row of each source token in its chunk's (F * N) token table, made once per layer
-    shape and device (a constant: no arange launch per call)."""
-    key = (n_images, n_tokens, device)
+def _source_rows(n_images: int, n_tokens: int, row: int, device: torch.device) -> torch.Tensor:
+    """(1, F-1, N) int64: the table row of each source token (image f's token j at f * row + j), made once per
+    layer shape and device (a constant: no arange launch per call)."""
+    key = (n_images, n_tokens, row, device)
     rows = _SOURCE_ROWS.get(key)
     if rows is None:
         if len(_SOURCE_ROWS) >= 64:
             _SOURCE_ROWS.clear()
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable in and out of inference mode
-            rows = torch.arange(n_tokens, n_images * n_tokens, device=device).view(1, n_images - 1, n_tokens)
+            images = torch.arange(1, n_images, device=device).view(1, n_images - 1, 1) * row
+            rows = images + torch.arange(n_tokens, device=device).view(1, 1, n_tokens)
         _SOURCE_ROWS[key] = rows
     return rows
 

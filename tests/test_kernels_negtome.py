@@ -733,25 +733,42 @@ def test_batched_model_similarity_is_the_released_maths_per_chunk(matching, dtyp
     assert torch.equal(out, torch.cat(expected))
 
 
+def _released_half(x, n_chunks, alpha, tau):
+    """The released maths per chunk in the features' dtype (image 0 kept; pushed tokens the fp32 formula rounded
+    once); returns (result, merged count)."""
+    expected, total = [], 0
+    for xb in x.split(x.shape[0] // n_chunks):
+        xn = torch.nn.functional.normalize(xb, dim=-1)
+        v, i = (xn @ xn[0].T).max(dim=-2)
+        merge = v > tau
+        merge[0] = False
+        total += int(merge.sum())
+        expected.append(torch.where(merge.unsqueeze(-1), _extrapolated(xb, xb[0][i], alpha), xb))
+    return torch.cat(expected), total
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("budget", [2 * 29 * 29, 10 ** 9])
-def test_half_precision_token_table_path_equals_the_where_path(dtype, budget, monkeypatch):
-    """Half-precision chunks stored as one token table (UNet layer outputs) take unmerged tokens through
-    lerp(x, x, -alpha) instead of a where pass: the result equals the where path's (a strided token slice, as the
-    DiT path passes, takes that one) bit for bit, merged and unmerged tokens alike, x untouched."""
+@pytest.mark.parametrize("layout", ["contiguous", "token span", "features strided"])
+def test_half_precision_token_table_path_is_the_released_maths(dtype, budget, layout, monkeypatch):
+    """Half-precision features whose token rows are contiguous (a UNet layer output, or a DiT block's image-token
+    span between text tokens) take unmerged tokens through lerp(x, x, -alpha) from one token table instead of a
+    where pass; other layouts take the where pass. Both give the released maths' result bit for bit, merged and
+    unmerged tokens alike (alpha on both sides of lerp's 0.5 switch, and negative), x untouched."""
     g = torch.Generator().manual_seed(7)
-    full = torch.randn(8, 3 + 29, 8, generator=g)
-    full[:, 3:] += 1.5 * torch.randn(1, 29, 8, generator=g)
+    full = torch.randn(8, 3 + 29 + 2, 8, generator=g)
+    full[:, 3:32] += 1.5 * torch.randn(1, 29, 8, generator=g)
     full = full.to(dtype)
+    if layout == "features strided":  # (B, N, D) with the features not adjacent: no token table
+        full = full.transpose(1, 2).contiguous().transpose(1, 2)
     before = full.clone()
-    strided = full[:, 3:]
-    contiguous = strided.contiguous()
+    x = full[:, 3:32].contiguous() if layout == "contiguous" else full[:, 3:32]
     for alpha in (0.9, 0.3, -1.0):
-        sliced, n_sliced = K.merge_batch(strided, 2, alpha, 0.8, "official", budget_bytes=budget, similarity="model")
-        with monkeypatch.context() as m:  # the table path must not fall back to the where pass
-            m.setattr(K, "_extrapolate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("where path")))
-            table, n_table = K.merge_batch(contiguous, 2, alpha, 0.8, "official", budget_bytes=budget,
-                                           similarity="model")
-        assert 0 < int(n_table) == int(n_sliced) < 2 * 3 * 29
-        assert torch.equal(table, sliced)
+        with monkeypatch.context() as m:
+            if layout != "features strided":  # the table path must not fall back to the where pass
+                m.setattr(K, "_extrapolate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("where path")))
+            out, count = K.merge_batch(x, 2, alpha, 0.8, "official", budget_bytes=budget, similarity="model")
+        expected, total = _released_half(x, 2, alpha, 0.8)
+        assert 0 < int(count) == total < 2 * 3 * 29
+        assert torch.equal(out, expected)
     assert torch.equal(full, before)
