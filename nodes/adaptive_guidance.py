@@ -8,7 +8,7 @@ import comfy.samplers
 
 from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
                                          AdaptiveGuidanceTracker, lanes_summary)
-from . import adapters, cond_rows
+from . import adapters, caches, cond_rows
 from . import inputs as inp
 
 DEFAULTS = AdaptiveGuidanceParams()
@@ -195,6 +195,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
                 "to skip; this run samples conditional-only as without the node. Set cfg above 1 to use it.",
                 adapters.PACK_NAME, node_name, family.name, node_name)
             return None
+        caches.prepare_run(guider, node_name, family)
         sampling = guider.model_patcher
         new_estimator = None
         if make_estimator is not None:
@@ -253,20 +254,27 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
             and not outside_interval else "compute"
         if outside_interval or tracker.all_latched(batch) or mode == "cond_only":
+            caches.before_step(model_options, timestep, conds, batch, 0)
             cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
             tracker.skip(step, sigma, batch, reason="interval" if outside_interval else "")
             # hand the cond prediction on as the uncond one: every CFG formula (and CFG++) reduces to cond
             return [cond_only[0], cond_only[0]]
         if mode == "estimate" and estimator.can_estimate(step, batch):
+            caches.before_step(model_options, timestep, conds, batch, 0)
             cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
             uncond = estimator.estimate(x, cond, step, sigma)
             estimator.record(x, cond, uncond, sigma, computed=False)
             tracker.skip(step, sigma, batch, estimated=True)
             return [cond, tracker.hand_on(cond, uncond)]
         rows = tracker.open_rows(batch)
-        if rows is None:
+        uncond_rows = batch if rows is None else int(rows.numel())
+        split = caches.before_step(model_options, timestep, conds, batch, uncond_rows)  # True: EasyCache in range
+        if rows is None and not split:
             out = executor(base_model, conds, x, timestep, model_options)
             cond, uncond = out[0], out[1]
+        elif rows is None:  # EasyCache decides on the cond pass; the uncond pass follows that decision
+            cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
+            uncond = executor(base_model, [None, conds[1]], x, timestep, model_options)[1]
         else:  # some images have latched: the uncond pass runs for the others only
             cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
             computed = cond_rows.uncond_for_rows(executor, base_model, conds[1], x, timestep, model_options, rows,
@@ -274,7 +282,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             uncond = cond.index_copy(0, rows.to(cond.device), computed.to(cond.dtype))
         if estimator is not None and first_evaluation_of_step:
             estimator.record(x, cond, uncond, sigma, computed=True)
-        uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=sigma <= state.sigma_start, rows=rows)
+        latch_allowed = sigma <= state.sigma_start and not caches.step_reused(model_options)
+        uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=latch_allowed, rows=rows)
         return [cond, uncond]
 
     adapters.install_run_state(m, key, make_state, finish)

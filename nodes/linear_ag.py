@@ -14,7 +14,7 @@ import folder_paths
 import safetensors.torch
 
 from ..kernels.linear_ag import AFTER_RULES, ESTIMATORS, LinearAGParams, TrajectoryStats, UncondEstimator, to_score
-from . import adapters, files
+from . import adapters, caches, files
 from . import inputs as inp
 from .adaptive_guidance import (INTERVAL_RULE, ag_widgets, apply_adaptive_guidance, conditioning_sockets,
                                 guider_cfg_widget, interval_widgets, make_guider, model_socket)
@@ -168,6 +168,7 @@ def install_recorder(model, recording: LinearAGRecording, node_name: str):
             guider, node_name, family, "the recording would mix the windows' predictions into one trajectory.",
             "record on clips short enough for one window (without the Context Windows node); the fitted "
             "coefficients then apply with context windows, per window.")
+        caches.refuse_recording(guider, node_name, family)
         recording.begin_run(family, run)
         return _Run()
 
@@ -211,6 +212,7 @@ def apply_linear_ag(model, params: LinearAGParams, coefficients: LinearAGCoeffic
     def make_estimator(guider, run: adapters.RunInfo, family: adapters.ModelFamily):
         if params.estimator != "fitted":
             return UncondEstimator(params)
+        caches.refuse_fitted_estimator(guider, node_name, family)
         coefficients.check_run(node_name, family, run)
         return UncondEstimator(params, coefficients.coefficients, coefficients.fitted)
 

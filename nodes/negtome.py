@@ -28,7 +28,7 @@ from ..kernels.negtome import (BLOCK_PRESETS, MATCHINGS, PAPER_FLOW_MIN_SIGMA, P
                                PAPER_UNET_MIN_TIMESTEP, SIMILARITIES, WINDOWS, NegToMeParams, mask_to_tokens,
                                merge_batch, parse_block_list)
 from ..kernels.negtome_span import custom_block_problems
-from . import adapters
+from . import adapters, caches
 from . import inputs as inp
 from .negtome_install import dit_block_counts, install_dit, install_unet
 
@@ -261,7 +261,7 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
     info_key = CALL_INFO + key
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
                            _make_apply_model(params, key, info_key, reference))
-    adapters.install_run_state(m, key, *_run_state_hooks(params, family, node_name, key))
+    adapters.install_run_state(m, key, *_run_state_hooks(params, family, node_name, key, reference))
     if arch == "unet":
         install_unet(m, key, info_key, params.blocks, custom, merge)
     else:
@@ -269,13 +269,17 @@ def apply_negtome(model, params: NegToMeParams, node_name: str = NODE, reference
     return m, key
 
 
-def _run_state_hooks(params: NegToMeParams, family: adapters.ModelFamily, node_name: str, key: str):
+def _run_state_hooks(params: NegToMeParams, family: adapters.ModelFamily, node_name: str, key: str,
+                     reference=None):
     """(make_state, finish) for adapters.install_run_state: a fresh NegToMeRunState per run, read back and
     reported once when the run ends."""
 
     def make_state(guider, run: adapters.RunInfo) -> NegToMeRunState:
         high, low = _sigma_window(guider.model_patcher, family, params)
-        return NegToMeRunState(high, low, schedule=run.sigmas)
+        state = NegToMeRunState(high, low, schedule=run.sigmas)
+        if reference is not None and params.alpha != 0.0:  # the reference row is inserted on active steps only
+            caches.refuse_layout_change(guider, node_name, family, run.sigmas, state.active)
+        return state
 
     def finish(state: NegToMeRunState, guider) -> None:
         state.settle()  # the only read-back of the merged-token counts
