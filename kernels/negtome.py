@@ -29,8 +29,8 @@ Similarities (`SIMILARITIES`): `model` (default) searches in the features' dtype
 (`check_tolerance` states how close the first two are to `fp32`). The extrapolation is computed in fp32
 and rounded once to the input dtype; unmatched tokens are returned bit-identical (half-precision features whose
 token rows are contiguous take them through lerp(x, x, -alpha), exact for finite values up to the sign of a zero;
-an infinite one comes back NaN). The hot path (`merge_batch`) never synchronises with the host: the merged-token count stays a device tensor.
-Pure torch; device and dtype follow the inputs; inputs are never modified.
+an infinite one comes back NaN). The hot path (`merge_batch`) never synchronises with the host: the merged-token
+count stays a device tensor. Pure torch; device and dtype follow the inputs; inputs are never modified.
 """
 from __future__ import annotations
 
