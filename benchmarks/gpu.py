@@ -48,9 +48,10 @@ LinearAG ~1.25, CFG + NegToMe at batch 2: 4 + 4. One run of every method is warm
   NegToMe at batch 2 would add ~35 s a round): 4 x 1.1 x 6 ~ 26 s a round -> ~115 s with warm-up and build.
 With the kernel check (~40 s) and start-up (~15 s) that is ~480 s of the 540 s that benchmarks/device_check.sh
 allows itself (it runs each model as its own part under a hard time limit, this script with --json, and writes
-BENCHMARKS.md from the saved JSON with `--render ... --write`). On the device machine it runs as
-`OUT=$OUT COMFYUI_PATH=$PWD/.host/ComfyUI bash benchmarks/device_check.sh` after installing the carried wheels
-(`pip install --no-index --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site`), carry [".host", ".whl"].
+BENCHMARKS.md from the saved JSON with `--render ... --write`). On the device machine, with carry [".host",
+".whl"] (the ComfyUI tree tools/host.py brought, the wheels the machine lacks), one command:
+`python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.host/ComfyUI timeout 590 bash benchmarks/device_check.sh` ($OUT is set).
 
 `--tiny` builds scaled-down configs of the same classes and runs on whatever device there is (for the CPU tests);
 its figures are not GPU figures and are never written to BENCHMARKS.md.
