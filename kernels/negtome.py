@@ -483,38 +483,47 @@ def _image_zero_batched(x4: torch.Tensor, out4: torch.Tensor, alpha: float, thre
     merge = torch.gt(vals, threshold)  # (C, F-1, N)
     ref, src, out_src = x4.select(1, 0), x4.narrow(1, 1, n_src), out4.narrow(1, 1, n_src)
     out4.select(1, 0).copy_(ref)
-    row = x4.stride(1) // dim  # token rows from one image's first token to the next's (N when contiguous)
-    if x4.dtype in _HALF and x4.stride(3) == 1 and x4.stride(2) == dim and row * dim == x4.stride(1) >= \
-            n_tokens * dim:
-        # Each chunk's tokens as one table (C, rows, D) over their storage (a DiT token span: the rows between
-        # images are other tokens, never picked): a merged position gathers its reference token (image 0 holds
-        # rows 0..N-1), an unmerged one its own token, and lerp(x, x, -alpha) == x exactly (finite x), so one
-        # gather and one lerp write every source token: no `where` pass over the tokens.
-        table = x4.as_strided((n_chunks, n_src * row + n_tokens, dim), (x4.stride(0), dim, 1))
-        pick = torch.where(merge, idx, _source_rows(n_images, n_tokens, row, x4.device))
-        matched = torch.gather(table, 1, pick.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
-        torch.lerp(src, matched.view(n_chunks, n_src, n_tokens, dim), -alpha, out=out_src)
-    else:  # reference token idx of each chunk's image 0, one gather for every chunk; then where(merge, pushed, x)
+    row, chunk_rows = x4.stride(1) // dim, x4.stride(0) // dim  # token rows between images, between chunks
+    if not (x4.stride(3) == 1 and x4.stride(2) == dim and row * dim == x4.stride(1) >= n_tokens * dim and
+            chunk_rows * dim == x4.stride(0)):  # token rows not adjacent: gather each chunk's reference tokens
         matched = torch.gather(ref, 1, idx.view(n_chunks, n_src * n_tokens, 1).expand(-1, -1, dim))
+        _extrapolate(src, matched.view(n_chunks, n_src, n_tokens, dim), merge, alpha, out=out_src)
+        return merge.sum()
+    # The call's tokens as one table of rows over their storage (for a DiT token span the rows between images are
+    # other tokens, never picked): image f's token j of chunk c is row c * chunk_rows + f * row + j. One
+    # index_select of rows (the fastest gather on CPUs; on GPUs as fast as any).
+    table = x4.as_strided(((n_chunks - 1) * chunk_rows + n_src * row + n_tokens, dim), (dim, 1))
+    offsets, own_rows = _table_rows(n_chunks, n_images, n_tokens, row, chunk_rows, x4.device)
+    if n_chunks > 1:
+        idx = idx.add_(offsets)  # chunk c's image 0 starts at row c * chunk_rows (idx is this call's own tensor)
+    if x4.dtype in _HALF:
+        # An unmerged position picks its own token, and lerp(x, x, -alpha) == x exactly (finite x): one gather and
+        # one lerp write every source token, no `where` pass over the tokens.
+        matched = table.index_select(0, torch.where(merge, idx, own_rows).view(-1))
+        torch.lerp(src, matched.view(n_chunks, n_src, n_tokens, dim), -alpha, out=out_src)
+    else:
+        matched = table.index_select(0, idx.view(-1))
         _extrapolate(src, matched.view(n_chunks, n_src, n_tokens, dim), merge, alpha, out=out_src)
     return merge.sum()
 
 
-_SOURCE_ROWS: dict = {}
+_TABLE_ROWS: dict = {}
 
 
-def _source_rows(n_images: int, n_tokens: int, row: int, device: torch.device) -> torch.Tensor:
-    """(1, F-1, N) int64: the table row of each source token (image f's token j at f * row + j), made once per
-    layer shape and device (a constant: no arange launch per call)."""
-    key = (n_images, n_tokens, row, device)
-    rows = _SOURCE_ROWS.get(key)
+def _table_rows(n_chunks: int, n_images: int, n_tokens: int, row: int, chunk_rows: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constants of a call's token table, made once per layer shape and device (no arange launches per call):
+    (C, 1, 1) int64 first row of each chunk, and (C, F-1, N) int64 row of each source token."""
+    key = (n_chunks, n_images, n_tokens, row, chunk_rows, device)
+    rows = _TABLE_ROWS.get(key)
     if rows is None:
-        if len(_SOURCE_ROWS) >= 64:
-            _SOURCE_ROWS.clear()
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable in and out of inference mode
+        if len(_TABLE_ROWS) >= 64:
+            _TABLE_ROWS.clear()
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable in and out of inference mode
+            offsets = torch.arange(n_chunks, device=device).view(n_chunks, 1, 1) * chunk_rows
             images = torch.arange(1, n_images, device=device).view(1, n_images - 1, 1) * row
-            rows = images + torch.arange(n_tokens, device=device).view(1, 1, n_tokens)
-        _SOURCE_ROWS[key] = rows
+            rows = offsets, offsets + images + torch.arange(n_tokens, device=device).view(1, 1, n_tokens)
+        _TABLE_ROWS[key] = rows
     return rows
 
 

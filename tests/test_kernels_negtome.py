@@ -668,15 +668,16 @@ def _counts(tokens, dim, rows, dtype, matching="official", similarity="model"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_product_calls_cost_no_more_ops_than_the_released_maths_on_one_chunk(matching, dtype):
     """SDXL output blocks 0-2 (4x1024x1280): one similarity product for the whole call, so a layer call of one CFG
-    chunk (4 rows) or both (8 rows) launches no more kernels than the released maths on one chunk (+1 for fp32
-    features, whose exact (1 + alpha) x - alpha m takes three ops where half precision takes one lerp), and
-    dispatches at most 10 more ops (views) in all. Fails when a loop of small ops or a per-chunk pass creeps in."""
+    chunk (4 rows) launches no more kernels than the released maths on that chunk (+1 for fp32 features, whose
+    exact (1 + alpha) x - alpha m takes three ops where half precision takes one lerp), a call of both chunks
+    (8 rows; the released maths: twice as many) one more (the chunks' row offsets), and either dispatches at most
+    11 more ops (views) in all. Fails when a loop of small ops or a per-chunk pass creeps in."""
     fp32_extra = 1 if dtype == torch.float32 else 0
     for rows in (4, 8):
         pack, released = _counts(*_SDXL_32, rows, dtype, matching)
         assert pack.syncs == 0
-        assert pack.launches <= released.launches + fp32_extra, dict(pack.by_name)
-        assert pack.ops <= released.ops + 10, dict(pack.by_name)
+        assert pack.launches <= released.launches + fp32_extra + (rows == 8), dict(pack.by_name)
+        assert pack.ops <= released.ops + 11, dict(pack.by_name)
         assert pack.by_name["bmm"] == 1 and pack.by_name["max"] == 1
 
 
@@ -685,7 +686,8 @@ def test_one_product_calls_cost_no_more_ops_than_the_released_maths_on_one_chunk
 def test_block_loops_cost_two_ops_per_block_and_three_per_normalisation(shape, rows):
     """Calls whose similarity takes several 64 MiB blocks: each further block costs one product and one max, and
     groups whose normalised copy exceeds the budget one normalisation (three ops) per block of sources besides
-    the reference's; nothing else grows with the blocks or the chunks (bf16, the default similarity)."""
+    the reference's; nothing else grows with the blocks or the chunks (one addition of the chunks' row offsets;
+    bf16, the default similarity)."""
     tokens, dim = shape
     budget = K.NegToMeParams().budget_bytes
     pack, released = _counts(tokens, dim, rows, torch.bfloat16)
@@ -694,7 +696,7 @@ def test_block_loops_cost_two_ops_per_block_and_three_per_normalisation(shape, r
     blocks = -(-3 // per_block)
     assert blocks > 1 and pack.by_name["bmm"] == blocks and pack.by_name["max"] == blocks
     renormalised = 2 * rows * tokens * dim > budget
-    bound = released.launches + 2 * (blocks - 1) + (3 * blocks if renormalised else 0)
+    bound = released.launches + 2 * (blocks - 1) + (3 * blocks if renormalised else 0) + (chunks > 1)
     assert pack.syncs == 0
     assert pack.launches <= bound, dict(pack.by_name)
     assert pack.by_name["linalg_vector_norm"] == (1 + blocks if renormalised else 1)
