@@ -20,7 +20,8 @@ one launch each), `ops` (every dispatcher call, views included: the host-side co
 value back to the host or have a data-dependent shape; must be 0). Uses CUDA when available, else the CPU
 (`--tiny` shrinks the shapes; on a CPU the model dtype is fp32, where all settings are the same maths).
 `--ops-only` prints just the op counts at the full shapes (on the meta device: no memory, no maths; seconds on a
-CPU). Needs no ComfyUI.
+CPU); `--micro --clock thread` times very small fp32 and bf16 calls by CPU time, where the per-call host cost
+dominates (a CPU proxy of launch-bound GPU calls). Needs no ComfyUI.
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ TINY_SHAPES = [
     ("tiny 16x16", 4, 256, 64, torch.float32, 60),
     ("tiny 32x32", 4, 1024, 32, torch.float32, 12),
     ("tiny 32x32 wide", 4, 1024, 96, torch.float32, 57),
+]
+MICRO_SHAPES = [  # the per-call host cost dominates: a CPU proxy of the launch-bound GPU calls (dtype kept)
+    ("micro", 4, 16, 8, torch.float32, 0),
+    ("micro", 4, 16, 8, torch.bfloat16, 0),
+    ("micro", 4, 64, 80, torch.float32, 0),
+    ("micro", 4, 64, 80, torch.bfloat16, 0),
 ]
 SETTINGS = tuple(sorted(K.SIMILARITIES, key=lambda s: s != K.NegToMeParams().similarity))  # the default first
 
@@ -135,7 +142,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_rows(rows: dict, iters: int, warmup: int, rounds: int, device) -> dict:
+def time_rows(rows: dict, iters: int, warmup: int, rounds: int, device, clock=time.perf_counter) -> dict:
     """Median over `rounds` of the mean ms per call of each row's function; rows take turns each round."""
     samples = {k: [] for k in rows}
     with torch.inference_mode():
@@ -147,11 +154,11 @@ def time_rows(rows: dict, iters: int, warmup: int, rounds: int, device) -> dict:
             order = list(rows.items())
             order = order[r % len(order):] + order[:r % len(order)]  # rotated order
             for k, fn in order:
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(iters):
                     fn()
                 sync(device)
-                samples[k].append((time.perf_counter() - start) * 1000.0 / iters)
+                samples[k].append((clock() - start) * 1000.0 / iters)
     return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
 
 
@@ -185,10 +192,11 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = K.NegToMeParams()
     alpha, tau, budget = params.alpha, args.threshold, params.budget_bytes
-    shapes = TINY_SHAPES if args.tiny else SHAPES
+    shapes = MICRO_SHAPES if args.micro else TINY_SHAPES if args.tiny else SHAPES
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        if not args.tiny:
+        if not (args.tiny or args.micro):
             emit("note: full-size shapes on the CPU are slow; use --tiny for a quick CPU run")
     iters = args.iters or (20 if device.type == "cuda" else 2)
     warmup = 3 if device.type == "cuda" else 1
@@ -202,7 +210,7 @@ def run(args) -> dict:
     emit("|---|---|---|---|---|---|---|---|---|")
     results = []
     for label, images, tokens, dim, dtype, calls in shapes:
-        if device.type == "cpu":
+        if device.type == "cpu" and not args.micro:
             dtype = torch.float32  # half-precision matmuls are not what a CPU run would use
         for n_chunks in (1, 2):
             x = features(images * n_chunks, tokens, dim, dtype, device)
@@ -227,7 +235,7 @@ def run(args) -> dict:
                 info["released maths"] = (changed(released, x), changed(released, exact),
                                           images * tokens * tokens * x.element_size() / 2 ** 20)
             counts = {k: count_ops(fn) for k, fn in rows.items()}
-            times = time_rows(rows, iters, warmup, args.rounds, device)
+            times = time_rows(rows, iters, warmup, args.rounds, device, clock)
             base = times["released maths"]
             shape = f"{images}x{tokens}x{dim} {str(dtype).replace('torch.', '')}"
             for setting, ms in times.items():
@@ -241,8 +249,9 @@ def run(args) -> dict:
                                     largest_block_mib=block, calls_per_active_step=calls, launches=ops.launches,
                                     ops=ops.ops, syncs=ops.syncs))
     emit("")
-    emit("Per active step (layer calls x ms of a whole 8-row call), ms:")
-    for label, _, _, _, _, calls in shapes:
+    if any(shape[5] for shape in shapes):
+        emit("Per active step (layer calls x ms of a whole 8-row call), ms:")
+    for label, _, _, _, _, calls in (shape for shape in shapes if shape[5]):
         per = {r["setting"]: r["ms"] * calls for r in results if r["shape"] == label and r["rows"] == 8}
         emit(f"  {label:22s} x{calls:3d}  " + "  ".join(f"{k} {v:8.2f}" for k, v in per.items()))
     worst = max((r["ratio"] for r in results if r["setting"] == params.similarity), default=float("nan"))
@@ -290,6 +299,10 @@ def main(argv=None) -> int:
                         help="CPU threads for a CPU run (default 1: stable figures on a shared machine)")
     parser.add_argument("--threshold", type=float, default=K.NegToMeParams().threshold)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--micro", action="store_true",
+                        help="very small shapes, fp32 and bf16 (CPU: the per-call host cost, a launch-bound proxy)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="wall time (GPU runs), or this thread's CPU time (steadier on a shared CPU)")
     parser.add_argument("--ops-only", action="store_true",
                         help="only the op counts per call at the full shapes (meta device; fast on a CPU)")
     args = parser.parse_args(argv)
