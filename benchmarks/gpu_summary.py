@@ -98,6 +98,9 @@ def kernel_checks(kernel: dict) -> list[dict]:
             is_default = row["setting"] == default
             check(f"{label}, {row['setting']}: / released maths", f"{row['ratio']:.2f}",
                   f"<= {KERNEL_LIMIT}" if is_default else "-", row["ratio"] <= KERNEL_LIMIT or not is_default)
+        if row["setting"] == default and "syncs" in row:
+            check(f"{label}: host syncs per call (kernel launches {row.get('launches', '?')})", f"{row['syncs']}",
+                  "0", row["syncs"] == 0)
         if row["setting"] == default and "largest_block_mib" in row:
             check(f"{label}: largest similarity block (MiB)", f"{row['largest_block_mib']:.0f}",
                   f"<= {BUDGET_MIB}", row["largest_block_mib"] <= BUDGET_MIB)

@@ -270,7 +270,8 @@ def test_summary_rows_state_each_target(summary):
     }
     kernel = {"default_similarity": "model", "rows": [
         dict(shape="sdxl out0-2 32x32", rows=4, setting="model", ratio=1.1, largest_block_mib=6),
-        dict(shape="flux block 64x64", rows=8, setting="model", ratio=1.3, largest_block_mib=64)]}
+        dict(shape="flux block 64x64", rows=8, setting="model", ratio=1.3, largest_block_mib=64, launches=13,
+             syncs=1)]}
     parts = [("negtome_kernel", 0, 30), ("gpu_sdxl", 0, 60), ("gpu_wan14b", 124, 130), ("gpu_qwen", -1, 0)]
     rows = {r["check"]: r for r in summary.checks(results, kernel, parts)}
     met = {name: r["ok"] for name, r in rows.items()}
@@ -291,6 +292,8 @@ def test_summary_rows_state_each_target(summary):
     assert met["kernel sdxl out0-2 32x32 4 rows, model: / released maths"]
     assert not met["kernel flux block 64x64 8 rows, model: / released maths"]
     assert met["kernel flux block 64x64 8 rows: largest similarity block (MiB)"]
+    assert not met["kernel flux block 64x64 8 rows: host syncs per call (kernel launches 13)"]
+    assert not any("host syncs" in name for name in rows if name.startswith("kernel sdxl"))  # no count, no row
     text = summary.render(list(rows.values()))
     assert text.startswith("| check | value | target | met |") and "| NO |" in text
     broken = summary.checks({}, {"rows": [{"setting": "model"}]})
