@@ -115,3 +115,24 @@ def dit(request, comfy_root):
     """(name, tiny_dit_models.TinyDiT) for each newer DiT family (tests/tiny_dit_models.py)."""
     import tiny_dit_models
     return request.param, tiny_dit_models.get(request.param)
+
+
+# The pack's node modules, imported through the host's loader (tests/host.py).
+@pytest.fixture(scope="session")
+def ag(comfy_root):
+    return host.pack_module("nodes.adaptive_guidance")
+
+
+@pytest.fixture(scope="session")
+def la(comfy_root):
+    return host.pack_module("nodes.linear_ag")
+
+
+@pytest.fixture(scope="session")
+def nt(comfy_root):
+    return host.pack_module("nodes.negtome")
+
+
+@pytest.fixture(scope="session")
+def adapters(comfy_root):
+    return host.pack_module("nodes.adapters")

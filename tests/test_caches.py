@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import host
 from sampling_helpers import with_counter
 
 STEPS = 8
@@ -45,21 +44,6 @@ NEGTOME = dict(alpha=0.9, threshold=-1.0, matching="official", window="custom", 
 def ec(comfy_root):
     from comfy_extras import nodes_easycache
     return nodes_easycache
-
-
-@pytest.fixture(scope="module")
-def ag(comfy_root):
-    return host.pack_module("nodes.adaptive_guidance")
-
-
-@pytest.fixture(scope="module")
-def la(comfy_root):
-    return host.pack_module("nodes.linear_ag")
-
-
-@pytest.fixture(scope="module")
-def nt(comfy_root):
-    return host.pack_module("nodes.negtome")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 
-import host
 import tiny_dit_models
 from sampling_helpers import with_counter
 
@@ -22,16 +21,6 @@ NEUTRAL = dict(threshold=0.0, start_percent=1.0)
 LATCH_AT_ONCE = dict(threshold=0.0, start_percent=0.0)
 NEVER_BUT_EQUAL = dict(threshold=0.9999, space="eps")
 """Latches only where cond == uncond: the tiny model's eps cosines stay below 0.9999 otherwise."""
-
-
-@pytest.fixture(scope="module")
-def ag(comfy_root):
-    return host.pack_module("nodes.adaptive_guidance")
-
-
-@pytest.fixture(scope="module")
-def la(comfy_root):
-    return host.pack_module("nodes.linear_ag")
 
 
 @pytest.fixture(scope="module")

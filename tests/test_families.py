@@ -4,10 +4,8 @@ architecture (5-D latents for video) — exact model-row counts, bit-identity wi
 KSampler and SamplerCustomAdvanced paths."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-import host
 import tiny_dit_models
 from sampling_helpers import with_counter
 
@@ -26,21 +24,6 @@ DIT_FAMILIES = {
 }
 AG_NEUTRAL = dict(threshold=0.0, space="x0", start_percent=1.0, decision="per_sample", crossing_step="cond")
 AG_LATCH_AT_ONCE = dict(threshold=0.0, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
-
-
-@pytest.fixture(scope="module")
-def ag(comfy_root):
-    return host.pack_module("nodes.adaptive_guidance")
-
-
-@pytest.fixture(scope="module")
-def la(comfy_root):
-    return host.pack_module("nodes.linear_ag")
-
-
-@pytest.fixture(scope="module")
-def adapters(comfy_root):
-    return host.pack_module("nodes.adapters")
 
 
 def ksample(d, model, batch=2, cfg=CFG):

@@ -36,11 +36,6 @@ BASE = dict(alpha=1.5, threshold=-1.0, matching="official", window="custom", sta
 
 
 @pytest.fixture(scope="module")
-def nt(comfy_root):
-    return host.pack_module("nodes.negtome")
-
-
-@pytest.fixture(scope="module")
 def install(comfy_root):
     return host.pack_module("nodes.negtome_install")
 

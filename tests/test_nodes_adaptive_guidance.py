@@ -12,16 +12,6 @@ import host
 from sampling_helpers import STEPS, advanced_sample, ksample, with_counter
 
 
-@pytest.fixture(scope="module")
-def ag(comfy_root):
-    return host.pack_module("nodes.adaptive_guidance")
-
-
-@pytest.fixture(scope="module")
-def adapters(comfy_root):
-    return host.pack_module("nodes.adapters")
-
-
 def patch(ag, model, **overrides):
     values = dict(threshold=0.995, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
     values.update(overrides)

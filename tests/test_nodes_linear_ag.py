@@ -4,20 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import host
 from sampling_helpers import STEPS, advanced_sample, ksample, with_counter
 
 AG_DEFAULTS = dict(threshold=0.995, space="x0", start_percent=0.0, decision="per_sample", crossing_step="cond")
-
-
-@pytest.fixture(scope="module")
-def la(comfy_root):
-    return host.pack_module("nodes.linear_ag")
-
-
-@pytest.fixture(scope="module")
-def ag(comfy_root):
-    return host.pack_module("nodes.adaptive_guidance")
 
 
 @pytest.fixture

@@ -13,11 +13,6 @@ import host
 from sampling_helpers import STEPS, Setup
 
 
-@pytest.fixture(scope="module")
-def nt(comfy_root):
-    return host.pack_module("nodes.negtome")
-
-
 # Tiny models have 8x8 latents: the paper's block preset (grid >= 32) never fires there, so tests use "all"
 # and a threshold that lets random features match.
 BASE = dict(alpha=0.9, threshold=-1.0, matching="official", window="custom", start_percent=0.0,
