@@ -8,9 +8,7 @@ and takes an optional, unused `ckpt_name`, so a workflow's CheckpointLoaderSimpl
 it without touching the rest of the graph. Models are built once per server process."""
 from __future__ import annotations
 
-import logging
 import sys
-import threading
 from pathlib import Path
 
 _TESTS_DIR = Path(__file__).resolve().parent.parent      # resolve(): the pack is loaded through a symlink
@@ -19,35 +17,11 @@ if str(_TESTS_DIR) not in sys.path:
 
 import tiny_models  # noqa: E402  (tests/tiny_models.py)
 
-logger = logging.getLogger(__name__)
-
-_cache: dict[str, tuple] = {}
-_lock = threading.Lock()
+from .loader_base import TinyLoader  # noqa: E402
 
 
-def _models(family: str) -> tuple:
-    with _lock:
-        if family not in _cache:
-            _cache[family] = tiny_models.build(family)
-            logger.info("TFG testing pack: built tiny %s model", family)
-        return _cache[family]
-
-
-class _TinyLoader:
-    FAMILY = ""
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
-    CATEGORY = "TFG/testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {},
-                "optional": {"ckpt_name": ("STRING", {"default": "", "tooltip": "Ignored (keeps a swapped-in "
-                                                                             "loader's graph valid)."})}}
-
-    def load(self, ckpt_name=""):
-        return _models(self.FAMILY)
+class _TinyLoader(TinyLoader):
+    BUILD = staticmethod(tiny_models.build)
 
 
 class TinySDXLLoader(_TinyLoader):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import threading
 from pathlib import Path
 
 _TESTS_DIR = Path(__file__).resolve().parent.parent
@@ -26,6 +25,8 @@ if str(_TESTS_DIR) not in sys.path:
 
 import tiny_dit_models  # noqa: E402  (tests/tiny_dit_models.py)
 import tiny_models  # noqa: E402
+
+from .loader_base import TinyLoader  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -123,33 +124,8 @@ def build(family: str) -> tuple:
     return builder().model, DiTTextEncoder(family, context_dim, token_key), build_tiny_wan_vae()
 
 
-_cache: dict[str, tuple] = {}
-_lock = threading.Lock()
-
-
-def _models(family: str) -> tuple:
-    with _lock:
-        if family not in _cache:
-            _cache[family] = build(family)
-            logger.info("TFG testing pack: built tiny %s model", family)
-        return _cache[family]
-
-
-class _TinyDiTLoader:
-    FAMILY = ""
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
-    CATEGORY = "TFG/testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {},
-                "optional": {"ckpt_name": ("STRING", {"default": "", "tooltip": "Ignored (keeps a swapped-in "
-                                                                             "loader's graph valid)."})}}
-
-    def load(self, ckpt_name=""):
-        return _models(self.FAMILY)
+class _TinyDiTLoader(TinyLoader):
+    BUILD = staticmethod(build)
 
 
 class TinyWan21Loader(_TinyDiTLoader):

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 _TESTS_DIR = Path(__file__).resolve().parent.parent
@@ -15,6 +14,8 @@ if str(_TESTS_DIR) not in sys.path:
     sys.path.append(str(_TESTS_DIR))
 
 import tiny_models  # noqa: E402
+
+from .loader_base import built_once  # noqa: E402
 
 TINY_CLIP_VISION_CONFIG = {
     "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
@@ -24,10 +25,6 @@ TINY_CLIP_VISION_CONFIG = {
 }
 # projection size = the pooled text embedding of each tiny family's conditioning (CLIP-L 768 / tiny SDXL 1280)
 PROJECTION_DIMS = {"sd15": 768, "sdxl": tiny_models.SDXL_POOLED_DIM}
-
-_cache: dict = {}
-_lock = threading.Lock()
-
 
 def build_tiny_clip_vision(family: str = "sd15", seed: int = tiny_models.SEED + 11):
     """A seeded ComfyUI `ClipVisionModel` (3 layers, width 32, 32x32 input, 4x4 patches of 8 px)."""
@@ -47,10 +44,7 @@ def build_tiny_clip_vision(family: str = "sd15", seed: int = tiny_models.SEED + 
 
 
 def tiny_clip_vision(family: str = "sd15"):
-    with _lock:
-        if family not in _cache:
-            _cache[family] = build_tiny_clip_vision(family)
-        return _cache[family]
+    return built_once("CLIP vision", family, build_tiny_clip_vision)
 
 
 class TinyCLIPVisionLoader:
