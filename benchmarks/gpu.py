@@ -122,17 +122,18 @@ def forced_latches(latch_steps: list[int]):
     base = ag.AdaptiveGuidanceTracker
 
     class ScheduledLatchTracker(base):
-        def observe(self, x, cond, uncond, step, sigma, latch_allowed, rows=None):
-            handed = super().observe(x, cond, uncond, step, sigma, latch_allowed=False, rows=rows)
-            batch = cond.shape[0]
-            due = torch.tensor([latch_steps[i % len(latch_steps)] <= step for i in range(batch)],
-                               device=self.latched.device)
-            for i in torch.nonzero(due & ~self.latched).flatten().tolist():
-                self.latch_step[i] = step
-            self.latched = self.latched | due
-            if not bool(due.any()):
-                return handed
-            return torch.where(due.to(cond.device).view(-1, *([1] * (cond.dim() - 1))), cond, handed)
+        """Latches image i once its evaluation count reaches latch_steps[i] (euler: one evaluation a step, and every
+        step measures until all images have latched), without reading anything back to the host."""
+        evaluations = 0
+        due_at = None
+
+        def _crossed(self, gamma, measured, batch, step, latch_allowed):
+            if self.due_at is None:
+                self.due_at = torch.tensor([latch_steps[i % len(latch_steps)] for i in range(batch)]).to(
+                    self.latched.device, non_blocking=True)
+            due = self.due_at <= self.evaluations
+            self.evaluations += 1
+            return due
 
     ag.AdaptiveGuidanceTracker = ScheduledLatchTracker
     try:

@@ -12,7 +12,7 @@ models and sigma*v for flow models (sigma cancels in the cosine).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -96,6 +96,7 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch
 @dataclass
 class EvaluationRecord:
     step: int
+    """Index in the run's schedule; -1 while `sigma` is still a device scalar (see AdaptiveGuidanceTracker)."""
     sigma: float
     gamma: list[float] | None
     """Cosine of each image whose uncond was computed (in row order), or None when no uncond was computed."""
@@ -112,81 +113,165 @@ class EvaluationRecord:
         return self.uncond_rows > 0
 
 
+def nearest_step(sigma: float, schedule: list[float]) -> int:
+    """Index of the entry of `schedule` nearest to sigma (-1 for an empty schedule)."""
+    return min(range(len(schedule)), key=lambda i: abs(schedule[i] - sigma), default=-1)
+
+
 @dataclass
+class _Pending:
+    """What one observe() left on the device for the host: read back together, at the next decision."""
+    record: EvaluationRecord
+    gamma: torch.Tensor
+    newly_latched: torch.Tensor
+
+
 class AdaptiveGuidanceTracker:
-    """Per-run latch state. One instance per sampling run; never shared between runs."""
+    """Per-run latch state. One instance per sampling run; never shared between runs.
 
-    params: AdaptiveGuidanceParams
-    latched: torch.Tensor | None = None
-    records: list[EvaluationRecord] = field(default_factory=list)
-    latch_step: dict[int, int] = field(default_factory=dict)
+    The hot path never waits for the GPU on its own: observe() leaves the cosines and the latch flags on the
+    device, and they are read back in one transfer when the host next needs them (`settle`: the decision of the
+    next evaluation, or the report). `sigma` may be handed over as a device scalar (the sampler's timestep) when
+    no decision needs its value; records then resolve it, and their step in `schedule`, when they settle."""
 
-    def _latched_for(self, batch: int) -> torch.Tensor | None:
-        return self.latched if self.latched is not None and self.latched.shape[0] == batch else None
+    def __init__(self, params: AdaptiveGuidanceParams, schedule: torch.Tensor | None = None):
+        self.params = params
+        self.schedule: list[float] = [] if schedule is None else [float(s) for s in schedule.flatten().tolist()]
+        """The run's sigmas (for the steps of records whose sigma was a device scalar)."""
+        self.latched: torch.Tensor | None = None
+        """Per-image latch flags on the device of the predictions."""
+        self._latched_host: list[bool] | None = None
+        """The same flags on the host, as of the last `settle`."""
+        self._records: list[EvaluationRecord] = []
+        self._latch_step: dict[int, int] = {}
+        self._pending: list[_Pending] = []
+        self._lazy_sigmas: list[tuple[EvaluationRecord, torch.Tensor]] = []
+
+    @property
+    def records(self) -> list[EvaluationRecord]:
+        self.settle()
+        return self._records
+
+    @property
+    def latch_step(self) -> dict[int, int]:
+        """Image index -> the step at which it latched."""
+        self.settle()
+        return self._latch_step
+
+    def settle(self, flags_only: bool = False) -> None:
+        """Read back, in one transfer, everything observe() and skip() left on the device. `flags_only`: only
+        when latch flags are pending (a decision; the sigmas of skipped evaluations wait for the report)."""
+        if not self._pending and (flags_only or not self._lazy_sigmas):
+            return
+        pending, self._pending = self._pending, []
+        lazy, self._lazy_sigmas = self._lazy_sigmas, []
+        parts = [sigma.float().reshape(1) for _, sigma in lazy]
+        for item in pending:
+            parts += [item.gamma.float().flatten(), item.newly_latched.float().flatten()]
+        if pending:
+            parts.append(self.latched.float().flatten())
+        device = parts[0].device
+        values = torch.cat([p.to(device) for p in parts]).cpu().tolist()
+        for at, (record, _) in enumerate(lazy):
+            record.sigma = values[at]
+            record.step = nearest_step(record.sigma, self.schedule)
+        at = len(lazy)
+        for item in pending:
+            n, m = item.gamma.numel(), item.newly_latched.numel()
+            item.record.gamma = values[at:at + n]
+            for i, flag in enumerate(values[at + n:at + n + m]):
+                if flag:
+                    self._latch_step[i] = item.record.step
+            at += n + m
+        if pending:
+            self._latched_host = [flag > 0.5 for flag in values[at:]]
+
+    def _record(self, step: int | None, sigma, gamma, uncond_rows: int, batch: int, estimated: bool = False,
+                reason: str = "") -> EvaluationRecord:
+        lazy = isinstance(sigma, torch.Tensor)
+        record = EvaluationRecord(-1 if step is None or lazy else step, float("nan") if lazy else float(sigma),
+                                  gamma, uncond_rows, batch, estimated, reason)
+        if lazy:
+            self._lazy_sigmas.append((record, sigma.detach().reshape(()).clone()))
+        self._records.append(record)
+        return record
+
+    def _latched_flags(self, batch: int) -> list[bool] | None:
+        """The latch flags on the host (settled), when they belong to a batch of this size."""
+        if self.latched is None or self.latched.shape[0] != batch:
+            return None
+        self.settle(flags_only=True)
+        return self._latched_host
 
     def all_latched(self, batch: int) -> bool:
-        latched = self._latched_for(batch)
-        return latched is not None and bool(latched.all())
+        flags = self._latched_flags(batch)
+        return flags is not None and all(flags)
 
     def open_rows(self, batch: int) -> torch.Tensor | None:
         """Indices (CPU, int64) of the images that have not latched when some have and some have not; None when
         no image has latched (the whole batch needs its uncond) or every image has."""
-        latched = self._latched_for(batch)
-        if latched is None:
+        flags = self._latched_flags(batch)
+        if flags is None or all(flags) or not any(flags):
             return None
-        flags = latched.cpu()
-        if bool(flags.all()) or not bool(flags.any()):
-            return None
-        return torch.nonzero(~flags).flatten()
+        return torch.tensor([i for i, flag in enumerate(flags) if not flag], dtype=torch.int64)
 
-    def skip(self, step: int, sigma: float, batch: int, estimated: bool = False, reason: str = "") -> None:
-        """Record an evaluation whose uncond pass was not computed (skipped, or estimated by LinearAG)."""
+    def skip(self, step: int | None, sigma, batch: int, estimated: bool = False, reason: str = "") -> None:
+        """Record an evaluation whose uncond pass was not computed (skipped, or estimated by LinearAG). `sigma`: a
+        float, or the evaluation's timestep as a device scalar (read back later, with `step` then found)."""
         reason = reason or ("estimated" if estimated else "latched")
-        self.records.append(EvaluationRecord(step, sigma, None, 0, batch, estimated, reason))
+        self._record(step, sigma, None, 0, batch, estimated, reason)
 
     def hand_on(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """The uncond to hand on when the uncond pass was not run: cond for latched samples."""
-        latched = self._latched_for(cond.shape[0])
-        if latched is None or not bool(latched.any()):
+        flags = self._latched_flags(cond.shape[0])
+        if flags is None or not any(flags):
             return uncond
-        return torch.where(latched.to(cond.device).view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
+        return torch.where(self.latched.to(cond.device).view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
 
-    def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int, sigma: float,
+    def _crossed(self, gamma: torch.Tensor, measured, batch: int, step: int | None,
+                 latch_allowed: bool) -> torch.Tensor | None:
+        """Device flags of the images whose gamma reached the threshold in this evaluation (None: none can)."""
+        if not latch_allowed or self.params.threshold >= 1.0:  # 1.0 is neutral: fp32 cosines of near-equal
+            return None                                          # predictions round to 1.0 late in a run
+        crossed = torch.zeros_like(self.latched)
+        crossed[measured] = gamma >= self.params.threshold
+        return crossed
+
+    def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int | None, sigma,
                 latch_allowed: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Measure gamma for one evaluation where the uncond pass ran, update the latch, and return the
         uncond prediction to hand on: the real one, or the cond one for latched samples, so that any
-        CFG formula downstream reduces to the cond prediction for them. Inputs are not modified.
+        CFG formula downstream reduces to the cond prediction for them. Inputs are not modified; nothing is
+        read back to the host here (see `settle`).
 
         `rows`: the images whose uncond was computed (the others have latched and carry cond as uncond);
-        None = every image."""
+        None = every image. `sigma`: a float or the timestep as a device scalar (see `skip`)."""
         batch = cond.shape[0]
-        if self._latched_for(batch) is None:
+        if self.latched is None or self.latched.shape[0] != batch:
             self.latched = torch.zeros(batch, dtype=torch.bool, device=cond.device)
-        measured = slice(None) if rows is None else rows.to(cond.device)
+            self._latched_host = [False] * batch
+        measured = slice(None) if rows is None else rows.to(cond.device, non_blocking=True)
         a = in_space(x[measured], cond[measured], self.params.space)
         b = in_space(x[measured], uncond[measured], self.params.space)
         gamma = per_sample_cosine(a, b) if self.params.decision == "per_sample" else batch_cosine(a, b)
         n_rows = batch if rows is None else int(rows.numel())
-        self.records.append(EvaluationRecord(step, sigma, gamma.tolist(), n_rows, batch))
+        record = self._record(step, sigma, None, n_rows, batch)
 
         previously = self.latched
-        crossed = torch.zeros_like(previously)
-        if latch_allowed and self.params.threshold < 1.0:  # 1.0 is neutral: fp32 cosines of near-equal
-            crossed[measured] = gamma >= self.params.threshold  # predictions round to 1.0 late in a run
-        self.latched = previously | crossed
-        for i in torch.nonzero(self.latched & ~previously).flatten().tolist():
-            self.latch_step[i] = step
-
-        use_cond = previously | (crossed if self.params.crossing_step == "cond" else torch.zeros_like(crossed))
-        if not bool(use_cond.any()):
+        known_open = not self._pending and self._latched_host is not None and not any(self._latched_host)
+        crossed = self._crossed(gamma, measured, batch, step, latch_allowed)
+        if crossed is not None:
+            self.latched = previously | crossed
+        self._pending.append(_Pending(record, gamma.detach(), self.latched & ~previously))
+        use_cond = previously if crossed is None or self.params.crossing_step != "cond" else self.latched
+        if use_cond is previously and known_open:  # nothing has latched: the real uncond, as it is
             return uncond
-        mask = use_cond.view(-1, *([1] * (cond.dim() - 1)))
-        return torch.where(mask, cond, uncond)
+        return torch.where(use_cond.view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
 
     def model_passes(self) -> tuple[int, int]:
         """(passes run, passes plain CFG would have run), counted per sample."""
-        run = sum(r.batch + r.uncond_rows for r in self.records)
-        full = sum(r.batch * 2 for r in self.records)
+        run = sum(r.batch + r.uncond_rows for r in self._records)
+        full = sum(r.batch * 2 for r in self._records)
         return run, full
 
     def gamma_by_step(self) -> dict[int, list[float]]:

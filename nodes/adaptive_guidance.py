@@ -2,6 +2,8 @@
 (SamplerCustomAdvanced). Both install the same per-run mechanism on a model clone."""
 from __future__ import annotations
 
+from collections import defaultdict
+
 from comfy_api.latest import io
 
 import comfy.samplers
@@ -112,19 +114,31 @@ class _RunState:
         self.new_estimator = new_estimator
         self.lanes: dict = {}
         """window key (None: the whole latent) -> _Lane, created at the window's first evaluation."""
-        self.windows_by_step: dict[int, set] = {}
         self.interval = (0.0, float("inf"))
         """(low, high] sigma range in which CFG runs (the guidance interval)."""
+        self.interval_set = params.interval_start > 0.0 or params.interval_end < 1.0
+        """A guidance interval narrower than the whole schedule (which needs each evaluation's sigma)."""
+        self.latch_gated = params.start_percent > 0.0
+        """No latch before sigma_start (which needs each evaluation's sigma until every image has latched)."""
 
     def lane(self, key, label: str) -> _Lane:
         lane = self.lanes.get(key)
         if lane is None:
             estimator = self.new_estimator() if self.new_estimator is not None else None
-            lane = self.lanes[key] = _Lane(label, AdaptiveGuidanceTracker(self.params), estimator)
+            lane = self.lanes[key] = _Lane(label, AdaptiveGuidanceTracker(self.params, self.run.sigmas), estimator)
         return lane
 
     def trackers(self) -> list[tuple[str, AdaptiveGuidanceTracker]]:
         return [(lane.label, lane.tracker) for lane in self.lanes.values()]
+
+    def most_windows_per_step(self) -> int:
+        """The most context windows evaluated at one step (0 without context windows)."""
+        per_step: dict[int, int] = defaultdict(int)
+        for key, lane in self.lanes.items():
+            if key is not None:
+                for step in {r.step for r in lane.tracker.records}:
+                    per_step[step] += 1
+        return max(per_step.values(), default=0)
 
 
 def _index_text(indices: tuple[int, ...]) -> str:
@@ -223,7 +237,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
                 f"{key}.eps0",
                 f"{adapters.PACK_NAME} {node_name} [model family: {family.name}]: latched at the first step in eps "
                 "space, so the run had almost no guidance. Use space=x0, or raise start_percent/threshold.")
-        most_windows_per_step = max((len(w) for w in state.windows_by_step.values()), default=0)
+        most_windows_per_step = state.most_windows_per_step()
         if len(state.lanes) > most_windows_per_step > 0:
             adapters.warn_once(
                 f"{key}.moving_windows",
@@ -239,18 +253,20 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         state = adapters.run_state(model_options, key)
         if state is None or len(conds) != 2 or conds[0] is None or conds[1] is None:
             return executor(base_model, conds, x, timestep, model_options)
-        sigma = float(timestep.flatten()[0])
-        step = adapters.step_index(timestep, state.run.sigmas)
         window, label = context_window_of(model_options, x)
         lane = state.lane(window, label)
-        if window is not None:
-            state.windows_by_step.setdefault(step, set()).add(window)
         tracker, estimator = lane.tracker, lane.estimator
+        batch = x.shape[0]
+        # The sigma is read back (a wait for the GPU) only when a decision needs it: LinearAG's schedule, a
+        # guidance interval, a latch start; otherwise records keep the timestep and read it with the latch flags.
+        if estimator is not None or state.interval_set or (state.latch_gated and not tracker.all_latched(batch)):
+            sigma = float(timestep.flatten()[0])
+            step = adapters.step_index(sigma, state.run.sigmas)
+        else:
+            sigma, step = timestep.flatten()[0], None
         first_evaluation_of_step = step != lane.last_step  # multistage samplers evaluate a step repeatedly
         lane.last_step = step
-        batch = x.shape[0]
-        low, high = state.interval
-        outside_interval = not low < sigma <= high  # outside the guidance interval: cond only, as after a latch
+        outside_interval = state.interval_set and not state.interval[0] < sigma <= state.interval[1]
         mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
             and not outside_interval else "compute"
         if outside_interval or tracker.all_latched(batch) or mode == "cond_only":
@@ -267,6 +283,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             tracker.skip(step, sigma, batch, estimated=True)
             return [cond, tracker.hand_on(cond, uncond)]
         rows = tracker.open_rows(batch)
+        latch_in_range = not state.latch_gated or sigma <= state.sigma_start
         uncond_rows = batch if rows is None else int(rows.numel())
         split = caches.before_step(model_options, timestep, conds, batch, uncond_rows)  # True: EasyCache in range
         if rows is None and not split:
@@ -279,10 +296,10 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             cond = executor(base_model, [conds[0], None], x, timestep, model_options)[0]
             computed = cond_rows.uncond_for_rows(executor, base_model, conds[1], x, timestep, model_options, rows,
                                                  lane.control_cache)
-            uncond = cond.index_copy(0, rows.to(cond.device), computed.to(cond.dtype))
+            uncond = cond.index_copy(0, rows.to(cond.device, non_blocking=True), computed.to(cond.dtype))
         if estimator is not None and first_evaluation_of_step:
             estimator.record(x, cond, uncond, sigma, computed=True)
-        latch_allowed = sigma <= state.sigma_start and not caches.step_reused(model_options)
+        latch_allowed = latch_in_range and not caches.step_reused(model_options)
         uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=latch_allowed, rows=rows)
         return [cond, uncond]
 

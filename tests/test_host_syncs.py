@@ -1,0 +1,96 @@
+"""Adaptive Guidance's hot path and the host: on a GPU, every value read back to the host waits for the queued
+model work, and the GPU idles while Python prepares the next step. The patch reads nothing per step unless a
+decision needs it: the latch flags once per step while an image has not latched (one transfer, at the next
+decision), nothing once all have; the sigma only for a latch start, a guidance interval or LinearAG's schedule.
+
+Counted on the CPU by where the read comes from: ops that read a value back (item, float(), bool(), nonzero...)
+dispatched from the pack's own code, and the pack's .cpu() calls. Runs of 4 and 8 steps are compared, so what a
+run does once (at its start and its report) cancels out."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sampling_helpers import ksample
+
+READ_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "equal",
+                      "allclose", "masked_select"})
+TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+class PackReads(TorchDispatchMode):
+    """Counts read-backs issued by files under `pack_dirs`: dispatched read ops, and Tensor.cpu() calls."""
+
+    def __init__(self, pack_dirs: tuple[str, ...]):
+        super().__init__()
+        self.pack_dirs = pack_dirs
+        self.sites: list[str] = []
+
+    def _site(self) -> str | None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if not name.startswith(TORCH_DIR) and name != __file__:
+                return f"{Path(name).name}:{frame.f_lineno}" if name.startswith(self.pack_dirs) else None
+            frame = frame.f_back
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in READ_OPS:
+            site = self._site()
+            if site:
+                self.sites.append(site)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._cpu = torch.Tensor.cpu
+        mode = self
+
+        def counted_cpu(tensor, *args, **kwargs):
+            site = mode._site()
+            if site:
+                mode.sites.append(site + " .cpu()")
+            return mode._cpu(tensor, *args, **kwargs)
+
+        torch.Tensor.cpu = counted_cpu
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.cpu = self._cpu
+        return super().__exit__(*exc)
+
+
+def _pack_dirs(ag) -> tuple[str, ...]:
+    root = Path(ag.__file__).resolve().parents[1]
+    return str(root / "nodes"), str(root / "kernels")
+
+
+def _reads(sd15, ag, steps: int, batch: int = 2, **params) -> list[str]:
+    model = ag.AdaptiveGuidance.execute(model=sd15.model, **params).args[0]
+    with PackReads(_pack_dirs(ag)) as reads:
+        ksample(sd15, model, batch=batch, steps=steps)
+    return reads.sites
+
+
+@pytest.mark.parametrize("params, per_step", [
+    (dict(threshold=1.0), 1),         # never latches: the latch flags, read once a step at the next decision
+    (dict(threshold=0.0), 0),         # latched at step 0: nothing is read once every image has latched
+])
+def test_adaptive_guidance_reads_back_only_what_a_decision_needs(sd15, ag, params, per_step):
+    short, long = _reads(sd15, ag, 4, **params), _reads(sd15, ag, 8, **params)
+    assert len(long) - len(short) == 4 * per_step, (short, long)
+    assert all(site.endswith(".cpu()") for site in long), long  # no item()/float()/bool() of a device tensor
+
+
+def test_a_latch_start_reads_the_sigma_until_every_image_has_latched(sd15, ag):
+    """start_percent > 0 needs each evaluation's sigma: one read a step until the latch, then none."""
+    short = _reads(sd15, ag, 4, threshold=0.0, start_percent=0.5)
+    long = _reads(sd15, ag, 8, threshold=0.0, start_percent=0.5)
+    # 8 steps latch at step 4 (sigma <= sigma(50%)), 4 steps at step 2: two more steps read the sigma and flags
+    assert 0 < len(long) - len(short) <= 2 * 4, (short, long)
+    tail = _reads(sd15, ag, 12, threshold=0.0, start_percent=0.5)
+    assert len(tail) - len(long) == len(long) - len(short), (long, tail)  # latched steps add nothing
