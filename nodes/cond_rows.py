@@ -25,11 +25,17 @@ _CONTROL_CACHES = ("cond_hint", "control_input")
 """Attributes in which ControlNet-type objects keep what they derived from their hint (batch-shaped)."""
 
 
+def _rows_on(rows: torch.Tensor, device) -> torch.Tensor:
+    """The row indices on `device`; a copy from the host does not wait for the GPU's queued work (a blocking
+    copy would: it synchronises the stream)."""
+    return rows.to(device, non_blocking=rows.device.type == "cpu")
+
+
 def _rows_of(tensor: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     """`tensor` as a batch of `batch` rows would see it (ComfyUI's repeat_to_batch_size), at `rows`."""
     if tensor.shape[0] == 1:
         return tensor
-    return comfy.utils.repeat_to_batch_size(tensor, batch)[rows.to(tensor.device)]
+    return comfy.utils.repeat_to_batch_size(tensor, batch)[_rows_on(rows, tensor.device)]
 
 
 def model_cond_rows(cond, rows: torch.Tensor, batch: int):
@@ -52,7 +58,7 @@ def mask_rows(mask: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tenso
     if batch % first.shape[0] != 0:  # ComfyUI cannot tile it either; leave its error to it
         return mask
     tiled = first.repeat((batch // first.shape[0],) + (1,) * (first.dim() - 1))
-    return tiled[rows.to(mask.device)]
+    return tiled[_rows_on(rows, mask.device)]
 
 
 def conds_rows(conds: list[dict] | None, rows: torch.Tensor, batch: int) -> list[dict] | None:
@@ -72,7 +78,7 @@ def conds_rows(conds: list[dict] | None, rows: torch.Tensor, batch: int) -> list
 
 def timestep_rows(timestep: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     if isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.shape[0] == batch:
-        return timestep[rows.to(timestep.device)]
+        return timestep[_rows_on(rows, timestep.device)]
     return timestep
 
 
@@ -102,13 +108,13 @@ def controls_for_rows(conds: list[dict] | None, rows: torch.Tensor, batch: int, 
                  if hasattr(control, name)}
         kept = cache.get(id(control))
         derived = kept[1] if kept is not None and kept[0] == key_rows else {}
-        control.cond_hint_original = comfy.controlnet.broadcast_image_to(hint, batch, 1)[rows.to(hint.device)]
+        control.cond_hint_original = comfy.controlnet.broadcast_image_to(hint, batch, 1)[_rows_on(rows, hint.device)]
         extra = getattr(control, "extra_concat_orig", None)
         if isinstance(extra, list) and extra:
             # ComfyUI repeats each extra image to the hint's batch, then broadcasts hint + extras to the latent batch
             control.extra_concat_orig = [
                 c if not isinstance(c, torch.Tensor) or c.shape[0] <= 1 else comfy.controlnet.broadcast_image_to(
-                    comfy.utils.repeat_to_batch_size(c, hint.shape[0]), batch, 1)[rows.to(c.device)]
+                    comfy.utils.repeat_to_batch_size(c, hint.shape[0]), batch, 1)[_rows_on(rows, c.device)]
                 for c in extra]
         for name in _CONTROL_CACHES:
             if hasattr(control, name):
@@ -131,6 +137,6 @@ def uncond_for_rows(executor, base_model, uncond_conds, x: torch.Tensor, timeste
     batch = x.shape[0]
     sub_conds = conds_rows(uncond_conds, rows, batch)
     with controls_for_rows(sub_conds, rows, batch, control_cache):
-        out = executor(base_model, [None, sub_conds], x[rows.to(x.device)], timestep_rows(timestep, rows, batch),
+        out = executor(base_model, [None, sub_conds], x[_rows_on(rows, x.device)], timestep_rows(timestep, rows, batch),
                        model_options)
     return out[1]
