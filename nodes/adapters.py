@@ -5,6 +5,7 @@ Everything that touches ComfyUI internals lives here so a host change is mended 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -216,6 +217,8 @@ class RunInfo:
 
     sigmas: torch.Tensor
     sampler_name: str
+    falling: bool = False
+    """Every model call of the run is at a sigma no higher than the calls before it (`calls_at_falling_sigmas`)."""
 
     @property
     def steps(self) -> int:
@@ -229,6 +232,32 @@ def sampler_name(sampler) -> str:
     return name[len("sample_"):] if name.startswith("sample_") else name
 
 
+# ComfyUI's samplers whose model calls never go back up in sigma on a non-increasing schedule (each step's calls
+# lie between its two schedule entries). Not dpm_adaptive: a rejected step is retried at a higher sigma.
+_NOT_FALLING = frozenset({"dpm_adaptive"})
+
+
+@functools.lru_cache(maxsize=1)
+def _falling_sampler_functions() -> frozenset:
+    names = set()
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        if name not in _NOT_FALLING:
+            function = getattr(comfy.samplers.sampler_object(name), "sampler_function", None)
+            names.add(getattr(function, "__name__", None))
+    return frozenset(names - {None})
+
+
+def calls_at_falling_sigmas(sampler, sigmas: torch.Tensor) -> bool:
+    """True for one of ComfyUI's own samplers without churn on a non-increasing schedule: then once a call is
+    below a sigma, every later call of the run is too. Other samplers (custom packs) are not assumed to be."""
+    function = getattr(sampler, "sampler_function", None)
+    if getattr(function, "__name__", None) not in _falling_sampler_functions():
+        return False
+    if float((getattr(sampler, "extra_options", None) or {}).get("s_churn", 0.0) or 0.0) > 0.0:
+        return False
+    return bool((sigmas[1:] <= sigmas[:-1]).all())
+
+
 def install_run_state(model, key: str, make_state: Callable[[Any, RunInfo], Any],
                       finish: Callable[[Any, Any], None] | None = None) -> None:
     """Give every sampling run of `model` (a ModelPatcher clone) a fresh state object.
@@ -240,7 +269,8 @@ def install_run_state(model, key: str, make_state: Callable[[Any, RunInfo], Any]
     def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
         store = guider.model_options.setdefault("transformer_options", {}).setdefault(STATE_NAMESPACE, {})
-        state = make_state(guider, RunInfo(sigmas.detach().float().cpu(), sampler_name(sampler)))
+        schedule = sigmas.detach().float().cpu()
+        state = make_state(guider, RunInfo(schedule, sampler_name(sampler), calls_at_falling_sigmas(sampler, schedule)))
         previous = store.get(key)
         store[key] = state
         try:

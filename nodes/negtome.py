@@ -143,6 +143,10 @@ class NegToMeRunState:
     """Step index -> tokens merged (filled by `settle`)."""
     evaluated_in_window: int = 0
     evaluations: int = 0
+    falling: bool = False
+    """The run's model calls never go back up in sigma (adapters.calls_at_falling_sigmas)."""
+    past_window: bool = False
+    """A call was below the window and `falling`: no later call can be in it, so none reads its sigma back."""
     pending: list = field(default_factory=list)
     """(step, merged-token count as a device tensor) per layer application, not yet read back: the hot path never
     synchronises with the GPU; `settle` reads them all at once when the run ends."""
@@ -150,6 +154,16 @@ class NegToMeRunState:
     def active(self, sigma: float) -> bool:
         tol = 1e-5 * max(1.0, abs(sigma))
         return self.sigma_low - tol <= sigma <= self.sigma_high + tol
+
+    def call_sigma(self, t: torch.Tensor) -> float | None:
+        """The sigma of a model call (a read-back: the host waits for the GPU's queued work), or None once the run
+        has left the window for good."""
+        if self.past_window:
+            return None
+        sigma = float(t.flatten()[0])
+        if self.falling and sigma < self.sigma_low and not self.active(sigma):
+            self.past_window = True
+        return sigma
 
     def record(self, step: int, merged: torch.Tensor) -> None:
         self.pending.append((step, merged))
@@ -276,7 +290,7 @@ def _run_state_hooks(params: NegToMeParams, family: adapters.ModelFamily, node_n
 
     def make_state(guider, run: adapters.RunInfo) -> NegToMeRunState:
         high, low = _sigma_window(guider.model_patcher, family, params)
-        state = NegToMeRunState(high, low, schedule=run.sigmas)
+        state = NegToMeRunState(high, low, schedule=run.sigmas, falling=run.falling)
         if reference is not None and params.alpha != 0.0:  # the reference row is inserted on active steps only
             caches.refuse_layout_change(guider, node_name, family, run.sigmas, state.active)
         return state
@@ -335,21 +349,22 @@ def _make_merge(params: NegToMeParams, family: adapters.ModelFamily, node_name: 
 
 def _make_apply_model(params: NegToMeParams, key: str, info_key: str, reference):
     """The APPLY_MODEL wrapper: decides per network call whether the window is active (the one read-back per
-    call: the call's sigma), passes the call's info to the layer patches and, in reference mode, inserts the
-    reference row on active calls."""
+    call, the call's sigma, until the run has left the window for good), passes the call's info to the layer
+    patches and, in reference mode, inserts the reference row on active calls."""
 
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                     **kwargs):
         transformer_options = {} if transformer_options is None else transformer_options
         state = adapters.run_state({"transformer_options": transformer_options}, key)
-        sigma = float(t.flatten()[0])
-        active = state is not None and state.active(sigma) and params.alpha != 0.0
+        sigma = None if state is None else state.call_sigma(t)
+        in_window = state is not None and sigma is not None and state.active(sigma)
+        active = in_window and params.alpha != 0.0
         if state is not None:
             state.evaluations += 1
-            state.evaluated_in_window += int(state.active(sigma))
+            state.evaluated_in_window += int(in_window)
         schedule = state.schedule if state is not None and state.schedule is not None else \
             transformer_options.get("sample_sigmas")
-        info = {"active": active, "step": adapters.step_index(sigma, schedule),
+        info = {"active": active, "step": -1 if sigma is None else adapters.step_index(sigma, schedule),
                 "height": x.shape[-2], "width": x.shape[-1], "frames": x.shape[-3] if x.dim() == 5 else None,
                 "txt_len": None if c_crossattn is None else c_crossattn.shape[1]}
         options = {**transformer_options, info_key: info}

@@ -8,7 +8,9 @@ dispatched from the pack's own code, and the pack's .cpu() calls. Runs of 4 and 
 run does once (at its start and its report) cancels out."""
 from __future__ import annotations
 
+import inspect
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -82,8 +84,9 @@ def _reads(sd15, ag, steps: int, batch: int = 2, **params) -> list[str]:
 ])
 def test_adaptive_guidance_reads_back_only_what_a_decision_needs(sd15, ag, params, per_step):
     short, long = _reads(sd15, ag, 4, **params), _reads(sd15, ag, 8, **params)
-    assert len(long) - len(short) == 4 * per_step, (short, long)
-    assert all(site.endswith(".cpu()") for site in long), long  # no item()/float()/bool() of a device tensor
+    per_step_sites = Counter(long) - Counter(short)
+    assert sum(per_step_sites.values()) == 4 * per_step, (short, long)
+    assert all(site.endswith(".cpu()") for site in per_step_sites), per_step_sites  # one transfer, no item()
 
 
 def test_a_latch_start_reads_the_sigma_until_every_image_has_latched(sd15, ag):
@@ -94,3 +97,29 @@ def test_a_latch_start_reads_the_sigma_until_every_image_has_latched(sd15, ag):
     assert 0 < len(long) - len(short) <= 2 * 4, (short, long)
     tail = _reads(sd15, ag, 12, threshold=0.0, start_percent=0.5)
     assert len(tail) - len(long) == len(long) - len(short), (long, tail)  # latched steps add nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# NegToMe: the window decision reads each call's sigma until the run has left the window for good
+def _negtome_reads(sd15, nt, steps: int, sampler: str = "euler"):
+    """(the per-call sigma reads, the run's state: its calls and calls in the window)."""
+    model = nt.NegToMe.execute(model=sd15.model).args[0]
+    with PackReads(_pack_dirs(nt)) as reads:
+        ksample(sd15, model, batch=2, steps=steps, sampler=sampler)
+    state = list(nt.LAST_RUN.values())[-1]
+    lines, first = inspect.getsourcelines(nt.NegToMeRunState.call_sigma)
+    in_call_sigma = {f"negtome.py:{n}" for n in range(first, first + len(lines))}
+    return [site for site in reads.sites if site in in_call_sigma], state
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_negtome_stops_reading_the_sigma_once_the_run_has_left_its_window(sd15, nt, steps):
+    reads, state = _negtome_reads(sd15, nt, steps)
+    assert 0 < state.evaluated_in_window < state.evaluations
+    assert len(reads) == state.evaluated_in_window + 1, reads  # the calls in the window and the first one after
+
+
+def test_negtome_reads_every_sigma_for_a_sampler_that_may_go_back_up(sd15, nt):
+    """dpm_adaptive retries a rejected step at a higher sigma: every call reads its sigma."""
+    reads, state = _negtome_reads(sd15, nt, 4, sampler="dpm_adaptive")
+    assert state.evaluated_in_window < state.evaluations and len(reads) == state.evaluations
