@@ -82,6 +82,13 @@ def from_score(x: torch.Tensor, score: torch.Tensor, sigma: float) -> torch.Tens
     return x.float() - score * sigma
 
 
+def final_mode(params: "LinearAGParams", step: int, total_steps: int) -> str | None:
+    """The mode of this step when every later step has it too (the schedule is over), else None."""
+    if params.estimator == "off" or step >= params.estimate_until * total_steps:
+        return step_mode(params, step, total_steps)
+    return None
+
+
 def step_mode(params: "LinearAGParams", step: int, total_steps: int) -> str:
     """"estimate", "cond_only" or "compute" for this step under the LinearAG schedule."""
     if params.estimator == "off":
@@ -182,6 +189,9 @@ class UncondEstimator:
 
     def mode(self, step: int, total_steps: int) -> str:
         return step_mode(self.params, step, total_steps)
+
+    def final_mode(self, step: int, total_steps: int) -> str | None:
+        return final_mode(self.params, step, total_steps)
 
     def can_estimate(self, step: int, batch: int) -> bool:
         p = self.params

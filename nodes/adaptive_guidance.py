@@ -104,6 +104,10 @@ class _Lane:
         self.estimator = estimator
         self.last_step = -1
         self.control_cache: dict = {}
+        self.step_mode = "compute"
+        """LinearAG's mode for the step evaluated last."""
+        self.final_mode: str | None = None
+        """LinearAG's schedule is over ("cond_only" or "compute" to the end) and the run's sigmas only fall."""
 
 
 class _RunState:
@@ -259,7 +263,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         batch = x.shape[0]
         # The sigma is read back (a wait for the GPU) only when a decision needs it: LinearAG's schedule, a
         # guidance interval, a latch start; otherwise records keep the timestep and read it with the latch flags.
-        if estimator is not None or state.interval_set or (state.latch_gated and not tracker.all_latched(batch)):
+        scheduled = estimator is not None and lane.final_mode is None
+        if scheduled or state.interval_set or (state.latch_gated and not tracker.all_latched(batch)):
             sigma = float(timestep.flatten()[0])
             step = adapters.step_index(sigma, state.run.sigmas)
         else:
@@ -267,8 +272,16 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         first_evaluation_of_step = step != lane.last_step  # multistage samplers evaluate a step repeatedly
         lane.last_step = step
         outside_interval = state.interval_set and not state.interval[0] < sigma <= state.interval[1]
-        mode = estimator.mode(step, state.run.steps) if estimator is not None and first_evaluation_of_step \
-            and not outside_interval else "compute"
+        if lane.final_mode is not None:
+            mode = lane.final_mode
+        elif not scheduled or outside_interval:
+            mode = "compute"
+        elif first_evaluation_of_step:
+            mode = lane.step_mode = estimator.mode(step, state.run.steps)
+            if state.run.falling:
+                lane.final_mode = estimator.final_mode(step, state.run.steps)
+        else:  # a multistage sampler's later evaluation of the step: no second estimate; cond-only steps stay so
+            mode = "cond_only" if lane.step_mode == "cond_only" else "compute"
         if outside_interval or tracker.all_latched(batch) or mode == "cond_only":
             caches.before_step(model_options, timestep, conds, batch, 0)
             cond_only = executor(base_model, [conds[0], None], x, timestep, model_options)
@@ -297,7 +310,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             computed = cond_rows.uncond_for_rows(executor, base_model, conds[1], x, timestep, model_options, rows,
                                                  lane.control_cache)
             uncond = cond.index_copy(0, rows.to(cond.device, non_blocking=True), computed.to(cond.dtype))
-        if estimator is not None and first_evaluation_of_step:
+        if scheduled and first_evaluation_of_step:
             estimator.record(x, cond, uncond, sigma, computed=True)
         latch_allowed = latch_in_range and not caches.step_reused(model_options)
         uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=latch_allowed, rows=rows)

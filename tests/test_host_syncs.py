@@ -37,7 +37,8 @@ class PackReads(TorchDispatchMode):
         while frame is not None:
             name = frame.f_code.co_filename
             if not name.startswith(TORCH_DIR) and name != __file__:
-                return f"{Path(name).name}:{frame.f_lineno}" if name.startswith(self.pack_dirs) else None
+                path = Path(name)
+                return f"{path.parent.name}/{path.name}:{frame.f_lineno}" if name.startswith(self.pack_dirs) else None
             frame = frame.f_back
         return None
 
@@ -99,6 +100,18 @@ def test_a_latch_start_reads_the_sigma_until_every_image_has_latched(sd15, ag):
     assert len(tail) - len(long) == len(long) - len(short), (long, tail)  # latched steps add nothing
 
 
+@pytest.mark.parametrize("steps", [4, 8])
+def test_linear_ag_reads_the_sigma_until_its_schedule_turns_conditional_only(sd15, la, steps):
+    """The paper's schedule (estimate_until 0.5, then cond_only): the step index is needed for the estimated
+    steps; from the first conditional-only step on, a run whose sigmas only fall needs nothing."""
+    model = la.LinearAG.execute(model=sd15.model).args[0]
+    with PackReads(_pack_dirs(la)) as reads:
+        ksample(sd15, model, batch=2, steps=steps)
+    sigma_reads = [site for site in reads.sites if site.startswith("nodes/adaptive_guidance.py")
+                   and not site.endswith(".cpu()")]
+    assert len(sigma_reads) == steps // 2 + 1, reads.sites
+
+
 # ------------------------------------------------------------------------------------------------
 # NegToMe: the window decision reads each call's sigma until the run has left the window for good
 def _negtome_reads(sd15, nt, steps: int, sampler: str = "euler"):
@@ -108,7 +121,7 @@ def _negtome_reads(sd15, nt, steps: int, sampler: str = "euler"):
         ksample(sd15, model, batch=2, steps=steps, sampler=sampler)
     state = list(nt.LAST_RUN.values())[-1]
     lines, first = inspect.getsourcelines(nt.NegToMeRunState.call_sigma)
-    in_call_sigma = {f"negtome.py:{n}" for n in range(first, first + len(lines))}
+    in_call_sigma = {f"nodes/negtome.py:{n}" for n in range(first, first + len(lines))}
     return [site for site in reads.sites if site in in_call_sigma], state
 
 

@@ -213,3 +213,12 @@ def test_linear_ag_guidance_interval_is_appended_after_coefficients(la):
     ids = [i.id for i in la.LinearAG.GET_SCHEMA().inputs]
     assert ids[-3:] == ["coefficients", "interval_start", "interval_end"]
     assert "must not exceed" in la.LinearAG.validate_inputs(interval_start=0.9, interval_end=0.1)
+
+
+def test_a_multistage_sampler_keeps_conditional_only_steps_conditional_only(sd15, la):
+    """heun evaluates twice a step (the last step once), at sigmas[i] and sigmas[i + 1]; calls map to the nearest
+    schedule entry: s0 (step 0: CFG), s1 (step 1: estimated), s1 (step 1 again: no second estimate, CFG), s2 (step 2:
+    conditional-only, the schedule's end), then s2, s3, s3 stay conditional-only."""
+    counted, counts = with_counter(linear(la, sd15.model, None, estimator="hold_delta", threshold=1.0))
+    ksample(sd15, counted, steps=4, sampler="heun")
+    assert counts == {"cond": 7, "uncond": 2, "calls": 7}
