@@ -229,23 +229,28 @@ class AdaptiveGuidanceTracker:
         return torch.where(self.latched.to(cond.device).view(-1, *([1] * (cond.dim() - 1))), cond, uncond)
 
     def _crossed(self, gamma: torch.Tensor, measured, batch: int, step: int | None,
-                 latch_allowed: bool) -> torch.Tensor | None:
-        """Device flags of the images whose gamma reached the threshold in this evaluation (None: none can)."""
-        if not latch_allowed or self.params.threshold >= 1.0:  # 1.0 is neutral: fp32 cosines of near-equal
-            return None                                          # predictions round to 1.0 late in a run
+                 latch_allowed) -> torch.Tensor | None:
+        """Device flags of the images whose gamma reached the threshold in this evaluation (None: none can).
+        `latch_allowed`: a bool, or a device bool scalar (decided on the device, never read back here)."""
+        if latch_allowed is False or self.params.threshold >= 1.0:  # 1.0 is neutral: fp32 cosines of near-equal
+            return None                                               # predictions round to 1.0 late in a run
         crossed = torch.zeros_like(self.latched)
-        crossed[measured] = gamma >= self.params.threshold
+        reached = gamma >= self.params.threshold
+        if isinstance(latch_allowed, torch.Tensor):
+            reached = reached & latch_allowed.to(reached.device)
+        crossed[measured] = reached
         return crossed
 
     def observe(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, step: int | None, sigma,
-                latch_allowed: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+                latch_allowed, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Measure gamma for one evaluation where the uncond pass ran, update the latch, and return the
         uncond prediction to hand on: the real one, or the cond one for latched samples, so that any
         CFG formula downstream reduces to the cond prediction for them. Inputs are not modified; nothing is
         read back to the host here (see `settle`).
 
         `rows`: the images whose uncond was computed (the others have latched and carry cond as uncond);
-        None = every image. `sigma`: a float or the timestep as a device scalar (see `skip`)."""
+        None = every image. `sigma`: a float or the timestep as a device scalar (see `skip`). `latch_allowed`: a
+        bool, or a device bool scalar (see `_crossed`)."""
         batch = cond.shape[0]
         if self.latched is None or self.latched.shape[0] != batch:
             self.latched = torch.zeros(batch, dtype=torch.bool, device=cond.device)

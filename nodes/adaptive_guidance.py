@@ -123,7 +123,7 @@ class _RunState:
         self.interval_set = params.interval_start > 0.0 or params.interval_end < 1.0
         """A guidance interval narrower than the whole schedule (which needs each evaluation's sigma)."""
         self.latch_gated = params.start_percent > 0.0
-        """No latch before sigma_start (which needs each evaluation's sigma until every image has latched)."""
+        """No latch before sigma_start (compared on the device when the sigma is not read)."""
 
     def lane(self, key, label: str) -> _Lane:
         lane = self.lanes.get(key)
@@ -261,10 +261,11 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
         lane = state.lane(window, label)
         tracker, estimator = lane.tracker, lane.estimator
         batch = x.shape[0]
-        # The sigma is read back (a wait for the GPU) only when a decision needs it: LinearAG's schedule, a
-        # guidance interval, a latch start; otherwise records keep the timestep and read it with the latch flags.
+        # The sigma is read back (a wait for the GPU) only when a decision needs it: LinearAG's schedule or a
+        # guidance interval; otherwise records keep the timestep and read it with the latch flags, and a latch
+        # start is compared on the device.
         scheduled = estimator is not None and lane.final_mode is None
-        if scheduled or state.interval_set or (state.latch_gated and not tracker.all_latched(batch)):
+        if scheduled or state.interval_set:
             sigma = float(timestep.flatten()[0])
             step = adapters.step_index(sigma, state.run.sigmas)
         else:
@@ -296,7 +297,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             tracker.skip(step, sigma, batch, estimated=True)
             return [cond, tracker.hand_on(cond, uncond)]
         rows = tracker.open_rows(batch)
-        latch_in_range = not state.latch_gated or sigma <= state.sigma_start
+        latch_in_range = True if not state.latch_gated else sigma <= state.sigma_start  # a device bool if lazy
         uncond_rows = batch if rows is None else int(rows.numel())
         split = caches.before_step(model_options, timestep, conds, batch, uncond_rows)  # True: EasyCache in range
         if rows is None and not split:
@@ -312,7 +313,7 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             uncond = cond.index_copy(0, rows.to(cond.device, non_blocking=True), computed.to(cond.dtype))
         if scheduled and first_evaluation_of_step:
             estimator.record(x, cond, uncond, sigma, computed=True)
-        latch_allowed = latch_in_range and not caches.step_reused(model_options)
+        latch_allowed = False if caches.step_reused(model_options) else latch_in_range
         uncond = tracker.observe(x, cond, uncond, step, sigma, latch_allowed=latch_allowed, rows=rows)
         return [cond, uncond]
 
