@@ -2,8 +2,8 @@
 # One prepared GPU check (H200, no network) for issues 15 and 16, run from the repository root; it ends within
 # BUDGET_S (540) seconds of wall time even if a part hangs:
 #   OUT=/some/folder COMFYUI_PATH=$PWD/.host/ComfyUI bash benchmarks/device_check.sh
-# On the device machine (run tool, carry [".host", ".whl"]: the ComfyUI tree tools/host.py brought, and the
-# wheels of the pack's and ComfyUI's requirements that the machine lacks), as one command:
+# On the device machine (run tool, carry [".host", ".whl"], both made by `python tools/device_bundle.py`: the
+# trimmed host ComfyUI tree and the wheels the machine lacks, av and torchsde), as one command:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.host/ComfyUI timeout 590 bash benchmarks/device_check.sh
 # TINY=1 runs every part with scaled-down models on any device (the CPU tests use it): same plumbing, no

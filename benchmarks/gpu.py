@@ -49,7 +49,8 @@ LinearAG ~1.25, CFG + NegToMe at batch 2: 4 + 4. One run of every method is warm
 With the kernel check (~40 s) and start-up (~15 s) that is ~480 s of the 540 s that benchmarks/device_check.sh
 allows itself (it runs each model as its own part under a hard time limit, this script with --json, and writes
 BENCHMARKS.md from the saved JSON with `--render ... --write`). On the device machine, with carry [".host",
-".whl"] (the ComfyUI tree tools/host.py brought, the wheels the machine lacks), one command:
+".whl"] (made by `python tools/device_bundle.py`: the trimmed host tree and the wheels the machine lacks), one
+command:
 `python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.host/ComfyUI timeout 590 bash benchmarks/device_check.sh` ($OUT is set).
 
