@@ -12,6 +12,7 @@ models and sigma*v for flow models (sigma cancels in the cosine).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,23 @@ class EvaluationRecord:
         return self.uncond_rows > 0
 
 
+def at_most(value: torch.Tensor, bound: float) -> torch.Tensor:
+    """`value <= bound` computed on the tensor's device, with the answer the host gives for float(value) <= bound
+    (float64): the bound is moved to the largest float32 at or below it instead of rounded to the nearest."""
+    if value.dtype == torch.float64:
+        return value <= bound
+    return value.float() <= float32_at_most(bound)
+
+
+@functools.lru_cache(maxsize=64)
+def float32_at_most(bound: float) -> float:
+    """The largest float32 at or below `bound`."""
+    below = torch.tensor(bound, dtype=torch.float32)
+    if float(below) > bound:
+        below = torch.nextafter(below, torch.tensor(float("-inf")))
+    return float(below)
+
+
 def nearest_step(sigma: float, schedule: list[float]) -> int:
     """Index of the entry of `schedule` nearest to sigma (-1 for an empty schedule)."""
     return min(range(len(schedule)), key=lambda i: abs(schedule[i] - sigma), default=-1)
@@ -123,7 +141,8 @@ class _Pending:
     """What one observe() left on the device for the host: read back together, at the next decision."""
     record: EvaluationRecord
     gamma: torch.Tensor
-    newly_latched: torch.Tensor
+    newly_latched: torch.Tensor | None
+    """None when no image could latch in that evaluation (the flags are known on the host)."""
 
 
 class AdaptiveGuidanceTracker:
@@ -161,14 +180,17 @@ class AdaptiveGuidanceTracker:
     def settle(self, flags_only: bool = False) -> None:
         """Read back, in one transfer, everything observe() and skip() left on the device. `flags_only`: only
         when latch flags are pending (a decision; the sigmas of skipped evaluations wait for the report)."""
-        if not self._pending and (flags_only or not self._lazy_sigmas):
+        flags_pending = any(item.newly_latched is not None for item in self._pending)
+        if not flags_pending and (flags_only or not (self._pending or self._lazy_sigmas)):
             return
         pending, self._pending = self._pending, []
         lazy, self._lazy_sigmas = self._lazy_sigmas, []
         parts = [sigma.float().reshape(1) for _, sigma in lazy]
         for item in pending:
-            parts += [item.gamma.float().flatten(), item.newly_latched.float().flatten()]
-        if pending:
+            parts.append(item.gamma.float().flatten())
+            if item.newly_latched is not None:
+                parts.append(item.newly_latched.float().flatten())
+        if flags_pending:
             parts.append(self.latched.float().flatten())
         device = parts[0].device
         values = torch.cat([p.to(device) for p in parts]).cpu().tolist()
@@ -177,13 +199,14 @@ class AdaptiveGuidanceTracker:
             record.step = nearest_step(record.sigma, self.schedule)
         at = len(lazy)
         for item in pending:
-            n, m = item.gamma.numel(), item.newly_latched.numel()
+            n = item.gamma.numel()
+            m = 0 if item.newly_latched is None else item.newly_latched.numel()
             item.record.gamma = values[at:at + n]
             for i, flag in enumerate(values[at + n:at + n + m]):
                 if flag:
                     self._latch_step[i] = item.record.step
             at += n + m
-        if pending:
+        if flags_pending:
             self._latched_host = [flag > 0.5 for flag in values[at:]]
 
     def _record(self, step: int | None, sigma, gamma, uncond_rows: int, batch: int, estimated: bool = False,
@@ -267,7 +290,7 @@ class AdaptiveGuidanceTracker:
         crossed = self._crossed(gamma, measured, batch, step, latch_allowed)
         if crossed is not None:
             self.latched = previously | crossed
-        self._pending.append(_Pending(record, gamma.detach(), self.latched & ~previously))
+        self._pending.append(_Pending(record, gamma.detach(), None if crossed is None else self.latched & ~previously))
         use_cond = previously if crossed is None or self.params.crossing_step != "cond" else self.latched
         if use_cond is previously and known_open:  # nothing has latched: the real uncond, as it is
             return uncond

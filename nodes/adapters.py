@@ -5,7 +5,6 @@ Everything that touches ComfyUI internals lives here so a host change is mended 
 """
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -232,30 +231,31 @@ def sampler_name(sampler) -> str:
     return name[len("sample_"):] if name.startswith("sample_") else name
 
 
-# ComfyUI's samplers whose model calls never go back up in sigma on a non-increasing schedule (each step's calls
-# lie between its two schedule entries). Not dpm_adaptive: a rejected step is retried at a higher sigma.
-_NOT_FALLING = frozenset({"dpm_adaptive"})
-
-
-@functools.lru_cache(maxsize=1)
-def _falling_sampler_functions() -> frozenset:
-    names = set()
-    for name in comfy.samplers.KSampler.SAMPLERS:
-        if name not in _NOT_FALLING:
-            function = getattr(comfy.samplers.sampler_object(name), "sampler_function", None)
-            names.add(getattr(function, "__name__", None))
-    return frozenset(names - {None})
+# ComfyUI's own sampler functions whose model calls never go back up in sigma on a non-increasing schedule, at
+# their default options (tests/test_host_syncs.py runs each core sampler and checks). Not dpm_adaptive (a rejected
+# step is retried at a higher sigma), not heunpp2 (step i calls at sigma i+2, step i+1 starts again at sigma i+1).
+_NOT_FALLING = frozenset({"dpm_adaptive", "dpm_adaptive_function", "sample_heunpp2"})
+_CORE_SAMPLER_MODULES = ("comfy.k_diffusion.", "comfy.samplers", "comfy.extra_samplers.")
+_RISING_OPTIONS = {"s_churn": 0.0, "eta": 1.0, "r": 1.0}
+"""Options above these values make a core sampler call back up in sigma (churn; dpmpp_2s_ancestral's eta > 1;
+dpmpp_sde's r > 1)."""
 
 
 def calls_at_falling_sigmas(sampler, sigmas: torch.Tensor) -> bool:
-    """True for one of ComfyUI's own samplers without churn on a non-increasing schedule: then once a call is
-    below a sigma, every later call of the run is too. Other samplers (custom packs) are not assumed to be."""
+    """True for one of ComfyUI's own samplers, at options that keep it so, on a non-increasing schedule: then once
+    a call is below a sigma, every later call of the run is too. Other samplers (custom packs) are not assumed to
+    be."""
     function = getattr(sampler, "sampler_function", None)
-    if getattr(function, "__name__", None) not in _falling_sampler_functions():
+    name, module = getattr(function, "__name__", ""), getattr(function, "__module__", "") or ""
+    if not name or name in _NOT_FALLING or not module.startswith(_CORE_SAMPLER_MODULES):
         return False
-    if float((getattr(sampler, "extra_options", None) or {}).get("s_churn", 0.0) or 0.0) > 0.0:
+    options = getattr(sampler, "extra_options", None) or {}
+    try:
+        if any(float(options.get(key, limit) or 0.0) > limit for key, limit in _RISING_OPTIONS.items()):
+            return False
+    except (TypeError, ValueError):
         return False
-    return bool((sigmas[1:] <= sigmas[:-1]).all())
+    return len(sigmas) < 2 or bool((sigmas[1:] <= sigmas[:-1]).all())
 
 
 def install_run_state(model, key: str, make_state: Callable[[Any, RunInfo], Any],

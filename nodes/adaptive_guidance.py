@@ -7,8 +7,9 @@ from collections import defaultdict
 from comfy_api.latest import io
 
 import comfy.samplers
+import torch
 
-from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams,
+from ..kernels.adaptive_guidance import (CROSSING_RULES, DECISIONS, SPACES, AdaptiveGuidanceParams, at_most,
                                          AdaptiveGuidanceTracker, lanes_summary)
 from . import adapters, caches, cond_rows
 from . import inputs as inp
@@ -297,7 +298,8 @@ def apply_adaptive_guidance(model, params: AdaptiveGuidanceParams, node_name: st
             tracker.skip(step, sigma, batch, estimated=True)
             return [cond, tracker.hand_on(cond, uncond)]
         rows = tracker.open_rows(batch)
-        latch_in_range = True if not state.latch_gated else sigma <= state.sigma_start  # a device bool if lazy
+        latch_in_range = True if not state.latch_gated else \
+            at_most(sigma, state.sigma_start) if isinstance(sigma, torch.Tensor) else sigma <= state.sigma_start
         uncond_rows = batch if rows is None else int(rows.numel())
         split = caches.before_step(model_options, timestep, conds, batch, uncond_rows)  # True: EasyCache in range
         if rows is None and not split:

@@ -80,7 +80,8 @@ def _reads(sd15, ag, steps: int, batch: int = 2, **params) -> list[str]:
 
 
 @pytest.mark.parametrize("params, per_step", [
-    (dict(threshold=1.0), 1),         # never latches: the latch flags, read once a step at the next decision
+    (dict(threshold=0.9999999), 1),   # could latch, does not: the latch flags, once a step at the next decision
+    (dict(threshold=1.0), 0),         # neutral: no image can latch, so no flags to read (cosines: for the report)
     (dict(threshold=0.0), 0),         # latched at step 0: nothing is read once every image has latched
 ])
 def test_adaptive_guidance_reads_back_only_what_a_decision_needs(sd15, ag, params, per_step):
@@ -136,3 +137,50 @@ def test_negtome_reads_every_sigma_for_a_sampler_that_may_go_back_up(sd15, nt):
     """dpm_adaptive retries a rejected step at a higher sigma: every call reads its sigma."""
     reads, state = _negtome_reads(sd15, nt, 4, sampler="dpm_adaptive")
     assert state.evaluated_in_window < state.evaluations and len(reads) == state.evaluations
+
+
+# ------------------------------------------------------------------------------------------------
+# Which samplers call the model at falling sigmas (what lets NegToMe and LinearAG stop reading)
+def _call_sigmas(sd15, sampler, steps: int = 6) -> tuple[list[float], torch.Tensor]:
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.samplers
+    called = []
+
+    def apply_model(executor, x, t, *args, **kwargs):
+        called.append(float(t.flatten()[0]))
+        return executor(x, t, *args, **kwargs)
+
+    model = sd15.model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.sigmas", apply_model)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", steps).cpu()
+    latent = sd15.latent()
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        comfy.sample.sample_custom(model, noise, 5.0, sampler, sigmas, sd15.positive, sd15.negative, latent,
+                                   seed=3)
+    return called, sigmas
+
+
+def _rises(called: list[float]) -> bool:
+    return any(b > a * (1 + 1e-5) + 1e-7 for a, b in zip(called, called[1:]))
+
+
+def test_samplers_called_falling_do_fall_and_the_others_are_not(sd15, adapters):
+    import comfy.samplers
+    falling = []
+    for name in comfy.samplers.KSampler.SAMPLERS:
+        sampler = comfy.samplers.sampler_object(name)
+        called, sigmas = _call_sigmas(sd15, sampler)
+        if adapters.calls_at_falling_sigmas(sampler, sigmas):
+            falling.append(name)
+            assert not _rises(called), (name, called)
+    assert {"euler", "euler_ancestral", "dpmpp_2m", "heun", "uni_pc", "ddim", "lcm"} <= set(falling), falling
+    assert "heunpp2" not in falling and "dpm_adaptive" not in falling
+    # core samplers whose options make them call back up in sigma
+    for name, options in (("dpmpp_sde", {"r": 2.0}), ("dpmpp_2s_ancestral", {"eta": 1.5}),
+                          ("euler", {"s_churn": 2.0})):
+        sampler = comfy.samplers.ksampler(name, options)
+        called, sigmas = _call_sigmas(sd15, sampler)
+        assert not adapters.calls_at_falling_sigmas(sampler, sigmas), (name, options)
+    assert _rises(_call_sigmas(sd15, comfy.samplers.ksampler("dpmpp_sde", {"r": 2.0}))[0])

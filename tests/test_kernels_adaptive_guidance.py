@@ -131,3 +131,25 @@ def test_threshold_one_never_latches():
     t = ag.AdaptiveGuidanceTracker(ag.AdaptiveGuidanceParams(threshold=1.0))
     x, c, _ = _pair([True])
     assert torch.equal(t.observe(x, c, c.clone(), 0, 1.0, True), c) and not t.latched.any()
+
+
+def test_lazy_sigmas_and_device_latch_gates_settle_in_order():
+    """Sigmas handed over as device scalars and a latch gate decided on the device resolve, at the next decision,
+    to what floats would have given: record steps from the schedule, latch steps, gammas in row order."""
+    schedule = torch.tensor([10.0, 5.0, 1.0, 0.0])
+    t = ag.AdaptiveGuidanceTracker(ag.AdaptiveGuidanceParams(threshold=0.9), schedule)
+    x, c, u = _pair([True, False])
+    t.observe(x, c, u, None, torch.tensor(10.0), latch_allowed=torch.tensor(False))  # gate closed: no latch
+    t.observe(x, c, u, None, torch.tensor(5.0), latch_allowed=torch.tensor(True))
+    assert t.open_rows(2).tolist() == [1]  # the decision settles: image 0 latched at step 1
+    t.skip(None, torch.tensor(1.0), 2)
+    assert [(r.step, r.sigma) for r in t.records] == [(0, 10.0), (1, 5.0), (2, 1.0)]
+    assert t.latch_step == {0: 1} and t.records[0].gamma == pytest.approx([1.0, 0.0])
+
+
+def test_at_most_answers_as_the_host_in_float64():
+    sigma = torch.tensor(0.25, dtype=torch.float32)
+    bound = 0.24999999999999994  # rounds to 0.25 in float32, yet 0.25 > bound
+    assert float(sigma) > bound and not bool(ag.at_most(sigma, bound))
+    assert bool(ag.at_most(sigma, 0.25)) and bool(ag.at_most(sigma.double(), 0.25))
+    assert bool(ag.at_most(torch.tensor(3.0, dtype=torch.bfloat16), 3.0))
