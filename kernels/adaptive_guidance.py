@@ -131,9 +131,13 @@ def float32_at_most(bound: float) -> float:
     return float(below)
 
 
-def nearest_step(sigma: float, schedule: list[float]) -> int:
-    """Index of the entry of `schedule` nearest to sigma (-1 for an empty schedule)."""
-    return min(range(len(schedule)), key=lambda i: abs(schedule[i] - sigma), default=-1)
+def nearest_steps(sigmas, schedule: torch.Tensor | None) -> list[int]:
+    """Index of the entry of `schedule` (CPU sigmas) nearest to each of `sigmas` (floats), in float32 as the
+    schedule; multistage samplers' intermediate sigmas map to the nearest step. -1 without a schedule."""
+    if schedule is None or len(schedule) == 0:
+        return [-1] * len(sigmas)
+    values = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1, 1)
+    return (schedule.float().reshape(1, -1) - values).abs().argmin(dim=1).tolist()
 
 
 @dataclass
@@ -155,7 +159,7 @@ class AdaptiveGuidanceTracker:
 
     def __init__(self, params: AdaptiveGuidanceParams, schedule: torch.Tensor | None = None):
         self.params = params
-        self.schedule: list[float] = [] if schedule is None else [float(s) for s in schedule.flatten().tolist()]
+        self.schedule = None if schedule is None else schedule.detach().float().flatten().cpu()
         """The run's sigmas (for the steps of records whose sigma was a device scalar)."""
         self.latched: torch.Tensor | None = None
         """Per-image latch flags on the device of the predictions."""
@@ -194,9 +198,9 @@ class AdaptiveGuidanceTracker:
             parts.append(self.latched.float().flatten())
         device = parts[0].device
         values = torch.cat([p.to(device) for p in parts]).cpu().tolist()
-        for at, (record, _) in enumerate(lazy):
-            record.sigma = values[at]
-            record.step = nearest_step(record.sigma, self.schedule)
+        for record, sigma, step in zip((record for record, _ in lazy), values, nearest_steps(values[:len(lazy)],
+                                                                                            self.schedule)):
+            record.sigma, record.step = sigma, step
         at = len(lazy)
         for item in pending:
             n = item.gamma.numel()

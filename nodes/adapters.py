@@ -16,6 +16,8 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.supported_models as supported_models
 
+from ..kernels.adaptive_guidance import nearest_steps
+
 PACK_NAME = "TFG"
 logger = logging.getLogger("tfg")
 
@@ -160,7 +162,7 @@ def step_index(sigma: torch.Tensor | float, sample_sigmas: torch.Tensor | None) 
     if sample_sigmas is None or len(sample_sigmas) == 0:
         return -1
     s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-    return int((sample_sigmas.float().cpu() - s).abs().argmin())
+    return nearest_steps([s], sample_sigmas.float().cpu())[0]
 
 
 def sample_sigmas_of(model_options: dict) -> torch.Tensor | None:
